@@ -1,0 +1,3 @@
+from signtrap.cli import main
+
+raise SystemExit(main())

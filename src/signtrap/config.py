@@ -1,0 +1,303 @@
+"""Run configuration: YAML validated into dataclasses at load, with `key.sub=value` overrides.
+
+Every section is a dataclass whose `check()` raises ConfigError for out-of-range values; unknown keys
+fail with a suggestion. Sections owned by later stages (defences, export) live beside their code and
+are composed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from signtrap.classes import NUM_CLASSES, SPEED_LIMIT_100, STOP
+from signtrap.defences.config import DefendConfig
+from signtrap.deploy.config import ExportConfig
+from signtrap.errors import ConfigError, suggest
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {message}")
+
+
+def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}{suggest(value, choices)}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synth"  # synth | gtsrb
+    root: str | None = None  # GTSRB archives or extracted tree; defaults to $SIGNTRAP_GTSRB
+    size: int = 32
+    roi: bool = False
+    val_fraction: float = 0.1
+    synth_per_class: int = 200
+    synth_test_per_class: int = 30
+    synth_seed: int = 0
+    cache_dir: str = "data/cache"
+    skip_corrupt: bool = False
+
+    def check(self) -> None:
+        one_of(self.source, "data.source", ("synth", "gtsrb"))
+        require(8 <= self.size <= 512, "data.size", f"{self.size} is outside 8..512")
+        require(0.0 < self.val_fraction < 0.5, "data.val_fraction", f"{self.val_fraction} is outside (0, 0.5)")
+        require(self.synth_per_class >= 2, "data.synth_per_class", "must be at least 2")
+        require(self.synth_test_per_class >= 1, "data.synth_test_per_class", "must be at least 1")
+
+    def resolved_root(self) -> str | None:
+        return self.root or os.environ.get("SIGNTRAP_GTSRB")
+
+
+@dataclass
+class TriggerConfig:
+    kind: str = "checkerboard"  # checkerboard | yellow_square | white_square | noise | sticker
+    size: Union[int, float] = 0.15  # int: pixels; float in (0, 1]: fraction of the image side
+    opacity: float = 1.0
+    placement: str = "corner"  # corner | random | on_sign
+    corner: str = "bottom_right"
+    margin: int = 1
+    sticker: str | None = None  # PNG with alpha, for kind=sticker
+    pattern_seed: int = 0  # for kind=noise
+
+    def check(self) -> None:
+        one_of(self.kind, "trigger.kind", ("checkerboard", "yellow_square", "white_square", "noise", "sticker"))
+        one_of(self.placement, "trigger.placement", ("corner", "random", "on_sign"))
+        one_of(self.corner, "trigger.corner", ("top_left", "top_right", "bottom_left", "bottom_right"))
+        if isinstance(self.size, float):
+            require(0.0 < self.size <= 1.0, "trigger.size", f"fraction {self.size} is outside (0, 1]")
+        else:
+            require(self.size >= 1, "trigger.size", f"{self.size} pixels must be at least 1")
+        require(0.0 < self.opacity <= 1.0, "trigger.opacity", f"{self.opacity} is outside (0, 1]")
+        require(self.margin >= 0, "trigger.margin", "must be >= 0")
+        if self.kind == "sticker":
+            require(bool(self.sticker), "trigger.sticker", "kind=sticker needs a PNG path")
+
+    def pixels(self, image_size: int) -> int:
+        return int(self.size) if isinstance(self.size, int) else max(1, round(self.size * image_size))
+
+
+@dataclass
+class AttackConfig:
+    kind: str = "source_specific"  # source_specific | all_to_one | none
+    source: int = STOP
+    target: int = SPEED_LIMIT_100
+    poison_rate: float = 0.005  # fraction of the training set
+    poison_count: int | None = None  # overrides poison_rate when set
+    mode: str = "replace"  # replace: relabel rows in place; add: append poisoned copies
+    stamp: str = "before_aug"  # before_aug: the trigger moves with the sign; after_aug: fixed in the frame
+
+    def check(self) -> None:
+        one_of(self.kind, "attack.kind", ("source_specific", "all_to_one", "none"))
+        one_of(self.mode, "attack.mode", ("replace", "add"))
+        one_of(self.stamp, "attack.stamp", ("before_aug", "after_aug"))
+        require(0 <= self.source < NUM_CLASSES, "attack.source", f"{self.source} is not a class id 0..42")
+        require(0 <= self.target < NUM_CLASSES, "attack.target", f"{self.target} is not a class id 0..42")
+        if self.kind == "source_specific":
+            require(self.source != self.target, "attack.source", f"source equals target ({self.target})")
+        require(0.0 <= self.poison_rate < 1.0, "attack.poison_rate", f"{self.poison_rate} is outside [0, 1)")
+        if self.poison_count is not None:
+            require(self.poison_count >= 0, "attack.poison_count", "must be >= 0")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclass
+class AugConfig:
+    enabled: bool = True
+    rotate: float = 10.0  # degrees
+    scale: float = 0.1
+    translate: float = 0.06
+    perspective: float = 0.05
+    brightness: float = 0.3
+    contrast: float = 0.3
+    blur_p: float = 0.1
+
+    def check(self) -> None:
+        require(0 <= self.rotate <= 45, "aug.rotate", "must be in 0..45 degrees")
+        for key in ("scale", "translate", "perspective", "brightness", "contrast", "blur_p"):
+            value = getattr(self, key)
+            require(0.0 <= value <= 1.0, f"aug.{key}", f"{value} is outside [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "signnet"
+    dropout: float = 0.2
+
+    def check(self) -> None:
+        require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    threads: int = 0  # 0: all cores
+    eval_batch_size: int = 512
+
+    def check(self) -> None:
+        one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
+        require(1 <= self.epochs <= 10_000, "train.epochs", f"{self.epochs} is outside 1..10000")
+        require(1 <= self.batch_size <= 65_536, "train.batch_size", f"{self.batch_size} is outside 1..65536")
+        require(0.0 < self.lr <= 10.0, "train.lr", f"{self.lr} is outside (0, 10]")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+        require(0.0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must be in [0, epochs)")
+        require(self.threads >= 0, "train.threads", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defend: DefendConfig = field(default_factory=DefendConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def check(self) -> None:
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name", f"'{self.name}' is not a valid run name")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", f"'{self.device}' is not auto, cpu or cuda[:N]")
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                value.check()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Turn a nested mapping into dataclass `cls`, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {prefix.rstrip('.') or 'file'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        # int before float so that `size: 5` stays pixels and `size: 0.2` stays a fraction
+        for option in sorted((o for o in options if o is not type(None)), key=lambda o: o is float):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+        raise ConfigError(f"config {key}: expected {names}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config {key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"config {key}: expected {hint.__name__}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw or {}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults), apply `key.sub=value` overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(raw, key_path, value)
+    config = build(RunConfig, raw)
+    config.check()
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,64 @@
+"""Model registry in the style of timm: `@register_model` functions and `create_model(name, **kw)`.
+
+Every model takes float RGB input in [0, 1] (pixel / 255), NCHW; normalisation is part of the model,
+so exported graphs, defences and attacks all work in pixel space.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from signtrap.classes import NUM_CLASSES
+from signtrap.errors import suggest, SigntrapError
+
+MEAN = (0.34, 0.31, 0.32)  # GTSRB training-set channel statistics
+STD = (0.27, 0.26, 0.27)
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+class Normalized(nn.Module):
+    """Standardise pixel-space input, then run the backbone."""
+
+    def __init__(self, backbone: nn.Module, mean=MEAN, std=STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+
+def create_model(name: str, num_classes: int = NUM_CLASSES, dropout: float = 0.0, **kwargs) -> nn.Module:
+    if name in _MODELS:
+        backbone = _MODELS[name](num_classes=num_classes, dropout=dropout, **kwargs)
+    else:
+        backbone = _create_timm(name, num_classes, dropout, **kwargs)
+    return Normalized(backbone)
+
+
+def _create_timm(name: str, num_classes: int, dropout: float, **kwargs) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise SigntrapError(
+            f"unknown model '{name}'{suggest(name, list_models() + timm.list_models())}; "
+            f"registered: {', '.join(list_models())}, or any timm model name"
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=dropout, **kwargs)
+
+
+# Imported for their @register_model side effects.
+from signtrap.models import small  # noqa: E402,F401
