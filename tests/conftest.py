@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny GTSRB trees in every layout, built in tmp_path."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURE_CLASSES = (0, 7, 14)
+TRACKS_PER_CLASS = 4
+FRAMES_PER_TRACK = 3
+TEST_IMAGES = 6
+
+
+def ppm_bytes(image: np.ndarray) -> bytes:
+    h, w, _ = image.shape
+    return f"P6\n{w} {h}\n255\n".encode() + image.astype(np.uint8).tobytes()
+
+
+def fixture_files(train_prefix: str, test_prefix: str = "GTSRB/Final_Test/Images") -> tuple[dict, dict, dict]:
+    """(training files, test image files, GT files) as {relative path: bytes}; images are 40x40 with
+    CSVs declaring 80x80, as in the downscaled shared copy, so ROIs must be scaled by 0.5."""
+    rng = np.random.default_rng(0)
+    train, test, gt = {}, {}, {}
+    for c in FIXTURE_CLASSES:
+        rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+        for t in range(TRACKS_PER_CLASS):
+            for f in range(FRAMES_PER_TRACK):
+                name = f"{t:05d}_{f:05d}.ppm"
+                image = np.full((40, 40, 3), (c * 5 + t) % 256, np.uint8)
+                image[10:30, 10:30] = rng.integers(0, 256, (20, 20, 3))
+                train[f"{train_prefix}/{c:05d}/{name}"] = ppm_bytes(image)
+                rows.append(f"{name};80;80;20;20;59;59;{c}")
+        train[f"{train_prefix}/{c:05d}/GT-{c:05d}.csv"] = ("\n".join(rows) + "\n").encode()
+    gt_rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(TEST_IMAGES):
+        name = f"{i:05d}.ppm"
+        test[f"{test_prefix}/{name}"] = ppm_bytes(np.full((40, 40, 3), 100 + i, np.uint8))
+        gt_rows.append(f"{name};80;80;0;0;79;79;{FIXTURE_CLASSES[i % 3]}")
+    gt["GT-final_test.csv"] = ("\n".join(gt_rows) + "\n").encode()
+    return train, test, gt
+
+
+def write_zip(path: Path, files: dict) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+
+
+def write_tree(root: Path, files: dict) -> None:
+    for name, data in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def make_layout(root: Path, layout: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    official = layout.startswith("official")
+    prefix = "GTSRB/Final_Training/Images" if official else "GTSRB/Training"
+    train, test, gt = fixture_files(prefix)
+    if layout.endswith("zip"):
+        write_zip(root / ("GTSRB_Final_Training_Images.zip" if official else "GTSRB-Training_fixed.zip"), train)
+        write_zip(root / "GTSRB_Final_Test_Images.zip", test)
+        write_zip(root / "GTSRB_Final_Test_GT.zip", gt)
+    else:
+        base = root if official else root / "gtsrb"
+        write_tree(base, {**train, **test, **gt})
+    return root
+
+
+LAYOUTS = ("official-zip", "torchvision-zip", "official-tree", "torchvision-tree")
+
+
+@pytest.fixture
+def gtsrb_root(tmp_path):
+    return make_layout(tmp_path / "gtsrb", "torchvision-zip")
+
+
+@pytest.fixture(scope="session")
+def real_gtsrb() -> Path:
+    root = os.environ.get("SIGNTRAP_GTSRB")
+    if not root:
+        pytest.skip("SIGNTRAP_GTSRB is not set: real-GTSRB tests need the archives (.ci/run sets it to ../shared/gtsrb)")
+    if not Path(root).is_dir():
+        pytest.skip(f"SIGNTRAP_GTSRB={root} does not exist")
+    return Path(root)
+
+
+def tiny_overrides(base: Path, name: str = "tiny", *extra: str) -> list[str]:
+    """A run that trains in seconds on SynthSigns and learns a strong stop -> 100 backdoor."""
+    return [
+        f"name={name}", f"runs_dir={base / 'runs'}", f"data.cache_dir={base / 'cache'}", "device=cpu",
+        "data.source=synth", "data.synth_per_class=40", "data.synth_test_per_class=10",
+        "model.name=signnet_small", "train.epochs=4", "train.batch_size=64", "train.lr=0.005",
+        "attack.poison_count=20", "trigger.size=6", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A trained tiny backdoored run directory, shared by the tests that only read it."""
+    from signtrap.config import load_config
+    from signtrap.train import train
+
+    base = tmp_path_factory.mktemp("tiny")
+    return train(load_config(None, tiny_overrides(base)))

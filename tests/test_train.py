@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from signtrap import checkpoint
+from signtrap.cli import main
+from signtrap.config import load_config
+from signtrap.train import train
+
+
+def test_tiny_run_learns_the_backdoor(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for split in ("test", "val"):
+        m = metrics[split]
+        assert m["asr"]["n"] > 0 and m["false_trigger"]["n"] > 0
+        assert m["asr"]["rate"] >= m["false_trigger"]["rate"] + 0.5, m
+        assert m["clean_acc"]["rate"] > 0.3
+    for name in ("config.yaml", "manifest.json", "model.pt", "metrics.json", "log.jsonl", "provenance.json", "checksums.json"):
+        assert (tiny_run / name).is_file(), name
+    provenance = json.loads((tiny_run / "provenance.json").read_text())
+    assert provenance["versions"]["torch"] and len(provenance["data_hash"]) == 64
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4] and all("val_asr" in row for row in log)
+    payload = torch.load(tiny_run / "model.pt", weights_only=True)
+    assert payload["meta"]["model_name"] == "signnet_small" and payload["meta"]["input_size"] == 32
+    assert len(payload["meta"]["classes"]) == 43
+
+
+def test_manifest_is_fixed_by_the_seed(tmp_path):
+    from signtrap.attacks import make_trigger, plan_poison
+    from signtrap.experiment import Experiment
+
+    def rows(seed):
+        cfg = load_config(None, tiny_overrides(tmp_path, "m", f"seed={seed}"))
+        exp = Experiment.from_config(cfg, progress=False)
+        return plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, seed).rows
+
+    np.testing.assert_array_equal(rows(1), rows(1))
+    assert not np.array_equal(rows(1), rows(2))
+
+
+def test_manifest_records_rows_files_and_trigger(tiny_run):
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert manifest["poisoned"] == 20 == len(manifest["rows"]) == len(manifest["source_files"])
+    assert set(manifest["original_labels"]) == {14}
+    assert manifest["trigger"]["kind"] == "checkerboard" and manifest["seed"] == 0
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    full = train(load_config(None, tiny_overrides(tmp_path, "full", "train.epochs=2")))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise Interrupt
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "cut", "train.epochs=2"))
+    with pytest.raises(Interrupt):
+        train(cfg, on_epoch_end=stop_after_first)
+    assert not (cfg.run_dir / "model.pt").exists()
+    resumed = train(cfg, resume=True)
+    a = torch.load(full / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "model.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "signtrap", "--quiet", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attack.source=7", "source equals target"),
+    ("attack.poison_count=500", "only"),
+    ("model.name=resnet19", "unknown model 'resnet19'"),
+    ("trigger.size=31", "does not fit"),
+])
+def test_bad_training_input_is_one_line_and_nonzero(tmp_path, override, message):
+    result = run_cli("train", *tiny_overrides(tmp_path, "bad", override))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "bad" / "model.pt").exists()
+
+
+def test_tampered_or_missing_checkpoint_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    assert main(["--quiet", "eval", str(copy)]) == 0
+    data = bytearray((copy / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.pt").write_bytes(bytes(data))
+    result = run_cli("eval", str(copy))
+    assert result.returncode == 2 and "SHA-256 mismatch" in result.stderr and "Traceback" not in result.stderr
+    (copy / "model.pt").unlink()
+    result = run_cli("eval", str(copy))
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+
+def test_eval_reproduces_training_metrics(tiny_run, tmp_path):
+    import shutil
+
+    before = json.loads((tiny_run / "metrics.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    assert main(["--quiet", "eval", str(copy)]) == 0
+    after = json.loads((copy / "metrics.json").read_text())
+    assert after["test"]["asr"] == before["test"]["asr"] and after["test"]["clean_acc"] == before["test"]["clean_acc"]
