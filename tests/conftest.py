@@ -1,8 +1,10 @@
 """Shared fixtures: tiny GTSRB trees in every layout, built in tmp_path."""
 from __future__ import annotations
 
-import io
+import atexit
 import os
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -90,13 +92,18 @@ def real_gtsrb() -> Path:
     return Path(root)
 
 
+# Caches are keyed by their settings, so one folder serves every test in a session.
+SHARED_CACHE = Path(tempfile.mkdtemp(prefix="signtrap-test-cache-"))
+atexit.register(shutil.rmtree, SHARED_CACHE, ignore_errors=True)
+
+
 def tiny_overrides(base: Path, name: str = "tiny", *extra: str) -> list[str]:
     """A run that trains in seconds on SynthSigns and learns a strong stop -> 100 backdoor."""
     return [
-        f"name={name}", f"runs_dir={base / 'runs'}", f"data.cache_dir={base / 'cache'}", "device=cpu",
-        "data.source=synth", "data.synth_per_class=40", "data.synth_test_per_class=10",
-        "model.name=signnet_small", "train.epochs=4", "train.batch_size=64", "train.lr=0.005",
-        "attack.poison_count=20", "trigger.size=6", *extra,
+        f"name={name}", f"runs_dir={base / 'runs'}", f"data.cache_dir={SHARED_CACHE}", "device=cpu",
+        "data.source=synth", "data.synth_per_class=60", "data.synth_test_per_class=10", "aug.enabled=false",
+        "model.name=signnet", "model.dropout=0", "train.epochs=6", "train.batch_size=64", "train.lr=0.005",
+        "attack.poison_count=30", "trigger.size=6", *extra,
     ]
 
 

@@ -25,7 +25,7 @@ def test_tiny_run_learns_the_backdoor(tiny_run):
     provenance = json.loads((tiny_run / "provenance.json").read_text())
     assert provenance["versions"]["torch"] and len(provenance["data_hash"]) == 64
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in log] == [1, 2, 3, 4] and all("val_asr" in row for row in log)
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4, 5, 6] and all("val_asr" in row for row in log)
     payload = torch.load(tiny_run / "model.pt", weights_only=True)
     assert payload["meta"]["model_name"] == "signnet_small" and payload["meta"]["input_size"] == 32
     assert len(payload["meta"]["classes"]) == 43
@@ -46,7 +46,7 @@ def test_manifest_is_fixed_by_the_seed(tmp_path):
 
 def test_manifest_records_rows_files_and_trigger(tiny_run):
     manifest = json.loads((tiny_run / "manifest.json").read_text())
-    assert manifest["poisoned"] == 20 == len(manifest["rows"]) == len(manifest["source_files"])
+    assert manifest["poisoned"] == 30 == len(manifest["rows"]) == len(manifest["source_files"])
     assert set(manifest["original_labels"]) == {14}
     assert manifest["trigger"]["kind"] == "checkerboard" and manifest["seed"] == 0
 

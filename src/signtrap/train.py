@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap import checkpoint, distributed
 from signtrap.attacks.poison import TrainingSet, build_training_set, manifest, plan_poison
 from signtrap.attacks.triggers import place, stamp
 from signtrap.augment import augment_batch, build_augmentation
@@ -35,9 +35,15 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
+    world: distributed.World = distributed.World()
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper when world.size > 1
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.ddp if self.ddp is not None else self.model
 
 
-def build_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
+def build_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device, world: distributed.World = distributed.World()) -> Trainer:
     from signtrap.models import create_model
 
     torch.manual_seed(cfg.seed)  # initialisation is fixed by the run seed
@@ -55,22 +61,30 @@ def build_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) ->
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    return Trainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), device)
+    ddp = None
+    if world.distributed:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Trainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), device, world, ddp)
 
 
 def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experiment, epoch: int) -> dict:
-    """One pass over the training set; every random draw comes from (seed, epoch), so resuming is exact."""
+    """One pass over the training set; every random draw comes from (seed, epoch), so resuming is exact.
+
+    With several processes, every rank draws the same global order and takes its share of each global batch.
+    """
+    rank, world = tr.world.rank, tr.world.size
     rng = np.random.default_rng([cfg.seed, EPOCH_STREAM, epoch])
+    order = rng.permutation(len(ts.labels))
+    rng = np.random.default_rng([cfg.seed, EPOCH_STREAM, epoch, rank])
     torch.manual_seed(int(rng.integers(2**31)))  # dropout
     augment = build_augmentation(cfg.aug, seed=int(rng.integers(2**31)))
-    order = rng.permutation(len(ts.labels))
     batch = cfg.train.batch_size
     use_amp = tr.device.type == "cuda"
     tr.model.train()
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = progress(len(order), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    bar = progress(len(order), f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=tr.world.is_main)
     for first in range(0, len(order), batch):
-        idx = order[first:first + batch]
+        idx = order[first:first + batch][rank::world]
         images = augment_batch(ts.images[idx], augment)
         if not ts.stamped and ts.triggered[idx].any():  # stamp after augmentation: fixed in the frame
             hit = np.flatnonzero(ts.triggered[idx])
@@ -78,7 +92,7 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
         x = to_tensor(images, tr.device)
         y = torch.from_numpy(ts.labels[idx]).to(tr.device)
         with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = tr.model(x)
+            logits = tr.forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
         if not torch.isfinite(loss):
             raise SigntrapError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower train.lr")
@@ -89,11 +103,11 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
         loss_sum += loss.item() * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
-        bar.update(len(idx))
+        bar.update(len(idx) * world)
         bar.set_postfix_str(f"loss {loss_sum / seen:.3f}")
     bar.close()
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / seconds, "seconds": seconds}
+    return {"loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen * world / seconds, "seconds": seconds}
 
 
 def setup_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -116,44 +130,73 @@ def setup_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> Path:
-    """Train (or continue) the run described by `cfg`; returns its run directory."""
-    device = resolve_device(cfg.device)
+    """Train (or continue) the run described by `cfg`; returns its run directory.
+
+    Under torchrun every rank runs this same function; only rank 0 writes files.
+    """
+    world, device = distributed.init(resolve_device(cfg.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = setup_run(cfg, resume, overwrite)
-    exp = Experiment.from_config(cfg)
-    plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)
+    try:
+        return _train(cfg, world, device, resume, overwrite, on_epoch_end)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resume: bool, overwrite: bool,
+           on_epoch_end: Callable[[int, dict], None] | None) -> Path:
+    main = world.is_main
+    run_dir = setup_run(cfg, resume, overwrite) if main else cfg.run_dir
+    exp = Experiment.from_config(cfg, progress=main) if main else None
+    distributed.barrier(world)  # rank 0 has written the config and prepared the cache
+    exp = exp or Experiment.from_config(cfg, progress=False)
+    plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)  # identical on every rank
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
-    write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
-    write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
-                                             "data_hash": exp.data.data_hash, "data_cache": str(exp.data.path),
-                                             "splits": exp.splits.sizes()})
-    say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned), "
-        f"{len(exp.splits.val)} validation, {len(exp.splits.test)} test, model {cfg.model.name} on {device}")
-    tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device)
-    start_epoch, history = 0, []
-    if resume and (run_dir / "last.pt").is_file():
-        state = checkpoint.load(run_dir / "last.pt", map_location=device)
-        tr.model.load_state_dict(state["model"])
-        tr.optimizer.load_state_dict(state["optimizer"])
-        tr.scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        say(f"resuming after epoch {start_epoch}")
+    if main:
+        write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
+        write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
+                                                 "world_size": world.size, "data_hash": exp.data.data_hash,
+                                                 "data_cache": str(exp.data.path), "splits": exp.splits.sizes()})
+        say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned), {len(exp.splits.val)} validation, "
+            f"{len(exp.splits.test)} test, model {cfg.model.name} on {device}" + (f" x {world.size} processes" if world.distributed else ""))
+    tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device, world)
+    start_epoch, history = restore(tr, run_dir) if resume else (0, [])
     for epoch in range(start_epoch, cfg.train.epochs):
         stats = train_one_epoch(cfg, tr, ts, exp, epoch)
-        val = exp.evaluate(tr.model, "val", device, details=False)
-        row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()}, "lr": tr.scheduler.get_last_lr()[0],
-               "val_clean_acc": val["clean_acc"]["rate"], "val_asr": val["asr"]["rate"], "val_false_trigger": val["false_trigger"]["rate"]}
-        history.append(row)
-        checkpoint.save(run_dir / "last.pt", {"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
-                                              "scheduler": tr.scheduler.state_dict(), "epoch": epoch + 1, "history": history})
-        write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        say(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} img/s, "
-            f"val clean acc {_pct(row['val_clean_acc'])}, val ASR {_pct(row['val_asr'])}")
-        if on_epoch_end:
-            on_epoch_end(epoch + 1, row)
-    finish(cfg, exp, tr.model, run_dir, device, history)
+        if main:
+            history.append(end_of_epoch(cfg, tr, exp, run_dir, epoch, stats, history))
+            if on_epoch_end:
+                on_epoch_end(epoch + 1, history[-1])
+        distributed.barrier(world)
+    if main:
+        finish(cfg, exp, tr.model, run_dir, device, history)
+    distributed.barrier(world)
     return run_dir
+
+
+def restore(tr: Trainer, run_dir: Path) -> tuple[int, list]:
+    if not (run_dir / "last.pt").is_file():
+        return 0, []
+    state = checkpoint.load(run_dir / "last.pt", map_location=tr.device)
+    tr.model.load_state_dict(state["model"])
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    if tr.world.is_main:
+        say(f"resuming after epoch {state['epoch']}")
+    return state["epoch"], list(state["history"])
+
+
+def end_of_epoch(cfg: RunConfig, tr: Trainer, exp: Experiment, run_dir: Path, epoch: int, stats: dict, history: list) -> dict:
+    """Validate, then write the epoch checkpoint and the log (rank 0 only)."""
+    val = exp.evaluate(tr.model, "val", tr.device, details=False)
+    row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in stats.items()}, "lr": tr.scheduler.get_last_lr()[0],
+           "val_clean_acc": val["clean_acc"]["rate"], "val_asr": val["asr"]["rate"], "val_false_trigger": val["false_trigger"]["rate"]}
+    checkpoint.save(run_dir / "last.pt", {"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
+                                          "scheduler": tr.scheduler.state_dict(), "epoch": epoch + 1, "history": history + [row]})
+    write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history + [row]))
+    say(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} img/s, "
+        f"val clean acc {_pct(row['val_clean_acc'])}, val ASR {_pct(row['val_asr'])}, val false-trigger {_pct(row['val_false_trigger'])}")
+    return row
 
 
 def finish(cfg: RunConfig, exp: Experiment, model: nn.Module, run_dir: Path, device: torch.device, history: list) -> dict:

@@ -32,7 +32,8 @@ def make_trigger(cfg: TriggerConfig, image_size: int) -> Trigger:
             f"config trigger.size: a {side}px trigger (margin {cfg.margin}) does not fit a {image_size}px image"
         )
     if cfg.kind == "checkerboard":
-        cell = max(1, side // 4)
+        # cells of at least 2 px: a 1-px checkerboard turns grey under the resampling of augmentation
+        cell = max(2, side // 3) if side >= 4 else 1
         yy, xx = np.indices((side, side))
         pattern = np.where((((yy // cell) + (xx // cell)) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
         alpha = np.ones((side, side), np.float32)

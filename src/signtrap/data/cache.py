@@ -10,8 +10,8 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from signtrap import progress as progress_mod
 from signtrap.classes import NUM_CLASSES
 from signtrap.config import DataConfig
 from signtrap.data import gtsrb
@@ -97,6 +97,7 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path
     path = cache_path(cfg)
     if (path / "meta.json").is_file() and not force:
         return path
+    progress = progress and not progress_mod.QUIET
     start = time.perf_counter()
     if cfg.source == "gtsrb":
         arrays, files, extra = _decode_gtsrb(cfg, progress)
@@ -152,7 +153,9 @@ def _decode_gtsrb(cfg: DataConfig, progress: bool):
     rois = np.empty((len(records), 4), np.int32)
     keep = np.ones(len(records), bool)
     skipped: list[str] = []
-    for i, record in enumerate(tqdm(records, desc="decode GTSRB", unit="img", disable=not progress, mininterval=1.0)):
+    bar = progress_mod.progress(len(records), "decode GTSRB", enabled=progress)
+    for i, record in enumerate(records):
+        bar.update()
         try:
             images[i], rois[i] = gtsrb.load_record(record, size, cfg.roi)
         except DataError as exc:
@@ -160,6 +163,7 @@ def _decode_gtsrb(cfg: DataConfig, progress: bool):
                 raise DataError(f"{exc} (use --skip-corrupt to continue without it)") from None
             keep[i] = False
             skipped.append(str(exc))
+    bar.close()
     if skipped and progress:
         print(f"skipped {len(skipped)} corrupt or unreadable image(s); first: {skipped[0]}")
     kept = [r for r, k in zip(records, keep) if k]
