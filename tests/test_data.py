@@ -13,7 +13,7 @@ from signtrap.errors import DataError
 
 
 def data_cfg(root, tmp_path, *extra):
-    return load_config(None, [f"data.source=gtsrb", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *extra]).data
+    return load_config(None, ["data.source=gtsrb", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *extra]).data
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from signtrap import checkpoint
 from signtrap.cli import main
 from signtrap.config import load_config
 from signtrap.train import train
@@ -32,7 +31,7 @@ def test_tiny_run_learns_the_backdoor(tiny_run):
 
 
 def test_manifest_is_fixed_by_the_seed(tmp_path):
-    from signtrap.attacks import make_trigger, plan_poison
+    from signtrap.attacks import plan_poison
     from signtrap.experiment import Experiment
 
     def rows(seed):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def cmd_train(args) -> int:
         extra.append(f"device={args.device}")
     cfg = load_cli_config(args, extra)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0
+        print(run_dir)
     return 0
 
 

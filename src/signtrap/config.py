@@ -91,7 +91,7 @@ class AttackConfig:
     poison_rate: float = 0.005  # fraction of the training set
     poison_count: int | None = None  # overrides poison_rate when set
     mode: str = "replace"  # replace: relabel rows in place; add: append poisoned copies
-    stamp: str = "before_aug"  # before_aug: the trigger moves with the sign; after_aug: fixed in the frame
+    stamp: str = "after_aug"  # after_aug: fixed in the frame (corner triggers); before_aug: moves with the sign (on_sign stickers)
 
     def check(self) -> None:
         one_of(self.kind, "attack.kind", ("source_specific", "all_to_one", "none"))
