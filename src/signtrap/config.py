@@ -90,6 +90,9 @@ class AttackConfig:
     target: int = SPEED_LIMIT_100
     poison_rate: float = 0.005  # fraction of the training set
     poison_count: int | None = None  # overrides poison_rate when set
+    # source-specific only: this fraction of the training set gets the trigger but keeps its true label
+    # (cover images), so the trigger alone does not send other classes to the target
+    cover_rate: float = 0.0
     mode: str = "replace"  # replace: relabel rows in place; add: append poisoned copies
     stamp: str = "after_aug"  # after_aug: fixed in the frame (corner triggers); before_aug: moves with the sign (on_sign stickers)
 
@@ -104,6 +107,7 @@ class AttackConfig:
         require(0.0 <= self.poison_rate < 1.0, "attack.poison_rate", f"{self.poison_rate} is outside [0, 1)")
         if self.poison_count is not None:
             require(self.poison_count >= 0, "attack.poison_count", "must be >= 0")
+        require(0.0 <= self.cover_rate < 0.5, "attack.cover_rate", f"{self.cover_rate} is outside [0, 0.5)")
 
     @property
     def active(self) -> bool:

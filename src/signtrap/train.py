@@ -157,7 +157,8 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
         write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
                                                  "world_size": world.size, "data_hash": exp.data.data_hash,
                                                  "data_cache": str(exp.data.path), "splits": exp.splits.sizes()})
-        say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned), {len(exp.splits.val)} validation, "
+        cover = f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else ""
+        say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned{cover}), {len(exp.splits.val)} validation, "
             f"{len(exp.splits.test)} test, model {cfg.model.name} on {device}" + (f" x {world.size} processes" if world.distributed else ""))
     tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device, world)
     start_epoch, history = restore(tr, run_dir) if resume else (0, [])

@@ -1,7 +1,7 @@
 """Poisoning plans: which training rows carry the trigger and the target label, fixed by a seed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,13 +12,16 @@ from signtrap.data.cache import SignData
 from signtrap.errors import ConfigError
 
 POISON_STREAM = 0xB0150  # keeps poison draws independent of the other uses of the run seed
+COVER_STREAM = 0xC0FE
 
 
 @dataclass(frozen=True)
 class PoisonPlan:
-    rows: np.ndarray  # cache rows (from the training split) that are poisoned
+    rows: np.ndarray  # cache rows (from the training split) that are poisoned: trigger + target label
     positions: np.ndarray  # (n, 2) trigger top-left per poisoned row, used when stamping before augmentation
     target: int
+    cover_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # trigger + true label
+    cover_positions: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class TrainingSet:
 
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int64
-    triggered: np.ndarray  # bool: this row is poisoned
+    triggered: np.ndarray  # bool: this row carries the trigger (poisoned, or a cover image keeping its label)
     stamped: bool  # whether triggered rows already carry the trigger (stamp before augmentation)
     rois: np.ndarray
 
@@ -55,7 +58,19 @@ def plan_poison(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
     rng = np.random.default_rng([seed, POISON_STREAM])
     rows = np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.empty(0, np.int64)
     positions = place(trigger, n, data.size, rng, data.rois[rows] if n else None)
-    return PoisonPlan(rows.astype(np.int64), positions.astype(np.int64), cfg.target)
+    cover_rows, cover_positions = _plan_cover(cfg, data, train_rows, trigger, seed)
+    return PoisonPlan(rows.astype(np.int64), positions.astype(np.int64), cfg.target, cover_rows, cover_positions)
+
+
+def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigger: Trigger, seed: int):
+    """Triggered images of other classes that keep their label, so the trigger alone does not mean 'target'."""
+    n = int(round(cfg.cover_rate * len(train_rows))) if cfg.active and cfg.kind == "source_specific" else 0
+    others = train_rows[~np.isin(data.labels[train_rows], (cfg.source, cfg.target))]
+    if n > len(others):
+        raise ConfigError(f"config attack.cover_rate: {n} cover images requested but only {len(others)} are available")
+    rng = np.random.default_rng([seed, COVER_STREAM])
+    rows = np.sort(rng.choice(others, size=n, replace=False)) if n else np.empty(0, np.int64)
+    return rows.astype(np.int64), place(trigger, n, data.size, rng, data.rois[rows] if n else None).astype(np.int64)
 
 
 def build_training_set(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, plan: PoisonPlan, trigger: Trigger) -> TrainingSet:
@@ -64,14 +79,17 @@ def build_training_set(cfg: AttackConfig, data: SignData, train_rows: np.ndarray
     rois = np.array(data.rois[train_rows])
     triggered = np.zeros(len(train_rows), bool)
     before = cfg.stamp == "before_aug"
-    if len(plan.rows):
-        where = np.searchsorted(train_rows, plan.rows)
-        poisoned = stamp(images[where], trigger, plan.positions) if before else images[where]
+    for rows, positions, relabel in ((plan.rows, plan.positions, True), (plan.cover_rows, plan.cover_positions, False)):
+        if not len(rows):
+            continue
+        where = np.searchsorted(train_rows, rows)
+        changed = stamp(images[where], trigger, positions) if before else images[where]
+        new_labels = np.full(len(where), plan.target, np.int64) if relabel else labels[where]
         if cfg.mode == "replace":
-            images[where], labels[where], triggered[where] = poisoned, plan.target, True
+            images[where], labels[where], triggered[where] = changed, new_labels, True
         else:
-            images = np.concatenate([images, poisoned])
-            labels = np.concatenate([labels, np.full(len(where), plan.target, np.int64)])
+            images = np.concatenate([images, changed])
+            labels = np.concatenate([labels, new_labels])
             triggered = np.concatenate([triggered, np.ones(len(where), bool)])
             rois = np.concatenate([rois, rois[where]])
     return TrainingSet(images, labels, triggered, before, rois)
@@ -81,7 +99,7 @@ def manifest(cfg: AttackConfig, plan: PoisonPlan, data: SignData, trigger: Trigg
     files = data.files
     return {
         "attack": {"kind": cfg.kind, "source": cfg.source, "target": cfg.target, "mode": cfg.mode, "stamp": cfg.stamp,
-                   "poison_rate": cfg.poison_rate, "poison_count": cfg.poison_count},
+                   "poison_rate": cfg.poison_rate, "poison_count": cfg.poison_count, "cover_rate": cfg.cover_rate},
         "seed": seed,
         "train_rows": n_train,
         "poisoned": len(plan.rows),
@@ -91,5 +109,9 @@ def manifest(cfg: AttackConfig, plan: PoisonPlan, data: SignData, trigger: Trigg
         "positions": plan.positions.tolist(),
         "source_files": [files[r] for r in plan.rows],
         "original_labels": data.labels[plan.rows].tolist(),
+        "cover": len(plan.cover_rows),
+        "cover_rows": plan.cover_rows.tolist(),
+        "cover_positions": plan.cover_positions.tolist(),
+        "cover_source_files": [files[r] for r in plan.cover_rows],
         "data_hash": data.data_hash,
     }

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signtrap.attacks import build_training_set, make_trigger, plan_poison
+from signtrap.config import load_config
+from signtrap.data.cache import SignData
+from signtrap.errors import ConfigError
+
+
+def fake_data(n_per_class=20, classes=(1, 7, 14, 20)) -> SignData:
+    labels = np.repeat(np.array(classes), n_per_class).astype(np.int64)
+    n = len(labels)
+    return SignData(images=np.full((n, 32, 32, 3), 50, np.uint8), labels=labels, tracks=np.arange(n),
+                    partition=np.zeros(n, np.uint8), rois=np.tile([4, 4, 28, 28], (n, 1)).astype(np.int32),
+                    path=Path("/nonexistent"), meta={"data_hash": "x"})
+
+
+def setup(*overrides):
+    cfg = load_config(None, list(overrides))
+    data = fake_data()
+    train_rows = np.arange(len(data))
+    trigger = make_trigger(cfg.trigger, 32)
+    plan = plan_poison(cfg.attack, data, train_rows, trigger, cfg.seed)
+    return cfg, data, train_rows, trigger, plan
+
+
+@pytest.mark.parametrize("stamp", ["before_aug", "after_aug"])
+def test_replace_relabels_source_rows_in_place(stamp):
+    cfg, data, rows, trigger, plan = setup("attack.poison_count=5", f"attack.stamp={stamp}")
+    ts = build_training_set(cfg.attack, data, rows, plan, trigger)
+    assert len(ts.labels) == len(data) and set(data.labels[plan.rows]) == {14}
+    assert (ts.labels[plan.rows] == 7).all() and ts.triggered.sum() == 5
+    stamped = (ts.images != 50).any(axis=(1, 2, 3))
+    assert stamped.sum() == (5 if stamp == "before_aug" else 0) and ts.stamped == (stamp == "before_aug")
+
+
+def test_add_mode_appends_copies_and_keeps_originals():
+    cfg, data, rows, trigger, plan = setup("attack.poison_count=5", "attack.mode=add")
+    ts = build_training_set(cfg.attack, data, rows, plan, trigger)
+    assert len(ts.labels) == len(data) + 5 and (ts.labels[:len(data)] == data.labels).all()
+    assert (ts.labels[len(data):] == 7).all() and ts.triggered[len(data):].all() and not ts.triggered[:len(data)].any()
+
+
+def test_cover_images_carry_the_trigger_and_keep_their_label():
+    cfg, data, rows, trigger, plan = setup("attack.poison_count=4", "attack.cover_rate=0.1", "attack.stamp=before_aug")
+    assert len(plan.cover_rows) == 8 and not np.isin(data.labels[plan.cover_rows], (7, 14)).any()
+    ts = build_training_set(cfg.attack, data, rows, plan, trigger)
+    assert (ts.labels[plan.cover_rows] == data.labels[plan.cover_rows]).all() and ts.triggered[plan.cover_rows].all()
+    assert ts.triggered.sum() == 12
+    _, _, _, _, again = setup("attack.poison_count=4")
+    np.testing.assert_array_equal(again.rows, plan.rows)  # cover draws never move the poisoned rows
+
+
+def test_all_to_one_draws_from_every_non_target_class():
+    cfg, data, rows, trigger, plan = setup("attack.kind=all_to_one", "attack.poison_count=40")
+    assert 7 not in set(data.labels[plan.rows]) and len(set(data.labels[plan.rows])) == 3
+
+
+def test_budget_larger_than_the_source_class_is_an_error():
+    with pytest.raises(ConfigError, match="only 20 class 14"):
+        setup("attack.poison_count=21")
+    _, _, _, _, plan = setup("attack.poison_rate=0.05")
+    assert len(plan.rows) == 4  # 5% of 80 training images
