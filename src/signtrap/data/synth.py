@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import cv2
@@ -41,7 +41,7 @@ _N_PAINTS = 9
 
 _HI = 512  # label canvas side; 4x the largest template so area downsampling anti-aliases
 _TEMPLATE_SIZES = (128, 64)
-_N_VARIANTS = 3
+_N_VARIANTS = 5
 _S = _HI / 2 * 0.985  # normalised unit -> px; sign spans [-1, 1] with a hair of margin
 _C = _HI / 2
 
@@ -53,12 +53,15 @@ class _Style:
     w: float  # stroke-weight multiplier for pictograms and text
     ring: float  # red/blue border-width multiplier
     font: int
+    pict: float = 1.0  # pictogram scale: stops the model keying on one exact silhouette
 
 
 _STYLES = (
     _Style(1.0, 1.0, cv2.FONT_HERSHEY_SIMPLEX),
-    _Style(1.18, 1.12, cv2.FONT_HERSHEY_DUPLEX),
-    _Style(0.85, 0.88, cv2.FONT_HERSHEY_SIMPLEX),
+    _Style(1.18, 1.12, cv2.FONT_HERSHEY_DUPLEX, 1.1),
+    _Style(0.85, 0.88, cv2.FONT_HERSHEY_SIMPLEX, 0.9),
+    _Style(1.08, 0.95, cv2.FONT_HERSHEY_DUPLEX, 1.05),
+    _Style(0.92, 1.05, cv2.FONT_HERSHEY_SIMPLEX, 0.95),
 )
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +133,23 @@ def _text(cv, text: str, box, lab: int, st: _Style, weight: float = 1.0) -> None
     m = cv2.resize(m, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
     region = cv[y1:y2, x1:x2]
     region[m > 127] = lab
+
+
+def _digits(cv, digits: str, box, lab: int, st: _Style) -> None:
+    """One equal cell per digit; '1' drawn as the DIN bar with a flag, since Hershey's bare
+    stroke makes "100" look like a wide "00" (and so like "80")."""
+    x1, y1, x2, y2 = box
+    cw = (x2 - x1) / len(digits)
+    for i, ch in enumerate(digits):
+        cx1, cx2 = x1 + i * cw + 0.03, x1 + (i + 1) * cw - 0.03
+        if ch == "1":
+            bw = 0.07 * st.w
+            bx = cx2 - (cx2 - cx1) * 0.3
+            _rect(cv, bx - bw, y1, bx + bw, y2, lab)
+            _poly(cv, [(bx - bw, y1), (bx + bw * 0.2, y1), (cx1 + 0.02, y1 + 0.28 * (y2 - y1)),
+                       (cx1 + 0.02, y1 + 0.16 * (y2 - y1))], lab)
+        else:
+            _text(cv, ch, (cx1, y1, cx2, y2), lab, st)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,14 +253,15 @@ def _diag_stripes(cv, n, gap, w, lab, span=0.93) -> None:
 def _speed(digits: str) -> Callable:
     def draw(cv, st):
         _body_prohibitory(cv, st)
-        hw = 0.43 if len(digits) == 2 else 0.6
-        _text(cv, digits, (-hw, -0.36, hw, 0.36), BLACK, st)
+        # DIN digits are big: ~45% of the sign's height, two digits ~55% of its width
+        box = (-0.53, -0.42, 0.53, 0.42) if len(digits) == 2 else (-0.66, -0.38, 0.66, 0.38)
+        _digits(cv, digits, box, BLACK, st)
     return draw
 
 
 def _end_80(cv, st) -> None:
     _body_end(cv, st)
-    _text(cv, "80", (-0.43, -0.36, 0.43, 0.36), GREY, st)
+    _digits(cv, "80", (-0.53, -0.42, 0.53, 0.42), GREY, st)
     _diag_stripes(cv, 5, 0.075, 0.035, BLACK)
 
 
@@ -257,10 +278,10 @@ def _no_passing(cv, st, truck=False, end=False) -> None:
     left = GREY if end else RED
     right = GREY if end else BLACK
     if truck:
-        _truck_back(cv, -0.27, 0.05, 0.42, left)
+        _truck_back(cv, -0.29, 0.06, 0.48, left)
     else:
-        _car_back(cv, -0.28, 0.08, 0.42, left)
-    _car_back(cv, 0.28, 0.08, 0.42, right)
+        _car_back(cv, -0.3, 0.08, 0.5, left)
+    _car_back(cv, 0.3, 0.08, 0.5, right)
     if end:
         _diag_stripes(cv, 5, 0.075, 0.03, BLACK)
 
@@ -303,7 +324,17 @@ def _priority(cv, st) -> None:
 def _warning(pictogram: Callable) -> Callable:
     def draw(cv, st):
         _body_triangle(cv, st)
-        pictogram(cv, st)
+        # Real pictograms are heavy; thin strokes would vanish at 32 px.
+        tmp = np.zeros_like(cv)
+        pictogram(tmp, replace(st, w=st.w * 1.35))
+        if st.pict != 1.0:  # rescale about the triangle's interior centre
+            c = _px(0, 0.22)
+            m = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), 0.0, st.pict)
+            tmp = cv2.warpAffine(tmp, m, tmp.shape[::-1], flags=cv2.INTER_NEAREST)
+            inner = np.zeros_like(cv)
+            _poly(inner, _tri_scaled(0.88 - 0.25 * st.ring), 1)
+            tmp[inner == 0] = 0
+        cv[tmp > 0] = tmp[tmp > 0]
     return draw
 
 
@@ -320,17 +351,16 @@ def _p_curve_left(cv, st):
 
 
 def _p_double_curve(cv, st):
-    t = np.linspace(0, 1, 30)
-    ys = 0.62 - 0.85 * t
-    xs = -0.2 * np.sin(2 * np.pi * t)
-    pts = list(zip(xs, ys)) + [(0.0, -0.36)]
+    # zig-zag: up, bend left, bend right, up to the head
+    pts = [(0.12, 0.62), (0.12, 0.42), (-0.14, 0.22), (-0.14, 0.12), (0.12, -0.08),
+           (0.12, -0.12), (0.02, -0.38)]
     _arrow(cv, pts, BLACK, 0.1 * st.w, head_len=0.18, head_w=0.15)
 
 
 def _p_bumps(cv, st):
     _rect(cv, -0.56, 0.5, 0.56, 0.62, BLACK)
     for cx in (-0.27, 0.27):
-        cv2.ellipse(cv, _px(cx, 0.52), (_len(0.27), _len(0.3 * st.w)), 0, 180, 360, BLACK, -1)
+        cv2.ellipse(cv, _px(cx, 0.52), (_len(0.27), _len(0.2 * st.w)), 0, 180, 360, BLACK, -1)
 
 
 def _p_slippery(cv, st):
@@ -363,7 +393,7 @@ def _p_road_work(cv, st):
 
 
 def _p_signals(cv, st):
-    if st.w > 1.1:  # some signs show the black lamp housing
+    if st.w > 1.5:  # some signs show the black lamp housing
         cv2.rectangle(cv, _px(-0.16, -0.34), _px(0.16, 0.6), BLACK, -1)
     for y, lab in ((-0.18, RED), (0.13, AMBER), (0.44, GREEN)):
         _disc(cv, 0, y, 0.125, lab)
@@ -387,11 +417,8 @@ def _p_bicycle(cv, st):
     _stroke(cv, frame, BLACK, 0.045 * w, closed=True)
     _stroke(cv, [(0.0, 0.42), (0.2, 0.15), (0.3, 0.42)], BLACK, 0.045 * w)
     _stroke(cv, [(-0.05, 0.15), (0.2, 0.15)], BLACK, 0.045 * w)
-    # rider
-    _disc(cv, 0.1, -0.2, 0.075, BLACK)
-    _stroke(cv, [(-0.05, 0.12), (0.05, -0.08)], BLACK, 0.1 * w)
-    _stroke(cv, [(0.05, -0.08), (0.2, 0.12)], BLACK, 0.05 * w)
-    _stroke(cv, [(-0.05, 0.12), (0.05, 0.25), (0.0, 0.42)], BLACK, 0.06 * w)
+    _stroke(cv, [(-0.12, 0.08), (0.02, 0.08)], BLACK, 0.05 * w)  # saddle
+    _stroke(cv, [(0.2, 0.15), (0.16, 0.02), (0.26, 0.0)], BLACK, 0.045 * w)  # handlebar
 
 
 def _p_snow(cv, st):
@@ -423,9 +450,10 @@ def _p_deer(cv, st):
 
 def _p_right_of_way(cv, st):
     w = st.w
-    _poly(cv, [(0, -0.34), (0.09 * w, -0.16), (0.09 * w, 0.44), (0, 0.62), (-0.09 * w, 0.44),
-               (-0.09 * w, -0.16)], BLACK)
-    _rect(cv, -0.32, 0.1, 0.32, 0.1 + 0.08 * w, BLACK)
+    _poly(cv, [(0, -0.36), (0.08 * w, -0.16), (0.08 * w, 0.44), (0, 0.64), (-0.08 * w, 0.44),
+               (-0.08 * w, -0.16)], BLACK)
+    _poly(cv, [(-0.36, 0.13), (-0.26, 0.13 - 0.05 * w), (0.26, 0.13 - 0.05 * w), (0.36, 0.13),
+               (0.26, 0.13 + 0.05 * w), (-0.26, 0.13 + 0.05 * w)], BLACK)
 
 
 _AW = 0.2  # shaft width of white arrows on blue signs
