@@ -1,0 +1,1 @@
+../src/signtrap/deploy/edge_bench.py
