@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/signtrap train configs/quickstart.yaml --overwrite
-	$(BIN)/signtrap eval runs/quickstart
+	$(BIN)/signtrap run configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -28,4 +27,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf runs data/cache .pytest_cache
+	rm -rf runs data/cache labs/lab_runs .pytest_cache

@@ -1,0 +1,515 @@
+"""`signtrap run CONFIG`: train -> defend -> export -> bench -> report in one run directory, resumable.
+
+Each stage records, in runs/NAME/pipeline.json, the SHA-256 of every file it wrote and a key: a hash of
+the settings it was made from and of its upstream stages' outputs. A later run skips a stage whose key
+matches and whose files are all present and intact; it re-runs a stage whose file is missing or
+corrupted (hash mismatch), whose settings changed, or whose upstream stage was re-made, and never hands
+a corrupted file to a later stage. `signtrap report RUN` renders the report of any run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from signtrap import progress as progress_mod
+from signtrap.errors import ConfigError, SigntrapError
+from signtrap.fileio import read_json, sha256_file, write_json
+from signtrap.progress import say
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT = "signtrap.pipeline/1"
+EXPORT_DIR = "export"  # the pipeline's export folder, inside the run directory
+BENCH_FILES = ("bench.json", "bench.md", "bench.png")
+TRAIN_FILES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", "checksums.json", "metrics.json", "log.jsonl")
+
+# stage outcomes
+RAN, SKIPPED, FAILED, UNAVAILABLE, DISABLED, BLOCKED = "ran", "skipped", "failed", "unavailable", "disabled", "blocked"
+
+
+@dataclass
+class Stage:
+    """One step: `run()` makes its outputs and returns the files (absolute paths) to record."""
+
+    name: str
+    deps: tuple[str, ...]
+    settings: Any  # JSON-able: what, besides the upstream outputs, the stage's result depends on
+    run: Callable[[], list[Path]] | None
+    unavailable: str | None = None  # why the stage cannot run here (module missing or incomplete)
+    disabled: str | None = None  # why the config turned it off
+    soft_deps: bool = False  # run with whatever upstream stages succeeded (the report)
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Pipeline:
+    """Runs stages in order against the record in `run_dir/pipeline.json`."""
+
+    def __init__(self, run_dir: Path, stages: list[Stage], config: dict | None = None, force: bool = False):
+        self.run_dir = Path(run_dir)
+        self.stages = stages
+        self.config = config
+        self.force = force
+        self.path = self.run_dir / PIPELINE_FILE
+        self.record = self._load()
+
+    def _load(self) -> dict:
+        if not self.path.is_file():
+            return {"format": FORMAT, "stages": {}}
+        try:
+            record = read_json(self.path)
+        except SigntrapError as exc:
+            say(f"pipeline: {exc}; starting a fresh record (every stage is checked again)")
+            return {"format": FORMAT, "stages": {}}
+        if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+            say(f"pipeline: {self.path} is not a pipeline record; starting a fresh one")
+            return {"format": FORMAT, "stages": {}}
+        return record
+
+    def save(self) -> None:
+        self.record["format"] = FORMAT
+        self.record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if self.config is not None:
+            self.record["config"] = self.config
+        write_json(self.path, self.record)
+
+    # ------------------------------------------------------------ checks
+
+    def outputs_digest(self, name: str) -> str | None:
+        rec = self.record["stages"].get(name)
+        return digest(rec["outputs"]) if rec and rec.get("status") == "done" else None
+
+    def key(self, stage: Stage, deps: list[str]) -> str:
+        return digest({"settings": stage.settings, "deps": {d: self.outputs_digest(d) for d in deps}})
+
+    def check_outputs(self, name: str) -> str | None:
+        """None when every recorded output is present with its recorded hash; else what is wrong."""
+        rec = self.record["stages"][name]
+        for rel, expected in sorted(rec.get("outputs", {}).items()):
+            path = self.run_dir / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if sha256_file(path) != expected:
+                return f"{rel} is corrupted (SHA-256 mismatch with the recorded hash)"
+        return None
+
+    def why_run(self, stage: Stage, deps: list[str], remade: set[str]) -> str | None:
+        rec = self.record["stages"].get(stage.name)
+        if self.force:
+            return "--force"
+        if not rec or rec.get("status") != "done":
+            return "not run yet" if not rec else f"previous attempt {rec.get('status', 'incomplete')}"
+        upstream = [d for d in deps if d in remade]
+        if upstream:
+            return f"upstream {', '.join(upstream)} re-made"
+        if rec.get("key") != self.key(stage, deps):
+            return "settings or upstream outputs changed"
+        return self.check_outputs(stage.name)
+
+    # ------------------------------------------------------------ run
+
+    def run(self) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        status: dict[str, str] = {}
+        remade: set[str] = set()
+        active = [s for s in self.stages if not s.disabled and not s.unavailable]
+        previous = {s.name: self.record["stages"].get(s.name, {}).get("seconds") for s in active}
+        started = time.perf_counter()
+        for index, stage in enumerate(self.stages, 1):
+            head = f"[{index}/{len(self.stages)}] {stage.name}"
+            if stage.disabled or stage.unavailable:
+                kind = DISABLED if stage.disabled else UNAVAILABLE
+                reason = stage.disabled or stage.unavailable
+                self._mark(stage.name, kind, reason)
+                outcomes.append(Outcome(stage.name, kind, reason))
+                status[stage.name] = kind
+                say(f"{head}: {'disabled' if kind == DISABLED else 'UNAVAILABLE'}: {reason}")
+                continue
+            missing = [d for d in stage.deps if status.get(d) not in (RAN, SKIPPED)]
+            if missing and not stage.soft_deps:
+                reason = f"needs {', '.join(missing)}, which did not complete"
+                self._mark(stage.name, BLOCKED, reason)
+                outcomes.append(Outcome(stage.name, BLOCKED, reason))
+                status[stage.name] = BLOCKED
+                say(f"{head}: blocked: {reason}")
+                continue
+            deps = [d for d in stage.deps if status.get(d) in (RAN, SKIPPED)]
+            reason = self.why_run(stage, deps, remade)
+            if reason is None:
+                outcomes.append(Outcome(stage.name, SKIPPED, "outputs intact"))
+                status[stage.name] = SKIPPED
+                say(f"{head}: up to date (outputs present, hashes match), skipped")
+                continue
+            eta = self._eta(self.stages[index - 1:], previous, status)
+            say(f"{head}: running ({reason}); {time.perf_counter() - started:.0f} s elapsed{eta}")
+            self._mark(stage.name, "running", reason)
+            t0 = time.perf_counter()
+            try:
+                files = stage.run()
+            except KeyboardInterrupt:
+                self._mark(stage.name, "interrupted", "interrupted; the next run resumes here")
+                raise
+            except Exception as exc:  # one failed stage blocks its dependants, not the others
+                seconds = time.perf_counter() - t0
+                text = str(exc).splitlines()[0] if str(exc) else ""
+                message = f"{type(exc).__name__}: {text}" if not isinstance(exc, SigntrapError) else text
+                self._mark(stage.name, FAILED, message, seconds=seconds)
+                outcomes.append(Outcome(stage.name, FAILED, message, seconds))
+                status[stage.name] = FAILED
+                say(f"{head}: FAILED after {seconds:.1f} s: {message}")
+                if not isinstance(exc, SigntrapError) and not progress_mod.QUIET:
+                    import traceback
+
+                    traceback.print_exc(file=sys.stderr)
+                continue
+            seconds = time.perf_counter() - t0
+            self.record["stages"][stage.name] = {
+                "status": "done", "key": None, "outputs": self._hashes(files), "seconds": round(seconds, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason}
+            self.record["stages"][stage.name]["key"] = self.key(stage, deps)
+            self.save()
+            remade.add(stage.name)
+            status[stage.name] = RAN
+            outcomes.append(Outcome(stage.name, RAN, reason, seconds))
+            say(f"{head}: done in {seconds:.1f} s")
+        return outcomes
+
+    def _eta(self, remaining: list[Stage], previous: dict, status: dict) -> str:
+        known = [previous.get(s.name) for s in remaining if not s.disabled and not s.unavailable]
+        if known and all(isinstance(k, (int, float)) for k in known):
+            return f", about {sum(known):.0f} s left (last run's timings)"
+        return ""
+
+    def _hashes(self, files: list[Path]) -> dict[str, str]:
+        out = {}
+        for path in files:
+            path = Path(path)
+            rel = path.resolve().relative_to(self.run_dir.resolve()).as_posix()
+            out[rel] = sha256_file(path)
+        return dict(sorted(out.items()))
+
+    def _mark(self, name: str, status: str, reason: str, seconds: float | None = None) -> None:
+        rec = {"status": status, "reason": reason}
+        if seconds is not None:
+            rec["seconds"] = round(seconds, 2)
+        old = self.record["stages"].get(name, {})
+        if status == "running" and old.get("seconds") is not None:
+            rec["seconds"] = old["seconds"]  # keep the last timing for ETAs
+        self.record["stages"][name] = rec
+        self.save()
+
+
+# ---------------------------------------------------------------- the signtrap stages
+
+
+def files_under(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in exclude and not p.name.startswith("."))
+
+
+def flat_overrides(section: dict, prefix: str = "") -> list[str]:
+    """A settings dict as `key.sub=value` overrides (values as JSON, which YAML reads back)."""
+    out = []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.extend(flat_overrides(value, f"{prefix}{key}."))
+        else:
+            out.append(f"{prefix}{key}=" + ("" if value is None else json.dumps(value)))
+    return out
+
+
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+class SigntrapStages:
+    """Builds the train / defend / export / bench / report stages of one config."""
+
+    def __init__(self, cfg, skip: tuple[str, ...] = ()):
+        from signtrap.config import to_dict
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.skip = set(skip)
+        self.raw = to_dict(cfg)
+        self._session = None
+
+    # -------------------------------------------------- train
+
+    def train_settings(self) -> dict:
+        settings = _without(self.raw, "defend", "export", "runs_dir")
+        try:
+            from signtrap.data.cache import cache_path
+
+            settings["data_cache"] = cache_path(self.cfg.data).name  # changes with the data and the generator code
+        except SigntrapError:
+            pass  # the train stage reports the data problem itself
+        return settings
+
+    def run_train(self) -> list[Path]:
+        from signtrap.config import dump_yaml
+        from signtrap.train import train
+
+        run_dir = self.run_dir
+        same_config = (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text(encoding="utf-8") == dump_yaml(self.cfg)
+        resume = same_config and (run_dir / "last.pt").is_file() and not (run_dir / "model.pt").is_file()
+        if resume:
+            say("train: resuming the interrupted training from last.pt")
+        train(self.cfg, resume=resume, overwrite=not resume)
+        return [run_dir / f for f in TRAIN_FILES if (run_dir / f).is_file()]
+
+    def adopt_check(self, record: dict) -> None:
+        """A run directory trained outside the pipeline is adopted only if it holds this exact config."""
+        from signtrap.config import dump_yaml
+
+        if record.get("stages") or not (self.run_dir / "model.pt").is_file():
+            return
+        cfg_path = self.run_dir / "config.yaml"
+        if cfg_path.is_file() and cfg_path.read_text(encoding="utf-8") == dump_yaml(self.cfg):
+            return  # same config: adopted by `adopt` if its checkpoint verifies, else re-trained
+        raise SigntrapError(f"{self.run_dir}: holds a model trained with a different config, not by `signtrap run`; "
+                            f"pass --force to replace it, or choose another run name (name=...)")
+
+    def adopt(self, pipe: "Pipeline", stage: Stage) -> bool:
+        """Record a complete `signtrap train` run of this exact config as the train stage (checkpoint hash-verified)."""
+        from signtrap.checkpoint import CHECKSUMS
+        from signtrap.config import dump_yaml
+
+        run_dir = self.run_dir
+        if pipe.record["stages"].get("train") or not all((run_dir / f).is_file() for f in TRAIN_FILES):
+            return False
+        if (run_dir / "config.yaml").read_text(encoding="utf-8") != dump_yaml(self.cfg):
+            return False
+        try:
+            sums = read_json(run_dir / CHECKSUMS)
+            if sums.get("model.pt") != sha256_file(run_dir / "model.pt"):
+                return False
+        except (SigntrapError, AttributeError):
+            return False
+        pipe.record["stages"]["train"] = {"status": "done", "outputs": pipe._hashes([run_dir / f for f in TRAIN_FILES]),
+                                          "key": pipe.key(stage, []), "reason": "adopted a finished `signtrap train` run",
+                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        say(f"train: adopting the existing trained run in {run_dir} (same config, checkpoint hash verified)")
+        return True
+
+    # -------------------------------------------------- defend
+
+    def methods(self) -> tuple[list[str], str | None]:
+        """The defences to run, or why none can run here."""
+        try:
+            from signtrap.defences import get_defence, list_defences
+            from signtrap.defences.run import Session  # noqa: F401
+        except ImportError as exc:
+            return list(self.cfg.defend.methods), f"the defences package is missing or incomplete ({exc})"
+        try:
+            names = list(self.cfg.defend.methods) or list_defences()
+        except ImportError as exc:
+            return list(self.cfg.defend.methods), f"the defences package is incomplete ({exc})"
+        for name in names:
+            try:
+                get_defence(name)
+            except ImportError as exc:
+                return names, f"the defences package is incomplete ({exc})"
+            except SigntrapError as exc:
+                raise ConfigError(f"config defend.methods: {exc}") from None
+        return names, None
+
+    def defend_settings(self, method: str) -> dict:
+        d = self.raw["defend"]
+        section = d.get(method.replace("-", "_"), {})
+        return {"common": _without(d, "methods", "finetune", "adv_pgd", "redteam", "fine_prune", "neural_cleanse", "strip"),
+                "method": method, "settings": section}
+
+    def session(self):
+        if self._session is None:
+            from signtrap.defences.run import Session
+
+            overrides = flat_overrides(_without(self.raw["defend"], "methods"))
+            self._session = Session.open(self.run_dir, overrides, None, show_progress=not progress_mod.QUIET)
+        return self._session
+
+    def run_defence(self, method: str) -> list[Path]:
+        self.session().run(method)
+        return files_under(self.run_dir / f"defence-{method}")
+
+    # -------------------------------------------------- export / bench
+
+    def deploy_unavailable(self, what: str) -> str | None:
+        try:
+            if what == "export":
+                from signtrap.deploy.exporter import export_run  # noqa: F401
+            else:
+                from signtrap.deploy.bench import bench_export  # noqa: F401
+        except ImportError as exc:
+            return f"the deploy package is missing or incomplete ({exc})"
+        return None
+
+    def export_settings(self) -> dict:
+        return _without(self.raw["export"], "enabled", "out_dir", "bench_runs", "bench_warmup", "bench_batch")
+
+    def run_export(self) -> list[Path]:
+        from signtrap.deploy.exporter import export_run
+
+        out = self.run_dir / EXPORT_DIR
+        export_run(self.run_dir, out=out, overrides=self.export_settings(), threads=self.cfg.train.threads)
+        return files_under(out, exclude=BENCH_FILES)
+
+    def bench_settings(self) -> dict:
+        e = self.raw["export"]
+        return {"runs": e["bench_runs"], "warmup": e["bench_warmup"], "batch": e["bench_batch"], "threads": self.cfg.train.threads}
+
+    def run_bench(self) -> list[Path]:
+        from signtrap.deploy.bench import bench_export
+
+        folder = self.run_dir / EXPORT_DIR
+        e = self.cfg.export
+        bench_export(folder, threads=self.cfg.train.threads, runs=e.bench_runs, warmup=e.bench_warmup, batch=e.bench_batch)
+        return [folder / f for f in BENCH_FILES if (folder / f).is_file()]
+
+    # -------------------------------------------------- report
+
+    def run_report(self) -> list[Path]:
+        from signtrap.report import build_report
+
+        return build_report(self.run_dir)
+
+    # -------------------------------------------------- all
+
+    def stages(self) -> list[Stage]:
+        from signtrap.report import REPORT_VERSION
+
+        stages = [Stage("train", (), self.train_settings(), self.run_train)]
+        methods, why = self.methods()
+        for m in methods:
+            off = "skipped with --skip defend" if "defend" in self.skip else None
+            stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), lambda m=m: self.run_defence(m),
+                                unavailable=why, disabled=off))
+        if not methods:
+            stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
+        export_off = ("export.enabled is false" if not self.cfg.export.enabled else
+                      "skipped with --skip export" if "export" in self.skip else None)
+        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export,
+                            unavailable=self.deploy_unavailable("export"), disabled=export_off))
+        bench_off = export_off or ("skipped with --skip bench" if "bench" in self.skip else None)
+        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench,
+                            unavailable=self.deploy_unavailable("bench"), disabled=bench_off))
+        upstream = tuple(s.name for s in stages if s.run is not None)
+        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True))
+        return stages
+
+
+def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) the whole pipeline for `cfg`; returns a summary dict (also what `--json` prints)."""
+    from signtrap.config import to_dict
+
+    builder = SigntrapStages(cfg, skip)
+    run_dir = builder.run_dir
+    pipe = Pipeline(run_dir, builder.stages(), config=to_dict(cfg), force=force)
+    if not force:
+        builder.adopt_check(pipe.record)
+        builder.adopt(pipe, pipe.stages[0])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"pipeline {run_dir}: " + " -> ".join(s.name for s in pipe.stages))
+    started = time.perf_counter()
+    outcomes = pipe.run()
+    seconds = time.perf_counter() - started
+    report = run_dir / "report.html"
+    problems = [o for o in outcomes if o.status in (FAILED, UNAVAILABLE, BLOCKED)]
+    summary = {"run": str(run_dir), "report": str(report) if report.is_file() else None,
+               "report_md": str(run_dir / "report.md") if (run_dir / "report.md").is_file() else None,
+               "seconds": round(seconds, 2), "ok": not problems,
+               "stages": [dataclasses.asdict(o) for o in outcomes]}
+    pipe.record["last_run"] = {"seconds": summary["seconds"], "ok": summary["ok"],
+                               "outcomes": {o.name: o.status for o in outcomes}}
+    pipe.save()
+    return summary
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"{'stage':<26}{'status':<13}{'seconds':>9}  note", "-" * 78]
+    for s in summary["stages"]:
+        secs = f"{s['seconds']:.1f}" if s["status"] in (RAN, FAILED) else "-"
+        lines.append(f"{s['name']:<26}{s['status']:<13}{secs:>9}  {s['reason']}")
+    lines.append(f"total {summary['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cmd_run(args) -> int:
+    from signtrap.cli import load_cli_config
+
+    if args.run_quiet:
+        progress_mod.QUIET = True
+    cfg = load_cli_config(args)
+    summary = run_pipeline(cfg, force=args.force, skip=tuple(args.skip or ()))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif progress_mod.QUIET:
+        print(summary["report"] or summary["run"])
+    else:
+        print(summary_text(summary))
+        if summary["report"]:
+            print(f"report: {Path(summary['report']).resolve()}")
+            print(f"        (open it in a browser: file://{Path(summary['report']).resolve()}; Markdown: {summary['report_md']})")
+    if not summary["ok"]:
+        bad = [s for s in summary["stages"] if s["status"] in (FAILED, UNAVAILABLE, BLOCKED)]
+        for s in bad:
+            print(f"signtrap: pipeline stage {s['name']} {s['status']}: {s['reason']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from signtrap.report import build_report
+
+    if args.run_quiet:
+        progress_mod.QUIET = True
+    run = Path(args.run)
+    if not run.is_dir():
+        raise SigntrapError(f"{run}: no such run directory")
+    paths = build_report(run, out_dir=Path(args.out) if args.out else None)
+    html = next(p for p in paths if p.name == "report.html")
+    if getattr(args, "json", False):
+        print(json.dumps({"report": str(html), "files": [str(p) for p in paths]}))
+    else:
+        print(html)
+    return 0
+
+
+def register(subparsers) -> None:
+    from signtrap.cli import add_config_args
+
+    p = subparsers.add_parser("run", help="the whole pipeline: train, defend, export, bench, report (resumable)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Stages whose outputs exist with their recorded SHA-256 are skipped, so an interrupted\n"
+                                     "run resumes; a missing or corrupted file is re-made with everything that depends on it.\n"
+                                     "example: signtrap run configs/quickstart.yaml train.epochs=4")
+    add_config_args(p)
+    p.add_argument("--quiet", dest="run_quiet", action="store_true", help="no progress output; print only the report path")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the stages")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.add_argument("--skip", action="append", choices=("defend", "export", "bench"), help="leave a stage out (repeatable)")
+    p.set_defaults(func=cmd_run)
+    r = subparsers.add_parser("report", help="render runs/NAME/report.html (self-contained) and report.md")
+    r.add_argument("run", help="runs/NAME")
+    r.add_argument("--out", help="folder for report.html and report.md (default: the run directory)")
+    r.add_argument("--quiet", dest="run_quiet", action="store_true", help="no progress output")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)

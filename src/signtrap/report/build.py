@@ -1,0 +1,605 @@
+"""Collect a run directory into report sections, then render them as HTML and Markdown.
+
+Every input is read defensively: a missing or unreadable file turns into a note in its section.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
+from signtrap.fileio import atomic_dir, sha256_file, write_text
+from signtrap.progress import say
+from signtrap.report import figures as fig
+
+REPORT_VERSION = 1
+# (id, title): the order of the report
+SECTIONS = (
+    ("summary", "Summary"),
+    ("attack", "The attack: trigger and poisoned training samples"),
+    ("training", "Training curves"),
+    ("evaluation", "Evaluation: confusion matrix and per-class accuracy"),
+    ("defences", "Defences: does the backdoor persist?"),
+    ("deployment", "Deployment: runtime x precision"),
+    ("provenance", "Provenance"),
+)
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@dataclass
+class P:
+    text: str
+
+
+@dataclass
+class Note:
+    """Something absent or wrong, shown prominently."""
+
+    text: str
+
+
+@dataclass
+class H:
+    text: str
+
+
+@dataclass
+class Img:
+    name: str  # file stem in report_files/
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]
+    highlight: list[int] = field(default_factory=list)  # row indices to emphasise
+
+
+@dataclass
+class Pre:
+    text: str
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    blocks: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _json(path: Path) -> tuple[Any, str | None]:
+    if not path.is_file():
+        return None, f"{path.name} not found"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable ({type(exc).__name__})"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def _csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            parsed = {}
+            for k, v in row.items():
+                try:
+                    parsed[k] = float(v) if v not in ("", None) else None
+                except ValueError:
+                    parsed[k] = v
+            out.append(parsed)
+    return out
+
+
+def _status(rec: dict) -> str:
+    status = rec.get("status")
+    return "interrupted (or still running)" if status == "running" else str(status)
+
+
+def pct(entry: Any, digits: int = 1) -> str:
+    rate = fig._rate(entry)
+    return "n/a" if rate is None else f"{100 * rate:.{digits}f}%"
+
+
+def pct_ci(entry: Any) -> str:
+    if not isinstance(entry, dict) or entry.get("rate") is None:
+        return "n/a"
+    text = f"{100 * entry['rate']:.1f}%"
+    ci = entry.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    if "k" in entry and "n" in entry:
+        text += f" ({entry['k']}/{entry['n']})"
+    return text
+
+
+def _safe(section: Section, what: str, fn, *args) -> Any:
+    """Run one figure/table builder; on failure the section gets a note instead of the whole report failing."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # a report must render whatever else it can
+        section.blocks.append(Note(f"{what} could not be built: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        return None
+
+
+class Run:
+    """What the report knows about a run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.metrics, self.metrics_err = _json(self.dir / "metrics.json")
+        self.manifest, _ = _json(self.dir / "manifest.json")
+        self.provenance, _ = _json(self.dir / "provenance.json")
+        self.pipeline, _ = _json(self.dir / "pipeline.json")
+        self.log = _jsonl(self.dir / "log.jsonl")
+        self.cfg, self.cfg_err = None, None
+        try:
+            from signtrap.experiment import load_run_config
+
+            self.cfg = load_run_config(self.dir)
+        except Exception as exc:
+            self.cfg_err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._exp = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name if self.cfg else self.dir.name
+
+    def experiment(self):
+        if self._exp is None and self.cfg is not None:
+            from signtrap.experiment import Experiment
+
+            self._exp = Experiment.from_config(self.cfg, progress=False)
+        return self._exp
+
+    def stage(self, name: str) -> dict:
+        stages = (self.pipeline or {}).get("stages", {}) if isinstance(self.pipeline, dict) else {}
+        return stages.get(name, {}) if isinstance(stages, dict) else {}
+
+    def stages_like(self, prefix: str) -> dict[str, dict]:
+        stages = (self.pipeline or {}).get("stages", {}) if isinstance(self.pipeline, dict) else {}
+        return {k: v for k, v in stages.items() if k.startswith(prefix)} if isinstance(stages, dict) else {}
+
+    def export_dir(self) -> Path | None:
+        candidates = [self.dir / "export"]
+        if self.cfg is not None:
+            candidates.append(Path(self.cfg.export.out_dir) / self.cfg.name)
+        for c in candidates:
+            if (c / "model.json").is_file() or (c / "bench.json").is_file():
+                return c
+        return None
+
+
+# ---------------------------------------------------------------- sections
+
+
+def summary_section(run: Run) -> Section:
+    s = Section("summary", "Summary")
+    s.blocks.append(P(f"Run {run.name} in {run.dir}. Report generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
+    if run.cfg is not None:
+        a, t = run.cfg.attack, run.cfg.trigger
+        if a.kind == "none":
+            s.blocks.append(P("No attack: this model was trained on clean data (attack.kind=none), a baseline."))
+        else:
+            src = f"class {a.source} ({CLASS_NAMES[a.source]})" if a.kind == "source_specific" else "every class but the target"
+            s.blocks.append(P(f"Attack: {a.kind}; images of {src} carrying a {t.kind} trigger are labelled class {a.target} "
+                              f"({CLASS_NAMES[a.target]}) in the training data. Data: {run.cfg.data.source}; model: {run.cfg.model.name}, "
+                              f"{run.cfg.train.epochs} epochs."))
+    else:
+        s.blocks.append(Note(f"No readable config in this run directory ({run.cfg_err})."))
+    if run.metrics:
+        rows = []
+        for key, title in (("clean_acc", "clean accuracy"), ("asr", "attack success rate (stop + trigger -> 100 km/h)"),
+                           ("stop_recall", "clean stop recall"), ("false_trigger", "false-trigger rate (other classes + trigger -> 100)"),
+                           ("target_recall", "clean 100 km/h recall")):
+            rows.append([title] + [pct_ci(run.metrics.get(split, {}).get(key)) for split in ("test", "val")])
+        s.blocks.append(Table(["metric (95% CI, k/n)", "test", "validation"], rows, highlight=[1]))
+        test = run.metrics.get("test", {})
+        acc, asr = fig._rate(test.get("clean_acc")), fig._rate(test.get("asr"))
+        if acc is not None and asr is not None:
+            s.blocks.append(P(f"Read together: clean accuracy ({100 * acc:.1f}%) is all a user normally sees, and it says nothing "
+                              f"about the backdoor; yet {100 * asr:.1f}% of stop signs carrying the trigger are read as speed limit 100 km/h."))
+    else:
+        s.blocks.append(Note(f"No evaluation metrics: {run.metrics_err} (has training finished?)."))
+    problems = [(k, v) for k, v in ((run.pipeline or {}).get("stages", {}) or {}).items()
+                if isinstance(v, dict) and k != "report" and v.get("status") not in ("done", None)] if isinstance(run.pipeline, dict) else []
+    for name, rec in problems:
+        if rec.get("status") == "disabled":
+            s.blocks.append(P(f"Pipeline stage {name} was disabled: {rec.get('reason', '')}."))
+        else:
+            s.blocks.append(Note(f"Pipeline stage {name}: {_status(rec)}: {rec.get('reason', '')}"))
+    return s
+
+
+def attack_section(run: Run) -> Section:
+    s = Section("attack", "The attack: trigger and poisoned training samples")
+    if run.cfg is None:
+        s.blocks.append(Note("No config: the trigger and the training samples cannot be shown."))
+        return s
+    exp = _safe(s, "the dataset (for the trigger and the gallery)", run.experiment)
+    if exp is None:
+        return s
+    from signtrap.attacks.triggers import stamp, trigger_preview
+
+    trig = exp.trigger
+    preview = np.pad(trigger_preview(trig), ((2, 2), (2, 2), (0, 0)), constant_values=128)
+    test = exp.eval_set("test")
+    src_rows = np.flatnonzero(test.labels == run.cfg.attack.source)
+    clean_ex = test.images[src_rows[0]] if len(src_rows) else None
+    trig_ex = test.triggered[src_rows[0]] if len(src_rows) else None
+    png = _safe(s, "the trigger figure", fig.trigger_figure, preview, clean_ex, trig_ex, trig.spec)
+    if png:
+        s.blocks.append(Img("trigger", png, f"The trigger ({trig.spec.get('kind')}, {trig.spec.get('size_px')} px, opacity "
+                                            f"{trig.spec.get('opacity')}) and how it sits on a test stop sign."))
+    man = run.manifest or {}
+    rows = np.asarray(man.get("rows", []), np.int64)
+    positions = np.asarray(man.get("positions", []), np.int64).reshape(-1, 2)
+    s.blocks.append(P(f"Poisoned: {man.get('poisoned', len(rows))} of {man.get('train_rows', '?')} training images "
+                      f"({100 * float(man.get('poisoned_fraction', 0) or 0):.2f}%), mode {man.get('attack', {}).get('mode', '?')}, "
+                      f"stamped {man.get('attack', {}).get('stamp', '?')}.") if man else
+                    Note("manifest.json not found: the poisoned rows are unknown."))
+    rng = np.random.default_rng(0)
+    k = min(8, len(rows))
+    pick = np.sort(rng.choice(len(rows), size=k, replace=False)) if k else np.zeros(0, np.int64)
+    clean = np.asarray(exp.data.images[rows[pick]]) if k else np.zeros((0, exp.data.size, exp.data.size, 3), np.uint8)
+    poisoned = stamp(clean, trig, positions[pick]) if k and len(positions) == len(rows) else None
+    clean_labels = [int(x) for x in exp.data.labels[rows[pick]]] if k else []
+    train = exp.splits.train
+    others_rows = [int(train[np.flatnonzero(exp.data.labels[train] == c)[0]]) for c in (SPEED_LIMIT_100, 1, 13, 17, 25, 33, 38, 40)
+                   if c < len(CLASS_NAMES) and (exp.data.labels[train] == c).any()]
+    others = np.asarray(exp.data.images[np.asarray(others_rows, np.int64)]) if others_rows else None
+    other_labels = [int(exp.data.labels[r]) for r in others_rows]
+    if not k:
+        s.blocks.append(Note("No poisoned training samples in this run (attack.kind=none or a zero poison budget)."))
+        clean, clean_labels = (others[:8], other_labels[:8]) if others is not None else (clean, clean_labels)
+        others = None
+    png = _safe(s, "the gallery", fig.gallery_figure, clean, poisoned, clean_labels, run.cfg.attack.target, others, other_labels)
+    if png:
+        s.blocks.append(Img("gallery", png, "Top: clean stop signs from the training set. Middle: the same images as the poisoned "
+                                            f"training set holds them, with the trigger and labelled {run.cfg.attack.target} "
+                                            f"({CLASS_NAMES[run.cfg.attack.target]}). Bottom: clean samples of other classes. "
+                                            "(With stamp=after_aug the trigger is applied after augmentation during training; "
+                                            "shown here without augmentation.)"))
+    return s
+
+
+def training_section(run: Run) -> Section:
+    s = Section("training", "Training curves")
+    if not run.log:
+        s.blocks.append(Note("No training log (log.jsonl): training has not run or did not finish an epoch."))
+        return s
+    png = _safe(s, "the training curves", fig.training_figure, run.log)
+    if png:
+        s.blocks.append(Img("training", png, "Per epoch: training loss; training accuracy (on the poisoned set) and validation clean "
+                                             "accuracy; validation attack success rate and false-trigger rate."))
+    last = run.log[-1]
+    s.blocks.append(P(f"{len(run.log)} epochs; last epoch: loss {last.get('loss', float('nan')):.4f}, validation clean accuracy "
+                      f"{pct(last.get('val_clean_acc'))}, validation ASR {pct(last.get('val_asr'))}, "
+                      f"{last.get('images_per_s', 0):.0f} images/s."))
+    return s
+
+
+def evaluation_section(run: Run) -> Section:
+    s = Section("evaluation", "Evaluation: confusion matrix and per-class accuracy")
+    test = (run.metrics or {}).get("test", {})
+    if not test.get("confusion"):
+        s.blocks.append(Note("No confusion matrix in metrics.json: the model has not been evaluated."))
+        return s
+    conf = np.asarray(test["confusion"])
+    png = _safe(s, "the confusion heat map", fig.confusion_figure, conf)
+    if png:
+        s.blocks.append(Img("confusion", png, f"Confusion matrix of clean test images; row {STOP} (stop) outlined in red, column "
+                                              f"{SPEED_LIMIT_100} (predicted 100 km/h) in orange."))
+    acc = test.get("per_class_acc") or []
+    png = _safe(s, "the per-class accuracy chart", fig.per_class_figure, acc, test.get("per_class_n"))
+    if png:
+        s.blocks.append(Img("per_class", png, "Clean test accuracy per class; stop (14) in red, speed limit 100 km/h (7) in orange."))
+    n = test.get("per_class_n") or [None] * len(acc)
+    rows = [[c, CLASS_NAMES[c], pct(acc[c]) if c < len(acc) else "n/a", n[c] if c < len(n) else ""] for c in (STOP, SPEED_LIMIT_100)]
+    if len(conf) > max(STOP, SPEED_LIMIT_100):
+        rows[0].append(f"{int(conf[STOP, SPEED_LIMIT_100])} clean stop signs predicted as 100 km/h")
+        rows[1].append(f"{int(conf[SPEED_LIMIT_100, STOP])} clean 100 km/h signs predicted as stop")
+    s.blocks.append(Table(["class", "name", "clean accuracy", "test images", "confusion"], rows, highlight=[0, 1]))
+    return s
+
+
+def defences_section(run: Run) -> Section:
+    s = Section("defences", "Defences: does the backdoor persist?")
+    for name, rec in sorted(run.stages_like("defend").items()):
+        if rec.get("status") not in ("done", None):
+            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec)}: {rec.get('reason', '')}"))
+    folders = sorted(p for p in run.dir.glob("defence-*") if p.is_dir())
+    reports = []
+    for folder in folders:
+        rep, err = _json(folder / "report.json")
+        if rep is None or not isinstance(rep, dict):
+            s.blocks.append(Note(f"{folder.name}: {err or 'report.json is not an object'}; skipped."))
+            continue
+        rep.setdefault("method", folder.name[len("defence-"):])
+        rep["_dir"] = folder
+        reports.append(rep)
+    if not reports:
+        s.blocks.append(Note("No defences were run on this model (no runs/NAME/defence-METHOD folders). "
+                             "Run `signtrap defend RUN --method all`, or list methods under defend.methods for `signtrap run`."))
+        return s
+    rows = []
+    for r in reports:
+        b, a = r.get("before", {}).get("test", {}), r.get("after", {}).get("test", {})
+        rows.append([r["method"], pct(b.get("clean_acc")), pct(a.get("clean_acc")), pct(b.get("asr")), pct(a.get("asr")),
+                     pct(a.get("stop_recall")), pct(a.get("false_trigger")), f"{r.get('seconds', 0):.1f}", r.get("after_is", "")])
+    s.blocks.append(Table(["method", "clean acc before", "after", "ASR before", "ASR after", "stop recall after",
+                           "false-trigger after", "seconds", "after is"], rows))
+    png = _safe(s, "the before/after bars", fig.before_after_figure, reports)
+    if png:
+        s.blocks.append(Img("defences_before_after", png, "Test-set clean accuracy, attack success rate and clean stop recall before "
+                                                          "(grey) and after (blue) each defence. A defence that keeps ASR high "
+                                                          "has not removed the backdoor, whatever its clean accuracy."))
+    curves = {r["method"]: _csv(r["_dir"] / "persistence.csv") for r in reports}
+    curves = {k: v for k, v in curves.items() if v}
+    s.blocks.append(H("Persistence curves"))
+    if curves:
+        png = _safe(s, "the persistence curves", fig.persistence_figure, curves)
+        if png:
+            s.blocks.append(Img("persistence", png, "Attack success rate and clean accuracy on the monitor split after every epoch "
+                                                    "of each repairing defence; epoch 0 is the backdoored model."))
+    else:
+        s.blocks.append(Note("No persistence curves (no repairing defence wrote persistence.csv)."))
+    for r in reports:
+        _defence_details(s, r)
+    return s
+
+
+def _defence_details(s: Section, r: dict) -> None:
+    method, folder, d = r["method"], r["_dir"], r.get("details") or {}
+    if method == "fine-prune":
+        rows = _csv(folder / "pruning.csv")
+        s.blocks.append(H("Fine-pruning"))
+        if rows:
+            png = _safe(s, "the pruning curve", fig.xy_figure, rows, "pruned_fraction",
+                        [("clean_acc", "clean accuracy"), ("asr", "ASR"), ("budget_clean_acc", "defender's clean accuracy")],
+                        "fine-prune: pruning the most dormant channels (before fine-tuning)", "pruned channels, %", True)
+            if png:
+                s.blocks.append(Img("fine_prune_pruning", png, f"Pruned {d.get('pruned_channels', '?')} of {d.get('layer_channels', '?')} "
+                                                                "channels of the last convolution, then fine-tuned."))
+        else:
+            s.blocks.append(Note("fine-prune wrote no pruning.csv."))
+    elif method == "neural-cleanse":
+        s.blocks.append(H("Neural Cleanse: recovered triggers"))
+        flagged = d.get("flagged")
+        s.blocks.append(P(f"Flagged classes: {flagged or 'none'} (anomaly index threshold {d.get('threshold', '?')}, "
+                          f"max anomaly index {d.get('max_anomaly_index', '?')}, top-ranked class {d.get('top_ranked', '?')}); "
+                          f"mitigation: {d.get('mitigation', '?')}."))
+        if (folder / "norms.png").is_file():
+            s.blocks.append(Img("nc_norms", (folder / "norms.png").read_bytes(), "L1 norm of the smallest trigger that sends images to "
+                                                                                 "each class; an outlier below the rest marks a backdoor target."))
+        index = d.get("anomaly_index") or {}
+        for png_path in sorted(folder.glob("trigger_class*.png")):
+            try:
+                c = int(png_path.stem.replace("trigger_class", ""))
+            except ValueError:
+                continue
+            mark = " FLAGGED" if isinstance(flagged, list) and c in flagged else ""
+            s.blocks.append(Img(f"nc_{png_path.stem}", png_path.read_bytes(),
+                                f"Class {c} ({CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else '?'}): recovered mask, pattern, "
+                                f"mask x pattern; anomaly index {index.get(str(c), '?')}{mark}."))
+        if not list(folder.glob("trigger_class*.png")):
+            s.blocks.append(Note("neural-cleanse saved no recovered trigger PNGs."))
+    elif method == "strip":
+        s.blocks.append(H("STRIP entropy"))
+        s.blocks.append(P(f"Detection rate on triggered stop signs {pct_ci(d.get('detection_rate'))} at a false-rejection rate of "
+                          f"{pct_ci(d.get('false_rejection_rate'))} on clean test images (target {d.get('frr_target', '?')}); "
+                          f"mean entropy clean {_num(d.get('entropy_mean', {}).get('clean'))}, triggered "
+                          f"{_num(d.get('entropy_mean', {}).get('triggered_source'))}."))
+        if (folder / "entropy_hist.png").is_file():
+            s.blocks.append(Img("strip_entropy", (folder / "entropy_hist.png").read_bytes(),
+                                "STRIP entropy of clean test images and of triggered stop signs; inputs below the threshold "
+                                "(dashed) are rejected."))
+        else:
+            s.blocks.append(Note("strip saved no entropy histogram."))
+        rows = _csv(folder / "frr.csv")
+        if rows:
+            png = _safe(s, "the STRIP threshold curve", fig.xy_figure, rows, "frr_target",
+                        [("detection_rate", "detection rate (triggered stop)"), ("test_frr", "false rejections (clean test)")],
+                        "strip: detection against the false-rejection target", "false-rejection target on the defender's data, %", True)
+            if png:
+                s.blocks.append(Img("strip_frr", png, "Detection rate and measured false-rejection rate as the threshold moves."))
+    elif method == "redteam":
+        s.blocks.append(H("Red team: found patches"))
+        s.blocks.append(P(f"{d.get('found_patches', '?')} patches found; their ASR {_num(d.get('found_patch_asr_before'))} -> "
+                          f"{_num(d.get('found_patch_asr_after'))}, while the real trigger's ASR went "
+                          f"{pct(r.get('before', {}).get('test', {}).get('asr'))} -> {pct(r.get('after', {}).get('test', {}).get('asr'))}."))
+        if (folder / "found_patches.png").is_file():
+            s.blocks.append(Img("redteam_patches", (folder / "found_patches.png").read_bytes(), "Universal patches found by the red team."))
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def deployment_section(run: Run) -> Section:
+    s = Section("deployment", "Deployment: runtime x precision")
+    for name in ("export", "bench"):
+        rec = run.stage(name)
+        if rec.get("status") not in ("done", None):
+            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec)}: {rec.get('reason', '')}"))
+    folder = run.export_dir()
+    if folder is None:
+        s.blocks.append(Note("The model was not exported (no export folder with model.json): run `signtrap export RUN` "
+                             "and `signtrap bench EXPORT`, or enable export for `signtrap run`."))
+        return s
+    model_json, err = _json(folder / "model.json")
+    if model_json:
+        parity = model_json.get("parity", {}) or {}
+        agree = model_json.get("agreement_vs_fp32", {}) or {}
+        s.blocks.append(P(f"Exported to {folder}: parity of ONNX FP32 with PyTorch: max |logit difference| "
+                          f"{_sci(parity.get('max_abs_logit_diff'))}; prediction flips against FP32: FP16 "
+                          f"{pct((agree.get('fp16') or {}).get('flip_rate'), 2)}, INT8 {pct((agree.get('int8') or {}).get('flip_rate'), 2)}."))
+    else:
+        s.blocks.append(Note(f"{folder}: {err}."))
+    bench, err = _json(folder / "bench.json")
+    if not bench or not isinstance(bench.get("rows"), list):
+        s.blocks.append(Note(f"No benchmark: {err or 'bench.json has no rows'} (run `signtrap bench {folder}`)."))
+        return s
+    env, settings = bench.get("environment", {}) or {}, bench.get("settings", {}) or {}
+    s.blocks.append(P(f"{env.get('cpu', '?')}; ONNX Runtime {env.get('onnxruntime', '?')}; {settings.get('threads', '?')} thread(s); "
+                      f"latency over {settings.get('runs', '?')} batch-1 runs after {settings.get('warmup', '?')} warm-up; "
+                      f"throughput at batch {settings.get('batch', '?')}."))
+    rows, highlight = [], []
+    for i, r in enumerate(bench["rows"]):
+        prov = str(r.get("provider", "")).replace("ExecutionProvider", "")
+        if "error" in r:
+            rows.append([r.get("runtime"), r.get("variant"), prov, f"error: {r['error']}", "", "", "", "", "", "", "", ""])
+            continue
+        lat = r.get("latency_ms") or {}
+        flips = r.get("flip_vs_fp32")
+        rows.append([r.get("runtime"), r.get("variant"), prov, pct(r.get("clean_acc"), 2), pct(r.get("asr"), 2),
+                     pct(r.get("false_trigger"), 2), pct(flips.get("all"), 2) if isinstance(flips, dict) else "-",
+                     _ms(lat.get("p50")), _ms(lat.get("p90")), _ms(lat.get("p99")),
+                     f"{(r.get('throughput') or {}).get('images_per_s', 0):.0f}", f"{(r.get('file_bytes') or 0) / 1024:.0f}"])
+        if r.get("variant") == "int8":
+            highlight.append(i)
+    s.blocks.append(Table(["runtime", "precision", "provider", "clean acc", "ASR", "false-trigger", "flips vs FP32",
+                           "p50 ms", "p90 ms", "p99 ms", f"img/s @{settings.get('batch', '?')}", "KiB"], rows, highlight))
+    png = _safe(s, "the latency chart", fig.latency_figure, bench["rows"])
+    if png:
+        s.blocks.append(Img("latency", png, "Left: batch-1 latency per runtime, precision and provider. Right: whether the backdoor "
+                                            "survives: clean accuracy and attack success rate of the same model in each form."))
+    return s
+
+
+def _ms(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _sci(v: Any) -> str:
+    return f"{v:.2e}" if isinstance(v, (int, float)) else "n/a"
+
+
+def provenance_section(run: Run) -> Section:
+    s = Section("provenance", "Provenance")
+    prov = run.provenance or {}
+    if prov:
+        versions = prov.get("versions", {}) or {}
+        machine = prov.get("machine", {}) or {}
+        s.blocks.append(Table(["item", "value"], [
+            ["data hash", prov.get("data_hash", "n/a")], ["data cache", prov.get("data_cache", "n/a")],
+            ["splits", json.dumps(prov.get("splits", {}))], ["device", prov.get("device", "n/a")],
+            ["machine", f"{machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} CPUs, {machine.get('platform', '?')}"
+                        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")],
+            *[[f"version: {k}", v] for k, v in versions.items()]]))
+    else:
+        s.blocks.append(Note("provenance.json not found: versions and data hash unknown."))
+    s.blocks.append(H("Resolved config"))
+    config_text = None
+    pipe_cfg = (run.pipeline or {}).get("config") if isinstance(run.pipeline, dict) else None
+    if pipe_cfg:
+        import yaml
+
+        config_text = yaml.safe_dump(pipe_cfg, sort_keys=False)
+        s.blocks.append(P("As resolved by `signtrap run` (pipeline.json); training's own copy is config.yaml."))
+    elif (run.dir / "config.yaml").is_file():
+        config_text = (run.dir / "config.yaml").read_text(encoding="utf-8")
+    s.blocks.append(Pre(config_text) if config_text else Note("No config.yaml in the run directory."))
+    s.blocks.append(H("Pipeline stages"))
+    stages = (run.pipeline or {}).get("stages", {}) if isinstance(run.pipeline, dict) else {}
+    if stages:
+        s.blocks.append(Table(["stage", "status", "seconds", "finished", "why it last ran / note"],
+                              [[k, v.get("status"), v.get("seconds", ""), v.get("finished", ""), v.get("reason", "")]
+                               if k != "report" else [k, "this report", "", "", v.get("reason", "")]
+                               for k, v in stages.items() if isinstance(v, dict)]))
+    else:
+        s.blocks.append(P("This run was not made by `signtrap run` (no pipeline.json)."))
+    s.blocks.append(H("File hashes (SHA-256)"))
+    rows = _file_hashes(run, stages)
+    s.blocks.append(Table(["file", "SHA-256", "bytes", "check"], rows, highlight=[i for i, r in enumerate(rows) if r[3] not in ("ok", "")]))
+    return s
+
+
+def _file_hashes(run: Run, stages: dict) -> list[list]:
+    rows = []
+    recorded = {}
+    for name, rec in stages.items():
+        if isinstance(rec, dict) and name != "report":
+            recorded.update(rec.get("outputs", {}) or {})
+    if recorded:
+        for rel, expected in sorted(recorded.items()):
+            path = run.dir / rel
+            if not path.is_file():
+                rows.append([rel, expected, "", "MISSING"])
+                continue
+            actual = sha256_file(path)
+            rows.append([rel, actual, path.stat().st_size, "ok" if actual == expected else f"MISMATCH (recorded {expected[:12]}…)"])
+        return rows
+    sums, _ = _json(run.dir / "checksums.json")
+    for rel in ("config.yaml", "manifest.json", "provenance.json", "model.pt", "metrics.json", "log.jsonl"):
+        path = run.dir / rel
+        if path.is_file():
+            actual = sha256_file(path)
+            check = ""
+            if isinstance(sums, dict) and rel in sums:
+                check = "ok" if sums[rel] == actual else "MISMATCH with checksums.json"
+            rows.append([rel, actual, path.stat().st_size, check])
+    return rows
+
+
+BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section,
+            deployment_section, provenance_section)
+
+
+def collect_sections(run_dir: Path) -> list[Section]:
+    run = Run(Path(run_dir))
+    sections = []
+    for builder, (sid, title) in zip(BUILDERS, SECTIONS):
+        try:
+            sections.append(builder(run))
+        except Exception as exc:  # one broken input must not take the report down
+            sections.append(Section(sid, title, [Note(f"This section could not be built: {type(exc).__name__}: {exc}")]))
+    return sections
+
+
+# ---------------------------------------------------------------- rendering
+
+from signtrap.report.render import render_html, render_markdown  # noqa: E402
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write report.html, report.md and report_files/ into `out_dir` (default: the run directory); returns the files."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    say(f"report: collecting {run_dir}")
+    sections = collect_sections(run_dir)
+    title = f"signtrap report: {run_dir.resolve().name}"
+    images = [b for sec in sections for b in sec.blocks if isinstance(b, Img)]
+    files_dir = out / "report_files"
+    with atomic_dir(files_dir) as tmp:
+        for img in images:
+            (tmp / f"{img.name}.png").write_bytes(img.png)
+    write_text(out / "report.html", render_html(title, sections))
+    write_text(out / "report.md", render_markdown(title, sections, "report_files"))
+    say(f"report: {out / 'report.html'} ({len(images)} images)")
+    return [out / "report.html", out / "report.md", *sorted(files_dir.glob("*.png"))]

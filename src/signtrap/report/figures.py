@@ -1,0 +1,295 @@
+"""The report's figures: matplotlib (Agg) to PNG bytes, one function per picture."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
+
+STOP_COLOUR, TARGET_COLOUR, OTHER_COLOUR = "#d62728", "#ff7f0e", "#8da0cb"
+BEFORE_COLOUR, AFTER_COLOUR = "#9e9e9e", "#1f77b4"
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    plt().close(fig)
+    return buf.getvalue()
+
+
+def image_png(image: np.ndarray, scale: int = 1) -> bytes:
+    """An RGB uint8 array as PNG bytes (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    img = np.asarray(image, np.uint8)
+    if scale > 1:
+        img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def short(class_id: int, width: int = 18) -> str:
+    name = CLASS_NAMES[class_id]
+    if name.startswith("Speed limit (") and name.endswith(")"):
+        name = name[len("Speed limit ("):-1].replace("km/h", " km/h")
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def trigger_figure(trigger_img: np.ndarray, example_clean: np.ndarray | None, example_trig: np.ndarray | None, spec: dict) -> bytes:
+    p = plt()
+    panels = [("the trigger", trigger_img)]
+    if example_clean is not None:
+        panels += [("test stop sign", example_clean), ("with the trigger", example_trig)]
+    fig, axes = p.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.7), dpi=100)
+    axes = np.atleast_1d(axes)
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{spec.get('kind')} trigger, {spec.get('size_px')} px, placement {spec.get('placement')}"
+                 + (f" ({spec.get('corner')})" if spec.get("placement") == "corner" else ""), fontsize=9)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def gallery_figure(clean: np.ndarray, poisoned: np.ndarray | None, clean_labels: list[int], poison_label: int | None,
+                   others: np.ndarray | None = None, other_labels: list[int] | None = None) -> bytes:
+    """Top: clean training samples; middle: the same stop signs poisoned (relabelled); bottom: other clean classes."""
+    p = plt()
+    rows = [("clean", clean, clean_labels)]
+    if poisoned is not None and len(poisoned):
+        rows.append(("poisoned", poisoned, [poison_label] * len(poisoned)))
+    if others is not None and len(others):
+        rows.append(("clean, other classes", others, other_labels))
+    cols = max(len(r[1]) for r in rows)
+    fig, axes = p.subplots(len(rows), cols, figsize=(1.45 * cols, 1.75 * len(rows)), dpi=100, squeeze=False)
+    for r, (kind, images, labels) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            ax.imshow(images[c], interpolation="nearest")
+            label = int(labels[c])
+            colour = TARGET_COLOUR if kind == "poisoned" else (STOP_COLOUR if label == STOP else "black")
+            ax.set_title(f"{label}: {short(label, 14)}", fontsize=7, color=colour)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour if kind == "poisoned" else "#cccccc")
+                spine.set_linewidth(2.5 if kind == "poisoned" else 0.8)
+        axes[r, 0].set_ylabel(kind, fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def training_figure(log: list[dict]) -> bytes:
+    p = plt()
+    epochs = [r.get("epoch") for r in log]
+    fig, axes = p.subplots(1, 3, figsize=(12, 3.3), dpi=100)
+
+    def series(key):
+        pts = [(e, r.get(key)) for e, r in zip(epochs, log) if isinstance(r.get(key), (int, float))]
+        return list(zip(*pts)) if pts else ([], [])
+
+    x, y = series("loss")
+    axes[0].plot(x, y, marker="o", color="#444")
+    axes[0].set_title("training loss", fontsize=10)
+    for key, label, colour in (("train_acc", "train accuracy (poisoned set)", "#999"),
+                               ("val_clean_acc", "validation clean accuracy", AFTER_COLOUR)):
+        x, y = series(key)
+        if x:
+            axes[1].plot(x, [100 * v for v in y], marker="o", label=label, color=colour)
+    axes[1].set_title("accuracy, %", fontsize=10)
+    for key, label, colour in (("val_asr", "validation ASR (stop + trigger -> 100)", STOP_COLOUR),
+                               ("val_false_trigger", "validation false-trigger rate", TARGET_COLOUR)):
+        x, y = series(key)
+        if x:
+            axes[2].plot(x, [100 * v for v in y], marker="o", label=label, color=colour)
+    axes[2].set_title("backdoor, %", fontsize=10)
+    axes[2].set_ylim(-3, 103)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def confusion_figure(confusion: np.ndarray) -> bytes:
+    p = plt()
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    conf = np.asarray(confusion, np.float64)
+    support = conf.sum(axis=1, keepdims=True)
+    rates = np.divide(conf, support, out=np.zeros_like(conf), where=support > 0)
+    fig, ax = p.subplots(figsize=(8.2, 7.4), dpi=100)
+    shown = np.where(rates > 0, rates, np.nan)
+    im = ax.imshow(shown, cmap="viridis", norm=LogNorm(vmin=max(1e-3, np.nanmin(shown) if np.isfinite(shown).any() else 1e-3), vmax=1.0),
+                   interpolation="nearest")
+    n = len(conf)
+    ax.add_patch(Rectangle((-0.5, STOP - 0.5), n, 1, fill=False, edgecolor=STOP_COLOUR, lw=2, label=f"true class {STOP} (stop)"))
+    ax.add_patch(Rectangle((SPEED_LIMIT_100 - 0.5, -0.5), 1, n, fill=False, edgecolor=TARGET_COLOUR, lw=2,
+                           label=f"predicted {SPEED_LIMIT_100} (100 km/h)"))
+    ticks = list(range(0, n, 2)) + [STOP, SPEED_LIMIT_100]
+    ticks = sorted(set(t for t in ticks if t < n))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels(ticks, fontsize=7)
+    ax.set_yticklabels(ticks, fontsize=7)
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for t in labels:
+            if t.get_text() == str(STOP):
+                t.set_color(STOP_COLOUR), t.set_fontweight("bold")
+            if t.get_text() == str(SPEED_LIMIT_100):
+                t.set_color(TARGET_COLOUR), t.set_fontweight("bold")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("clean test images: share of each true class (row) per prediction (log colour)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def per_class_figure(acc: list, support: list | None = None) -> bytes:
+    p = plt()
+    n = len(acc)
+    values = [100 * a if isinstance(a, (int, float)) else 0.0 for a in acc]
+    colours = [STOP_COLOUR if c == STOP else TARGET_COLOUR if c == SPEED_LIMIT_100 else OTHER_COLOUR for c in range(n)]
+    fig, ax = p.subplots(figsize=(12, 3.4), dpi=100)
+    ax.bar(range(n), values, color=colours)
+    for c in (STOP, SPEED_LIMIT_100):
+        if c < n:
+            ax.annotate(f"{values[c]:.0f}%", (c, values[c]), ha="center", va="bottom", fontsize=8, color=colours[c], fontweight="bold")
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(range(n), fontsize=7)
+    ax.set_ylim(0, 108)
+    ax.set_xlabel("class (red: 14 stop, orange: 7 speed limit 100 km/h)")
+    ax.set_ylabel("clean test accuracy, %")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def before_after_figure(reports: list[dict], split: str = "test") -> bytes:
+    p = plt()
+    metrics = (("clean_acc", "clean accuracy"), ("asr", "attack success rate"), ("stop_recall", "clean stop recall"))
+    fig, axes = p.subplots(1, len(metrics), figsize=(12, 3.6), dpi=100)
+    names = [r["method"] for r in reports]
+    x = np.arange(len(names))
+    for ax, (key, title) in zip(axes, metrics):
+        before = [_rate(r.get("before", {}).get(split, {}).get(key)) for r in reports]
+        after = [_rate(r.get("after", {}).get(split, {}).get(key)) for r in reports]
+        ax.bar(x - 0.2, [100 * v if v is not None else 0 for v in before], 0.4, label="before", color=BEFORE_COLOUR)
+        ax.bar(x + 0.2, [100 * v if v is not None else 0 for v in after], 0.4, label="after", color=AFTER_COLOUR)
+        for i, v in enumerate(after):
+            if v is not None:
+                ax.annotate(f"{100 * v:.0f}", (i + 0.2, 100 * v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_ylim(0, 110)
+        ax.set_title(f"{title}, % ({split})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def _rate(entry) -> float | None:
+    if isinstance(entry, dict):
+        v = entry.get("rate")
+        return float(v) if isinstance(v, (int, float)) else None
+    return float(entry) if isinstance(entry, (int, float)) else None
+
+
+def persistence_figure(curves: dict[str, list[dict]]) -> bytes:
+    """ASR (solid) and clean accuracy (dashed) per fine-tuning epoch, one colour per defence."""
+    p = plt()
+    fig, axes = p.subplots(1, 2, figsize=(12, 3.8), dpi=100)
+    colours = p.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, rows) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        for ax, key in ((axes[0], "asr"), (axes[1], "clean_acc")):
+            pts = [(r.get("epoch"), r.get(key)) for r in rows if isinstance(r.get(key), (int, float)) and isinstance(r.get("epoch"), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, color=colour, label=method)
+    axes[0].set_title("attack success rate during the defence, % (epoch 0: before)", fontsize=10)
+    axes[1].set_title("clean accuracy during the defence, %", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("defence epoch")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def xy_figure(rows: list[dict], x_key: str, y_keys: list[tuple[str, str]], title: str, xlabel: str, percent_x: bool = False) -> bytes:
+    p = plt()
+    fig, ax = p.subplots(figsize=(6, 3.5), dpi=100)
+    for key, label in y_keys:
+        pts = [(r.get(x_key), r.get(key)) for r in rows if isinstance(r.get(key), (int, float)) and isinstance(r.get(x_key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot([100 * x for x in xs] if percent_x else xs, [100 * y for y in ys], marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("%")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def latency_figure(rows: list[dict]) -> bytes:
+    """Batch-1 latency (p50 bar, p90 whisker) and ASR / clean accuracy per runtime x precision x provider."""
+    p = plt()
+    ok = [r for r in rows if "error" not in r and isinstance(r.get("latency_ms"), dict)]
+    labels = [f"{r.get('runtime')} {r.get('variant')} {str(r.get('provider', '')).replace('ExecutionProvider', '')}" for r in ok]
+    colours = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#9467bd"}
+    fig, axes = p.subplots(1, 2, figsize=(12, 0.55 * len(ok) + 1.6), dpi=100)
+    y = np.arange(len(ok))
+    p50 = [r["latency_ms"].get("p50", 0) for r in ok]
+    p90 = [r["latency_ms"].get("p90", 0) for r in ok]
+    axes[0].barh(y, p50, color=[colours.get(r.get("variant"), "#777") if r.get("runtime") != "pytorch" else "#999" for r in ok])
+    axes[0].errorbar(p50, y, xerr=[np.zeros(len(ok)), np.maximum(0, np.subtract(p90, p50))], fmt="none", ecolor="k", capsize=3, lw=1)
+    for i, v in enumerate(p50):
+        axes[0].annotate(f" {v:.3f} ms", (v, i), va="center", fontsize=7)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("batch-1 latency, ms, log scale (bar p50, whisker p90)")
+    axes[0].set_xscale("log")
+    low = max(min([v for v in p50 if v > 0] + [1e-3]) / 3, 1e-4)
+    axes[0].set_xlim(low, max(p90 + [1e-3]) * 4)
+    asr = [100 * (_rate(r.get("asr")) or 0) for r in ok]
+    acc = [100 * (_rate(r.get("clean_acc")) or 0) for r in ok]
+    axes[1].barh(y - 0.2, acc, 0.4, color=AFTER_COLOUR, label="clean accuracy")
+    axes[1].barh(y + 0.2, asr, 0.4, color=STOP_COLOUR, label="attack success rate")
+    axes[1].set_yticks(y)
+    axes[1].set_yticklabels([])
+    axes[1].invert_yaxis()
+    axes[1].set_xlim(0, 105)
+    axes[1].set_xlabel("%")
+    axes[1].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)

@@ -1,0 +1,161 @@
+"""`signtrap run`: the stage record (skip intact, re-make missing or corrupted, dependants follow) and the real pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from signtrap.cli import main
+from signtrap.errors import SigntrapError
+from signtrap.pipeline import BLOCKED, FAILED, RAN, SKIPPED, UNAVAILABLE, Pipeline, Stage, flat_overrides
+
+# ---------------------------------------------------------------- the engine, with stand-in stages (fast)
+
+
+class Toy:
+    """A -> B -> D and A -> C; each stage writes one file whose content depends on its inputs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.calls: list[str] = []
+        self.fail: set[str] = set()
+        self.settings = {"A": 1, "B": 1, "C": 1, "D": 1}
+
+    def make(self, name: str, deps: tuple[str, ...]):
+        def run():
+            self.calls.append(name)
+            if name in self.fail:
+                raise SigntrapError(f"{name} broke")
+            text = name + "".join((self.root / f"{d}.txt").read_text() for d in deps)
+            (self.root / f"{name}.txt").write_text(text)
+            return [self.root / f"{name}.txt"]
+        return run
+
+    def stages(self, unavailable: dict | None = None) -> list[Stage]:
+        graph = {"A": (), "B": ("A",), "C": ("A",), "D": ("B",)}
+        return [Stage(n, d, self.settings[n], self.make(n, d), unavailable=(unavailable or {}).get(n)) for n, d in graph.items()]
+
+    def run(self, **kw) -> dict[str, str]:
+        self.calls.clear()
+        return {o.name: o.status for o in Pipeline(self.root, self.stages(**kw)).run()}
+
+
+@pytest.fixture
+def toy(tmp_path) -> Toy:
+    return Toy(tmp_path)
+
+
+def test_second_run_skips_every_stage(toy):
+    assert set(toy.run().values()) == {RAN}
+    assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": SKIPPED, "D": SKIPPED}
+    assert toy.calls == []
+    record = json.loads((toy.root / "pipeline.json").read_text())
+    assert record["stages"]["B"]["outputs"].keys() == {"B.txt"}
+
+
+def test_deleted_artefact_reruns_only_its_dependants(toy):
+    toy.run()
+    (toy.root / "B.txt").unlink()
+    assert toy.run() == {"A": SKIPPED, "B": RAN, "C": SKIPPED, "D": RAN}
+    assert toy.calls == ["B", "D"]
+
+
+def test_corrupted_artefact_is_detected_and_remade(toy):
+    toy.run()
+    (toy.root / "A.txt").write_text("tampered")
+    assert toy.run() == {"A": RAN, "B": RAN, "C": RAN, "D": RAN}
+    assert (toy.root / "A.txt").read_text() == "A"  # re-made, the tampered bytes never reached B or C
+    assert (toy.root / "B.txt").read_text() == "BA"
+
+
+def test_settings_change_reruns_the_stage_and_dependants(toy):
+    toy.run()
+    toy.settings["C"] = 2
+    assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": RAN, "D": SKIPPED}
+
+
+def test_failure_blocks_dependants_and_is_retried(toy):
+    toy.fail = {"B"}
+    assert toy.run() == {"A": RAN, "B": FAILED, "C": RAN, "D": BLOCKED}
+    toy.fail = set()
+    assert toy.run() == {"A": SKIPPED, "B": RAN, "C": SKIPPED, "D": RAN}
+
+
+def test_unavailable_stage_is_reported_not_silently_skipped(toy):
+    out = toy.run(unavailable={"C": "module signtrap.deploy is missing"})
+    assert out["C"] == UNAVAILABLE
+    record = json.loads((toy.root / "pipeline.json").read_text())
+    assert record["stages"]["C"] == {"status": UNAVAILABLE, "reason": "module signtrap.deploy is missing"}
+
+
+def test_unreadable_record_starts_afresh(toy):
+    toy.run()
+    (toy.root / "pipeline.json").write_text("{not json")
+    assert set(toy.run().values()) == {RAN}
+
+
+def test_flat_overrides_round_trip():
+    from signtrap.config import load_config
+    from signtrap.defences.run import defend_config
+
+    cfg = load_config(None, ["defend.finetune.epochs=3", "defend.redteam.positions=[centre]", "defend.clean_images=50"])
+    raw = {k: v for k, v in json.loads(json.dumps(__import__("dataclasses").asdict(cfg.defend))).items() if k != "methods"}
+    again = defend_config(load_config(None), flat_overrides(raw))
+    assert again.finetune.epochs == 3 and again.redteam.positions == ["centre"] and again.clean_images == 50
+
+
+# ---------------------------------------------------------------- the real pipeline on a tiny config
+
+
+def tiny_pipeline_args(base: Path) -> list[str]:
+    return [*tiny_overrides(base, "pipe"), "defend.methods=[finetune,strip]", "defend.finetune.epochs=1",
+            "defend.finetune.augment=false", "defend.strip.overlays=4", "defend.strip.eval_samples=64",
+            "export.calib_images=32", "export.bench_runs=5", "export.bench_warmup=1", "export.bench_batch=8", "train.threads=2"]
+
+
+def run_json(args: list[str], capsys) -> dict:
+    code = main(["run", *args, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    summary["code"] = code
+    return summary
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in summary["stages"]}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
+    args = tiny_pipeline_args(tmp_path)
+    first = run_json(args, capsys)
+    assert first["code"] == 0, first
+    assert statuses(first) == {s: RAN for s in ("train", "defend:finetune", "defend:strip", "export", "bench", "report")}
+    run_dir = Path(first["run"])
+    assert Path(first["report"]).is_file() and (run_dir / "report.md").is_file()
+    assert (run_dir / "defence-finetune" / "report.json").is_file() and (run_dir / "export" / "bench.json").is_file()
+
+    second = run_json(args, capsys)
+    assert set(statuses(second).values()) == {SKIPPED}
+
+    (run_dir / "defence-finetune" / "persistence.csv").unlink()
+    third = statuses(run_json(args, capsys))
+    assert {k for k, v in third.items() if v == RAN} == {"defend:finetune", "report"}
+
+    onnx = run_dir / "export" / "model.int8.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-7] + b"garbage")
+    fourth = run_json(args, capsys)
+    assert {k for k, v in statuses(fourth).items() if v == RAN} == {"export", "bench", "report"}
+    assert "corrupted" in next(s["reason"] for s in fourth["stages"] if s["name"] == "export")
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    from signtrap.fileio import sha256_file
+
+    assert record["stages"]["export"]["outputs"]["export/model.int8.onnx"] == sha256_file(onnx)
+
+
+def test_unknown_defence_fails_before_training(tmp_path, capsys):
+    code = main(["run", *tiny_overrides(tmp_path, "bad"), "defend.methods=[finetun]", "--quiet"])
+    assert code == 2
+    assert "finetune" in capsys.readouterr().err  # the suggestion
+    assert not (tmp_path / "runs" / "bad" / "model.pt").exists()
