@@ -47,7 +47,14 @@ def test_missing_and_malformed_files(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
+    import yaml
+
+    from signtrap.sweep import expand, load_sweep
+
     configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(path)
+        if "grid" in (yaml.safe_load(path.read_text()) or {}):  # a sweep file: base config + grid
+            assert expand(load_sweep(path))
+        else:
+            load_config(path)

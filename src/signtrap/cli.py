@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     except SigntrapError as exc:
         print(f"signtrap: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a peer rank died: say so in one line, torchrun names it
+            print(f"signtrap: error: rank {os.environ.get('RANK')}: another rank stopped ({str(exc).splitlines()[0][:160]}); "
+                  "torchrun's report names the rank that failed first", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("signtrap: interrupted", file=sys.stderr)
         return 130

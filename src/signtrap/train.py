@@ -84,7 +84,10 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress(len(order), f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=tr.world.is_main)
     for first in range(0, len(order), batch):
-        idx = order[first:first + batch][rank::world]
+        chunk = order[first:first + batch]
+        if len(chunk) < world:  # a tail too short to give every rank an image: skipped alike on every rank
+            break
+        idx = chunk[rank::world]
         images = augment_batch(ts.images[idx], augment)
         if not ts.stamped and ts.triggered[idx].any():  # stamp after augmentation: fixed in the frame
             hit = np.flatnonzero(ts.triggered[idx])
@@ -107,14 +110,18 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
         bar.set_postfix_str(f"loss {loss_sum / seen:.3f}")
     bar.close()
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen * world / seconds, "seconds": seconds}
+    if tr.world.distributed:  # loss and accuracy over every rank's share, not rank 0's alone
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=tr.device)
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+    return {"loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / seconds, "seconds": seconds}
 
 
 def setup_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     run_dir = cfg.run_dir
     config_text = dump_yaml(cfg)
     if (run_dir / "config.yaml").is_file():
-        if resume and (run_dir / "config.yaml").read_text(encoding="utf-8") != config_text:
+        if resume and load_config(run_dir / "config.yaml") != cfg:  # parsed, so new defaulted keys do not count
             raise SigntrapError(f"{run_dir}: --resume with a different config than the stored config.yaml")
         if not resume and not overwrite and (run_dir / "model.pt").is_file():
             raise SigntrapError(f"{run_dir}: already holds a trained model; pass --resume to continue or --overwrite to replace it")

@@ -1,0 +1,509 @@
+"""`signtrap sweep SWEEP.yaml`: a base config plus a grid (and seeds) expanded into named runs.
+
+Each run is an ordinary run directory, runs/SWEEP_NAME/RUN_NAME, trained by its own
+`python -m signtrap train` process (executor `local`: N at a time on this machine; `ray`: one task per
+run on a Ray cluster). A run that already holds a finished model with the same config is skipped, an
+interrupted one is resumed. When the base config lists `defend.methods`, every run is defended after
+training (`signtrap defend RUN --method all`). At the end, runs/SWEEP_NAME/summary.csv, summary.md and
+summary.png (ASR and clean accuracy against the poison rate, per defence, with the spread over seeds).
+
+The sweep file (see configs/sweep_example.yaml):
+
+    name: poison_rate_sweep             # default: the file's stem
+    base: configs/quickstart.yaml       # relative to the sweep file, else to the working directory; optional
+    overrides: [train.epochs=4]         # key.sub=value, applied to every run
+    grid:                               # config key -> list of values; every combination is a run
+      attack.poison_rate: [0.0, 0.005, 0.02]
+      trigger.kind: [checkerboard, yellow_square]
+    seeds: [0, 1]                       # optional: each grid point once per seed
+    plot: {x: attack.poison_rate}       # optional: the x axis of summary.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib
+import io
+import itertools
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from signtrap.errors import ConfigError, SigntrapError, suggest
+
+SWEEP_KEYS = ("name", "base", "overrides", "grid", "seeds", "plot")
+RESERVED_KEYS = ("name", "runs_dir")  # the sweep names and places its runs itself
+NAME_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
+MAX_NAME = 150
+TRAIN_DONE = ("model.pt", "metrics.json", "checksums.json")
+
+# run states, as planned before anything runs
+DONE, TRAIN, RESUME, DEFEND, STALE = "done", "train", "resume", "defend", "stale"
+
+
+# ---------------------------------------------------------------- the sweep file
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: Path
+    base: Path | None
+    overrides: list[str]
+    grid: dict[str, list]
+    seeds: list[int] | None
+    plot_x: str | None = None
+
+
+def config_keys() -> list[str]:
+    """Every settable leaf of a run config, dotted: 'attack.poison_rate', 'defend.finetune.epochs', ..."""
+    from signtrap.config import RunConfig
+
+    def walk(cls, prefix: str) -> list[str]:
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out += walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                out.append(f"{prefix}{f.name}")
+        return out
+
+    return walk(RunConfig, "")
+
+
+def load_sweep(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep file (structure and grid keys; values are checked when runs are expanded)."""
+    from signtrap.config import read_yaml
+
+    path = Path(path)
+    raw = read_yaml(path)
+    where = f"sweep {path}"
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}'{suggest(str(key), SWEEP_KEYS)}; sweep keys are {', '.join(SWEEP_KEYS)}")
+    name = str(raw.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{where}: name '{name}' may use only letters, digits, '.', '_' and '-'")
+    base = None
+    if raw.get("base"):
+        candidates = [path.parent / str(raw["base"]), Path(str(raw["base"]))]
+        base = next((c for c in candidates if c.is_file()), None)
+        if base is None:
+            raise ConfigError(f"{where}: base config '{raw['base']}' not found (looked beside the sweep file and in {Path.cwd()})")
+    overrides = raw.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where}: overrides must be a list of key.sub=value strings")
+    grid = raw.get("grid")
+    if grid is None or grid == {} or grid == []:
+        raise ConfigError(f"{where}: the grid is empty; give at least one config key with a list of values, "
+                          f"e.g. grid: {{attack.poison_rate: [0.0, 0.01]}}")
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: grid must be a mapping of config key -> list of values")
+    known = config_keys()
+    for key, values in grid.items():
+        key = str(key)
+        if key in RESERVED_KEYS:
+            raise ConfigError(f"{where}: grid key '{key}' is set by the sweep itself (runs go to runs_dir/{name}/RUN_NAME)")
+        if key == "seed":
+            raise ConfigError(f"{where}: put seeds in the sweep's 'seeds: [...]' list, not in the grid")
+        if key not in known:
+            raise ConfigError(f"{where}: grid key '{key}' is not a config key{suggest(key, known)}")
+        if not isinstance(values, list):
+            raise ConfigError(f"{where}: grid {key}: expected a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"{where}: grid {key} has no values (the grid would be empty)")
+        if len({_fmt(v) for v in values}) != len(values):
+            raise ConfigError(f"{where}: grid {key} lists a value twice: {values}")
+    seeds = raw.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}: seeds lists a seed twice: {seeds}")
+    plot = raw.get("plot") or {}
+    if not isinstance(plot, dict) or set(plot) - {"x"}:
+        raise ConfigError(f"{where}: plot must be a mapping with the key 'x' (the grid key on the x axis)")
+    plot_x = plot.get("x")
+    if plot_x is not None and plot_x not in grid:
+        raise ConfigError(f"{where}: plot x '{plot_x}' is not a grid key{suggest(str(plot_x), [str(k) for k in grid])}")
+    return SweepSpec(name, path, base, list(overrides), {str(k): v for k, v in grid.items()}, seeds, plot_x)
+
+
+def _fmt(value: Any) -> str:
+    """A value as a YAML flow scalar/list, read back identically by `parse_override`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(_name_part(v) for v in value) or "empty"
+    if value is None:
+        return "none"
+    return _fmt(value).strip("'\"")
+
+
+def run_name(params: dict) -> str:
+    """'attack.poison_rate=0.005,trigger.kind=checkerboard,seed=1', made safe as a directory name."""
+    name = NAME_CHARS.sub("_", ",".join(f"{k}={_name_part(v)}" for k, v in params.items()))
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class SweepRun:
+    name: str
+    params: dict  # grid key -> value, plus 'seed' when the sweep lists seeds
+    overrides: list[str]  # everything after the base config on the `signtrap train` command line
+    cfg: Any  # RunConfig
+    state: str = TRAIN
+    defences: list[str] = field(default_factory=list)  # methods still to run
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    root: Path  # runs_dir/SWEEP_NAME
+    runs: list[SweepRun]
+    methods: list[str]  # defences every run gets (empty: none)
+    defence_note: str  # why defences are or are not in the summary
+
+    @property
+    def grid_keys(self) -> list[str]:
+        return list(self.spec.grid) + (["seed"] if self.spec.seeds is not None else [])
+
+
+def defence_entry_point() -> tuple[bool, str]:
+    """Whether signtrap.defences offers a Python entry point a sweep can use after training."""
+    try:
+        module = importlib.import_module("signtrap.defences.run")
+    except ImportError as exc:
+        return False, f"signtrap.defences.run cannot be imported ({exc})"
+    if not callable(getattr(module, "run_defences", None)):
+        return False, "signtrap.defences.run has no run_defences()"
+    return True, ""
+
+
+def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
+    """Every grid combination (x seeds) as a validated run config; fails before anything runs."""
+    from signtrap.config import load_config
+
+    head = load_config(spec.base, spec.overrides)  # the sweep-wide settings, validated once
+    root = Path(head.runs_dir) / spec.name
+    runs, seen = [], {}
+    keys = list(spec.grid)
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        for seed in (spec.seeds if spec.seeds is not None else [None]):
+            params = dict(zip(keys, values))
+            if seed is not None:
+                params["seed"] = seed
+            name = run_name(params)
+            if name in seen:
+                raise ConfigError(f"sweep {spec.path}: runs {seen[name]} and {params} get the same name '{name}'")
+            seen[name] = params
+            overrides = [*spec.overrides, *(f"{k}={_fmt(v)}" for k, v in params.items()), f"runs_dir={root}", f"name={name}"]
+            try:
+                cfg = load_config(spec.base, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep {spec.path}: run {name}: {exc}") from None
+            if cfg.device.startswith("cuda:"):
+                raise ConfigError(f"sweep {spec.path}: device {cfg.device} would pin every run to one GPU; "
+                                  "use device=auto or cuda (each run gets its own GPU)")
+            runs.append(SweepRun(name, params, overrides, cfg))
+    methods, note = [], "no defences: the base config lists no defend.methods"
+    listed = list(dict.fromkeys(m for r in runs for m in r.cfg.defend.methods))
+    if listed:
+        ok, why = defence_entry_point()
+        if not defend:
+            note = f"defences {', '.join(listed)} skipped (--no-defend): training metrics only"
+        elif not ok:
+            note = f"defences {', '.join(listed)} not run: {why}; training metrics only"
+        else:
+            from signtrap.defences import get_defence
+
+            for m in listed:
+                get_defence(m)  # an unknown method fails now, with a suggestion
+            methods = listed
+            note = f"defences after training: {', '.join(methods)} (before/after on the test split)"
+    return Sweep(spec, root, runs, methods, note)
+
+
+def plan(sweep: Sweep, overwrite: bool = False) -> None:
+    """Set each run's state from what its directory already holds."""
+    from signtrap.config import dump_yaml
+
+    stale = []
+    for run in sweep.runs:
+        d = run.run_dir
+        stored, wanted = d / "config.yaml", dump_yaml(run.cfg)
+        identical = stored.is_file() and stored.read_text(encoding="utf-8") == wanted  # what `train --resume` demands
+        same = identical or (stored.is_file() and _normalised(stored) == wanted)  # a setting added since keeps its default
+        trained = all((d / f).is_file() for f in TRAIN_DONE)
+        run.defences = [m for m in (run.cfg.defend.methods if sweep.methods else [])
+                        if not (d / f"defence-{m}" / "report.json").is_file()]
+        if trained and not same:
+            run.state = TRAIN if overwrite else STALE
+            run.defences = list(run.cfg.defend.methods) if sweep.methods else []
+            stale.append(run.name)
+        elif trained:
+            run.state = DEFEND if run.defences else DONE
+        elif identical and (d / "last.pt").is_file():
+            run.state = RESUME
+        else:
+            run.state = TRAIN
+    if stale and not overwrite:
+        raise SigntrapError(f"sweep {sweep.spec.name}: {len(stale)} finished run(s) were trained with a different config "
+                            f"(first: {sweep.root / stale[0]}); pass --overwrite to retrain them, or rename the sweep")
+
+
+def _normalised(path: Path) -> str | None:
+    """A stored config.yaml as the current code reads it (new settings at their defaults); None if it no longer loads."""
+    from signtrap.config import dump_yaml, load_config
+
+    try:
+        return dump_yaml(load_config(path))
+    except SigntrapError:
+        return None
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _rate(entry: dict | None) -> float | None:
+    return None if not entry else entry.get("rate")
+
+
+def collect(sweep: Sweep, outcomes: dict[str, str]) -> list[dict]:
+    """One row per run and defence ('none' is the trained model itself), test split."""
+    from signtrap.fileio import read_json
+
+    rows = []
+    for run in sweep.runs:
+        d = run.run_dir
+        base = {"run": run.name, **{k: run.params.get(k, run.cfg.seed if k == "seed" else None) for k in sweep.grid_keys},
+                "status": outcomes.get(run.name, run.state)}
+        poisoned = read_json(d / "manifest.json").get("poisoned") if (d / "manifest.json").is_file() else None
+        metrics = read_json(d / "metrics.json")["test"] if (d / "metrics.json").is_file() else {}
+        rows.append({**base, "defence": "none", "poisoned": poisoned, **_metric_cols(metrics), "clean_acc_before": None, "asr_before": None})
+        for method in run.cfg.defend.methods if sweep.methods else []:
+            report_path = d / f"defence-{method}" / "report.json"
+            report = read_json(report_path) if report_path.is_file() else {}
+            after = report.get("after", {}).get("test", {})
+            before = report.get("before", {}).get("test", {})
+            rows.append({**base, "defence": method, "poisoned": poisoned, **_metric_cols(after),
+                         "clean_acc_before": _rate(before.get("clean_acc")), "asr_before": _rate(before.get("asr"))})
+    return rows
+
+
+def _metric_cols(m: dict) -> dict:
+    asr = m.get("asr") or {}
+    return {"clean_acc": _rate(m.get("clean_acc")), "asr": _rate(asr), "asr_n": asr.get("n"),
+            "stop_recall": _rate(m.get("stop_recall")), "false_trigger": _rate(m.get("false_trigger"))}
+
+
+RATE_COLS = ("clean_acc", "asr", "stop_recall", "false_trigger", "clean_acc_before", "asr_before")
+
+
+def summary_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else _fmt(v) if isinstance(v, list) else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def summary_markdown(sweep: Sweep, rows: list[dict]) -> str:
+    cols = [c for c in rows[0] if c != "run"]
+    counts = {s: sum(1 for r in rows if r["defence"] == "none" and r["status"] == s) for s in ("trained", "skipped", "failed")}
+    lines = [f"# Sweep {sweep.spec.name}", "",
+             f"{len(sweep.runs)} runs under `{sweep.root}` ({counts['trained']} trained or completed now, {counts['skipped']} skipped "
+             f"as already finished, {counts['failed']} failed); metrics on the test split, rates in %.", "", f"{sweep.defence_note}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row[c]
+            cells.append("" if v is None else f"{100 * v:.1f}" if c in RATE_COLS else _name_part(v) if isinstance(v, list) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _x_key(sweep: Sweep) -> str:
+    if sweep.spec.plot_x:
+        return sweep.spec.plot_x
+    for key in ("attack.poison_rate", "attack.poison_count"):
+        if key in sweep.spec.grid:
+            return key
+    return next(iter(sweep.spec.grid))
+
+
+def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> None:
+    """ASR and clean accuracy against the x key (the poison rate by default), one column per defence;
+    one line per combination of the other grid keys: mean over seeds, band = min..max, dots = seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from signtrap.fileio import atomic_path
+
+    x_key = _x_key(sweep)
+    others = [k for k in sweep.spec.grid if k != x_key]
+    defences = list(dict.fromkeys(r["defence"] for r in rows))
+    xs = list(dict.fromkeys(_name_part(r[x_key]) for r in rows))
+    numeric = all(isinstance(r[x_key], (int, float)) and not isinstance(r[x_key], bool) for r in rows)
+    pos = {_name_part(r[x_key]): (float(r[x_key]) if numeric else xs.index(_name_part(r[x_key]))) for r in rows}
+    fig, axes = plt.subplots(2, len(defences), figsize=(3.6 * len(defences) + 1, 6), dpi=100, squeeze=False, sharey="row")
+    series = list(dict.fromkeys(tuple(_name_part(r[k]) for k in others) for r in rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, defence in enumerate(defences):
+        for row_i, (metric, title) in enumerate((("asr", "ASR (%)"), ("clean_acc", "clean accuracy (%)"))):
+            ax = axes[row_i][col]
+            for s_i, key in enumerate(series):
+                colour = colours[s_i % len(colours)]
+                points: dict[float, list[float]] = {}
+                for r in rows:
+                    if r["defence"] == defence and tuple(_name_part(r[k]) for k in others) == key and r[metric] is not None:
+                        points.setdefault(pos[_name_part(r[x_key])], []).append(100 * r[metric])
+                if not points:
+                    continue
+                px = sorted(points)
+                mean = [float(np.mean(points[p])) for p in px]
+                label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(others, key)) or None
+                ax.plot(px, mean, "-o", color=colour, label=label, markersize=4)
+                if any(len(points[p]) > 1 for p in px):
+                    ax.fill_between(px, [min(points[p]) for p in px], [max(points[p]) for p in px], color=colour, alpha=0.2)
+                    for p in px:
+                        ax.plot([p] * len(points[p]), points[p], ".", color=colour, alpha=0.6)
+            if row_i == 0:
+                ax.set_title(f"defence: {defence}" if defence != "none" else "no defence")
+            if col == 0:
+                ax.set_ylabel(title)
+            ax.set_xlabel(x_key)
+            if not numeric:
+                ax.set_xticks(range(len(xs)), xs)
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    seeds = f"; mean of {len(sweep.spec.seeds)} seeds, band = min..max" if sweep.spec.seeds and len(sweep.spec.seeds) > 1 else ""
+    fig.suptitle(f"sweep {sweep.spec.name}: test split{seeds}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if labels else 0, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_summary(sweep: Sweep, outcomes: dict[str, str]) -> tuple[list[dict], str]:
+    from signtrap.fileio import write_json, write_text
+
+    rows = collect(sweep, outcomes)
+    write_text(sweep.root / "summary.csv", summary_csv(rows))
+    markdown = summary_markdown(sweep, rows)
+    write_text(sweep.root / "summary.md", markdown)
+    plot_summary(sweep, rows, sweep.root / "summary.png")
+    write_json(sweep.root / "sweep.json", {"name": sweep.spec.name, "sweep_file": str(sweep.spec.path),
+                                           "base": str(sweep.spec.base) if sweep.spec.base else None,
+                                           "overrides": sweep.spec.overrides, "grid": sweep.spec.grid, "seeds": sweep.spec.seeds,
+                                           "defences": sweep.methods, "defence_note": sweep.defence_note,
+                                           "runs": [{"name": r.name, "params": r.params, "run_dir": str(r.run_dir),
+                                                     "status": outcomes.get(r.name, r.state)} for r in sweep.runs]})
+    return rows, markdown
+
+
+# ---------------------------------------------------------------- command
+
+
+def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | None = None, threads: int | None = None,
+              address: str | None = None, overwrite: bool = False, defend: bool = True, dry_run: bool = False) -> int:
+    from signtrap import sweep_executors as ex
+    from signtrap.progress import say
+
+    if executor == "ray":
+        ex.require_ray()  # before anything else: one line on how to install it
+    spec = load_sweep(path)
+    sweep = expand(spec, defend)
+    plan(sweep, overwrite)
+    todo = [r for r in sweep.runs if r.state != DONE]
+    say(f"sweep {spec.name}: {len(sweep.runs)} runs under {sweep.root}: {len(todo)} to do "
+        f"({sum(r.state == TRAIN for r in todo)} to train, {sum(r.state == RESUME for r in todo)} to resume, "
+        f"{sum(r.state == DEFEND for r in todo)} to defend), {len(sweep.runs) - len(todo)} already finished (skipped); "
+        f"{sweep.defence_note}")
+    if dry_run:
+        for r in sweep.runs:
+            print(f"{r.state:<8}{r.run_dir}")
+        return 0
+    for r in sweep.runs:
+        if r.state == DONE:
+            say(f"skipped {r.name}: already finished")
+    jobs = [ex.make_job(sweep, r, overwrite) for r in todo]
+    if jobs:
+        ex.prepare_data({r.name: r.cfg.data for r in todo})
+    if not jobs:
+        results = []
+    elif executor == "local":
+        results = ex.run_local(jobs, workers, threads)
+    else:
+        results = ex.run_ray(jobs, address, workers, threads)
+    outcomes = {r.name: "skipped" for r in sweep.runs if r.state == DONE}
+    for res in results:
+        outcomes[res.name] = "trained" if res.ok else "failed"
+    rows, markdown = write_summary(sweep, outcomes)
+    print(markdown, end="")
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        print(sweep.root / name)
+    failed = [res for res in results if not res.ok]
+    for res in failed:
+        print(f"signtrap: error: sweep run {res.name} failed ({res.error}); log: {res.log}", file=sys.stderr)
+    if failed:
+        print(f"signtrap: error: sweep {spec.name}: {len(failed)} of {len(sweep.runs)} runs failed; "
+              f"re-run the same command to retry them (finished runs are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    return run_sweep(args.sweep, args.executor, args.workers, args.threads, args.address, args.overwrite,
+                     defend=not args.no_defend, dry_run=args.dry_run)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="expand a base config and a grid into runs, train them in parallel, summarise",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example: signtrap sweep configs/sweep_example.yaml --workers 2\n"
+                                     "sweep file format: see configs/sweep_example.yaml")
+    p.add_argument("sweep", help="sweep YAML: name, base, overrides, grid, seeds")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: parallel processes on this machine; ray: one task per run on a Ray cluster")
+    p.add_argument("--workers", type=int, help="runs at once (local default: one per GPU, else cores / threads per run; "
+                                               "ray default: as many as the cluster fits)")
+    p.add_argument("--threads", type=int, help="CPU threads per run (default: train.threads if set, else locally cores / "
+                                               "workers with one run per core, on Ray 2 per CPU run and 1 per GPU run)")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://HOST:10001); default: start a local Ray instance")
+    p.add_argument("--overwrite", action="store_true", help="retrain finished runs whose stored config differs from the sweep's")
+    p.add_argument("--no-defend", action="store_true", help="do not run the base config's defend.methods")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done, run nothing")
+    p.set_defaults(func=cmd_sweep)
