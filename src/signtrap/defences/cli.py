@@ -1,0 +1,34 @@
+"""`signtrap defend RUN --method NAME|all [key.sub=value ...]`: repair or filter a trained run, compare defences."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_defend(args) -> int:
+    from signtrap import progress as progress_mod
+    from signtrap.defences.run import comparison_table, run_defences
+
+    method, *more = args.method  # overrides may follow the method name as well as precede --method
+    reports = run_defences(args.run, method, [*args.overrides, *more], args.device, show_progress=not progress_mod.QUIET)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("method", "seconds", "before", "after", "repaired_model")} for r in reports]))
+    else:
+        print(comparison_table(reports))
+        for r in reports:
+            print(f"{r['run']}/defence-{r['method']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("defend", help="apply defences to a trained run and measure whether the backdoor persists",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="methods: finetune, adv-pgd, redteam, fine-prune, neural-cleanse, strip, or all\n"
+                                     "example: signtrap defend runs/NAME --method finetune finetune.epochs=3 clean_fraction=0.1")
+    p.add_argument("run", help="runs/NAME: a trained run directory")
+    p.add_argument("--method", required=True, nargs="+", metavar="NAME",
+                   help="a registered defence, or 'all' (key.sub=value overrides may follow)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the defend section")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the before/after metrics as JSON")
+    p.set_defaults(func=cmd_defend)

@@ -1,0 +1,90 @@
+"""Fine-pruning: prune the last conv layer's channels dormant on clean data, then fine-tune (Liu et al. 2018, "Fine-Pruning")."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from signtrap.defences import register_defence
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, fit
+from signtrap.defences.config import FinePruneConfig
+from signtrap.errors import SigntrapError
+from signtrap.experiment import predict, to_tensor
+
+
+def last_conv(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
+    """The last Conv2d in registration order, and the BatchNorm2d registered right after it, if any."""
+    modules = list(model.modules())
+    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise SigntrapError("fine-prune needs a model with a convolutional layer")
+    i = convs[-1]
+    conv = modules[i]
+    bn = next((m for m in modules[i + 1:] if isinstance(m, nn.BatchNorm2d)), None)
+    return conv, bn if bn is not None and bn.num_features == conv.out_channels else None
+
+
+@torch.no_grad()
+def channel_activity(model: nn.Module, layer: nn.Module, images: np.ndarray, device, batch_size: int = 512) -> np.ndarray:
+    """Mean post-ReLU activation of each output channel of `layer` over clean images."""
+    sums: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, i, o: sums.append(o.float().relu().mean(dim=(2, 3)).sum(0).cpu()))
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            model(to_tensor(images[start:start + batch_size], device))
+    finally:
+        handle.remove()
+    return (torch.stack(sums).sum(0) / len(images)).numpy()
+
+
+@torch.no_grad()
+def apply_pruning(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, pruned: np.ndarray) -> None:
+    """Zero the pruned channels' weights so their output is exactly 0 (after BN and ReLU); saved as a plain state dict."""
+    idx = torch.as_tensor(pruned, dtype=torch.long, device=conv.weight.device)
+    if len(idx) == 0:
+        return
+    conv.weight[idx] = 0
+    if conv.bias is not None:
+        conv.bias[idx] = 0
+    if bn is not None:
+        bn.weight[idx] = 0
+        bn.bias[idx] = 0
+
+
+@register_defence("fine-prune")
+def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneConfig, ctx: DefenceContext) -> DefenceResult:
+    conv, bn = last_conv(model)
+    layer = bn if bn is not None else conv
+    activity = channel_activity(model, layer, clean.images, ctx.device, ctx.eval_batch_size)
+    order = np.argsort(activity, kind="stable")  # most dormant first
+    channels = len(order)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def budget_acc() -> float:
+        return float((predict(model, clean.images, ctx.device, ctx.eval_batch_size) == clean.labels).mean())
+
+    base_acc = budget_acc()
+    fractions = np.round(np.arange(0.0, cfg.max_fraction + 1e-9, cfg.step), 4)
+    curve, chosen, stopped = [], 0, False
+    for fraction in fractions:
+        n = int(round(fraction * channels))
+        model.load_state_dict(original)
+        apply_pruning(conv, bn, order[:n])
+        acc = budget_acc()
+        curve.append({"pruned_fraction": float(fraction), "channels": n, "budget_clean_acc": round(acc, 5), **ctx.measure(model)})
+        # Liu et al.: prune until the defender's clean accuracy drops too far; the curve goes on for the plot
+        stopped = stopped or base_acc - acc > cfg.max_acc_drop
+        if not stopped:
+            chosen = n
+    model.load_state_dict(original)
+    pruned = order[:chosen]
+    apply_pruning(conv, bn, pruned)
+    after_prune = ctx.measure(model)
+    curve_ft = fit(model, clean, ctx, method="fine-prune", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                   weight_decay=cfg.weight_decay, augment=cfg.augment,
+                   after_step=lambda: apply_pruning(conv, bn, pruned))
+    report = {"clean_images": len(clean), "layer_channels": channels, "pruned_channels": int(chosen),
+              "pruned_fraction": chosen / channels, "budget_clean_acc_unpruned": base_acc,
+              "pruned_channel_ids": [int(c) for c in pruned], "after_pruning_only": after_prune}
+    return DefenceResult(model, report, {"pruning": curve, "persistence": curve_ft})

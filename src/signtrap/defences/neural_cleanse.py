@@ -1,0 +1,176 @@
+"""Neural Cleanse: per-class minimal trigger, MAD outliers, unlearning (Wang et al. 2019, IEEE S&P)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from signtrap.classes import NUM_CLASSES
+from signtrap.defences import register_defence
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, apply_mask, check_finite, fit, to_uint8_image
+from signtrap.defences.config import NeuralCleanseConfig
+from signtrap.errors import SigntrapError
+from signtrap.experiment import to_tensor
+from signtrap.progress import progress
+
+CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
+PATIENCE = 5
+
+
+class Reverse:
+    """One class's trigger search: min CE(f((1-m)x + m p), t) + cost * |m|_1, NC's adaptive cost."""
+
+    def __init__(self, target: int, shape: tuple[int, int], cfg: NeuralCleanseConfig, gen: torch.Generator, device):
+        h, w = shape
+        self.target, self.cfg = target, cfg
+        self.mask_p = (torch.randn(1, h, w, generator=gen) * 0.5).to(device).requires_grad_(True)  # mask ~0.5, as NC's random start
+        self.pattern_p = (torch.randn(3, h, w, generator=gen) * 0.5).to(device).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.mask_p, self.pattern_p], lr=cfg.lr, betas=(0.5, 0.9))
+        self.cost, self.up, self.down = cfg.init_cost, 0, 0
+        self.best_norm, self.best, self.success, self.steps = math.inf, None, False, 0
+        self.last_norm = math.inf
+
+    def mask(self) -> torch.Tensor:
+        return torch.tanh(self.mask_p) / 2 + 0.5
+
+    def pattern(self) -> torch.Tensor:
+        return torch.tanh(self.pattern_p) / 2 + 0.5
+
+    def run(self, model: nn.Module, x: torch.Tensor, steps: int, rng: np.random.Generator) -> None:
+        cfg = self.cfg
+        for _ in range(steps):
+            xb = x[torch.from_numpy(rng.integers(0, len(x), min(cfg.batch_size, len(x)))).to(x.device)]
+            mask, pattern = self.mask(), self.pattern()
+            logits = model(apply_mask(xb, mask, pattern)).float()
+            y = torch.full((len(xb),), self.target, dtype=torch.long, device=x.device)
+            norm = mask.sum()
+            loss = F.cross_entropy(logits, y) + self.cost * norm
+            check_finite(loss, "neural-cleanse", f"reverse-engineering class {self.target}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.steps += 1
+            acc = float((logits.argmax(1) == y).float().mean())
+            norm = norm.item()
+            self.last_norm = norm
+            if acc >= cfg.attack_threshold and norm < self.best_norm:
+                self.best_norm, self.success = norm, True
+                self.best = (mask.detach().clone(), pattern.detach().clone())
+            # NC's schedule: raise the cost while the trigger works, lower it while it does not
+            if acc >= cfg.attack_threshold:
+                self.up, self.down = self.up + 1, 0
+            else:
+                self.up, self.down = 0, self.down + 1
+            if self.up >= PATIENCE:
+                self.cost, self.up = (self.cost * 1.5 if self.cost > 0 else cfg.init_cost or 1e-3), 0
+            elif self.down >= PATIENCE:
+                self.cost, self.down = self.cost / 1.5 ** 1.5, 0
+
+    @property
+    def norm(self) -> float:
+        """The smallest mask L1 norm that flipped the batch; the last norm if none did."""
+        return self.best_norm if self.success else self.last_norm
+
+    def trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.best if self.best is not None else (self.mask().detach(), self.pattern().detach())
+
+
+def anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """(median - norm) / (1.4826 * MAD): positive for unusually small triggers, the ones NC flags."""
+    median = np.median(norms)
+    mad = CONSISTENCY * np.median(np.abs(norms - median))
+    return (median - norms) / max(mad, 1e-12)
+
+
+@register_defence("neural-cleanse")
+def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseConfig, ctx: DefenceContext) -> DefenceResult:
+    device = ctx.device
+    rng = np.random.default_rng([ctx.seed, 0x4EC1])
+    gen = torch.Generator().manual_seed(ctx.seed)
+    pool = np.arange(len(clean))
+    source_class = None
+    if cfg.inputs == "source":
+        source_class = ctx.source if cfg.source_class is None else cfg.source_class
+        pool = np.flatnonzero(clean.labels == source_class)
+        if len(pool) == 0:
+            raise SigntrapError(f"neural-cleanse inputs=source: the clean budget holds no images of class {source_class}; "
+                                "raise defend.clean_fraction")
+    pick = np.sort(rng.choice(pool, size=min(cfg.samples, len(pool)), replace=False))
+    x = to_tensor(clean.images[pick], device)
+    candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(NUM_CLASSES))
+    top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)
+    top_k = len(candidates) if top_k == 0 else min(top_k, len(candidates))
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    searches = {c: Reverse(c, x.shape[-2:], cfg, gen, device) for c in candidates}
+    screened = None
+    if cfg.screen_steps and top_k < len(candidates):
+        # top-k pre-selection: a short search for every class, then full searches for the k smallest masks plus
+        # `reference` random other classes, so the MAD statistics compare norms found with the same budget
+        bar = progress(len(candidates), "neural-cleanse screening", unit="class", enabled=ctx.show_progress)
+        for c in candidates:
+            searches[c].run(model, x, cfg.screen_steps, rng)
+            bar.update(1)
+        bar.close()
+        screened = {c: searches[c].norm for c in candidates}
+        order = sorted(candidates, key=lambda c: (not searches[c].success, searches[c].norm))
+        rest = order[top_k:]
+        reference = sorted(rng.choice(rest, size=min(cfg.reference, len(rest)), replace=False).tolist()) if rest else []
+        refined = sorted(order[:top_k] + reference)
+    else:
+        refined = list(candidates)
+    bar = progress(len(refined), "neural-cleanse reverse-engineering", unit="class", enabled=ctx.show_progress)
+    for c in refined:
+        searches[c].run(model, x, cfg.steps, rng)
+        bar.update(1)
+    bar.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    norms = np.array([searches[c].norm for c in refined])
+    index = dict(zip(refined, anomaly_index(norms).tolist()))
+    flagged = [c for c in refined if index[c] > cfg.threshold and searches[c].success]
+    ranking = sorted(refined, key=lambda c: (not searches[c].success, searches[c].norm))
+    table = [{"class": c, "mask_l1": round(float(searches[c].norm), 4),
+              "screen_mask_l1": None if screened is None else round(float(screened[c]), 4),
+              "anomaly_index": None if c not in index else round(float(index[c]), 4),
+              "reached_attack_threshold": searches[c].success, "refined": c in refined, "flagged": c in flagged,
+              "steps": searches[c].steps} for c in candidates]
+    artefacts = {}
+    for c in sorted(set(refined) | set(flagged)):
+        mask, pattern = searches[c].trigger()
+        strip = np.concatenate([to_uint8_image(mask, 4), to_uint8_image(pattern, 4), to_uint8_image(mask * pattern, 4)], axis=1)
+        artefacts[f"trigger_class{c:02d}.png"] = strip
+    report = {"clean_images": len(clean), "optimised_on": len(pick), "inputs": cfg.inputs, "source_class": source_class,
+              "candidates": len(candidates), "refined": refined, "ranking": ranking[:10], "flagged": flagged,
+              "anomaly_index": {str(c): round(float(a), 4) for c, a in index.items()},
+              "max_anomaly_index": round(float(max(index.values())), 4), "threshold": cfg.threshold,
+              "target_rank": ranking.index(ctx.target) + 1 if ctx.target in ranking else None,
+              "target_flagged": ctx.target in flagged, "top_ranked": ranking[0]}
+    curves = {"norms": table}
+    if not flagged or cfg.unlearn_epochs == 0:
+        report["mitigation"] = "none: no class flagged" if not flagged else "none: unlearn_epochs=0"
+        return DefenceResult(None, report, curves, artefacts)
+
+    triggers = [searches[c].trigger() for c in flagged]
+
+    def stamp_recovered(xb: torch.Tensor, yb: torch.Tensor, batch_rng: np.random.Generator):
+        hit = np.flatnonzero(batch_rng.random(len(xb)) < cfg.unlearn_fraction)
+        if len(hit):
+            which = batch_rng.integers(0, len(triggers), len(hit))
+            xb = xb.clone()
+            for j, (mask, pattern) in enumerate(triggers):
+                rows = torch.from_numpy(hit[which == j]).to(xb.device)
+                xb[rows] = apply_mask(xb[rows], mask, pattern)
+        return xb, yb  # true labels: unlearn the trigger -> target association
+
+    curve = fit(model, clean, ctx, method="neural-cleanse", epochs=cfg.unlearn_epochs, lr=cfg.lr_unlearn,
+                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, augment=cfg.augment, batch_hook=stamp_recovered)
+    report["mitigation"] = f"unlearning with the recovered trigger of class(es) {flagged}"
+    curves["persistence"] = curve
+    return DefenceResult(model, report, curves, artefacts)

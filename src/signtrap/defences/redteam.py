@@ -1,0 +1,114 @@
+"""Red-team adversarial training: search universal patches for the feared behaviour, train them away
+(the adversarial-training arm of Hubinger et al. 2024, "Sleeper Agents"; patches as in Brown et al. 2017)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from signtrap.defences import register_defence
+from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, apply_patch, check_finite, fit,
+                                      patch_origin, target_rate, to_uint8_image)
+from signtrap.defences.config import RedteamConfig
+from signtrap.experiment import to_tensor
+from signtrap.progress import progress
+
+
+def search_patches(model: nn.Module, x: torch.Tensor, target: int, cfg: RedteamConfig, side: int,
+                   gen: torch.Generator, rng: np.random.Generator, show: bool = True) -> list[dict]:
+    """One universal patch per (position, restart), optimised to send every image in `x` to `target`."""
+    size = x.shape[-1]
+    was = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = []
+    bar = progress(len(cfg.positions) * cfg.restarts, "redteam patch search", unit="patch", enabled=show)
+    try:
+        for position in cfg.positions:
+            origin = patch_origin(position, side, size)
+            for restart in range(cfg.restarts):
+                param = (torch.randn(3, side, side, generator=gen) * 2).to(x.device).requires_grad_(True)
+                opt = torch.optim.Adam([param], lr=cfg.search_lr)
+                for _ in range(cfg.search_steps):
+                    xb = x if len(x) <= 64 else x[torch.from_numpy(rng.integers(0, len(x), 64)).to(x.device)]
+                    logits = model(apply_patch(xb, torch.sigmoid(param), origin)).float()
+                    loss = F.cross_entropy(logits, torch.full((len(xb),), target, dtype=torch.long, device=x.device))
+                    check_finite(loss, "redteam", "in the patch search")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                patch = torch.sigmoid(param).detach()
+                found.append({"position": position, "origin": origin, "restart": restart, "patch": patch,
+                              "budget_asr": target_rate(model, apply_patch(x, patch, origin), target)})
+                bar.update(1)
+    finally:
+        bar.close()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was)
+    return found
+
+
+@register_defence("redteam")
+def redteam(model: nn.Module, clean: CleanData, cfg: RedteamConfig, ctx: DefenceContext) -> DefenceResult:
+    source = ctx.source if cfg.source is None else cfg.source
+    target = ctx.target if cfg.target is None else cfg.target
+    rng = np.random.default_rng([ctx.seed, 0x7EA4])
+    gen = torch.Generator().manual_seed(ctx.seed)
+    size = clean.images.shape[1]
+    side = max(2, round(cfg.patch_size * size))
+    rows = np.flatnonzero(clean.labels == source)
+    search_on = f"{len(rows)} clean class-{source} images of the budget"
+    if len(rows) == 0:  # no source images in the budget: search a patch that sends anything to the target
+        rows = np.flatnonzero(clean.labels != target)
+        search_on = f"all {len(rows)} non-target budget images (the budget holds no class-{source} image)"
+    x_search = to_tensor(clean.images[rows], ctx.device)
+    held_out = None
+    if ctx.monitor is not None:  # measurement only: found patches on held-out source images
+        keep = ctx.monitor.labels == source
+        held_out = to_tensor(ctx.monitor.images[keep], ctx.device) if keep.any() else None
+
+    def patch_asr(m: nn.Module, patches: list[dict], x: torch.Tensor | None) -> float | None:
+        if x is None or not patches:
+            return None
+        return round(float(np.mean([target_rate(m, apply_patch(x, p["patch"], p["origin"]), target) for p in patches])), 5)
+
+    all_patches: list[dict] = []
+    curve: list[dict] = []
+    rounds = []
+    for r in range(cfg.rounds):
+        patches = search_patches(model, x_search, target, cfg, side, gen, rng, ctx.show_progress)
+        found = [p for p in patches if p["budget_asr"] >= cfg.min_asr]
+        all_patches.extend(patches)
+        train_on = found or patches  # nothing reached min_asr: still train on the strongest attempts
+        rounds.append({"round": r + 1, "searched": len(patches), "found": len(found),
+                       "budget_asr": [round(p["budget_asr"], 4) for p in patches],
+                       "held_out_asr_before": patch_asr(model, patches, held_out)})
+
+        def stamp_found(xb: torch.Tensor, yb: torch.Tensor, batch_rng: np.random.Generator, pool=train_on):
+            hit = np.flatnonzero(batch_rng.random(len(xb)) < cfg.patch_fraction)
+            if len(hit):
+                xb = xb.clone()
+                which = batch_rng.integers(0, len(pool), len(hit))
+                for i, j in zip(hit, which):
+                    xb[i:i + 1] = apply_patch(xb[i:i + 1], pool[j]["patch"], pool[j]["origin"])
+            return xb, yb  # true labels: the patched stop sign is still a stop sign
+
+        part = fit(model, clean, ctx, method="redteam", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                   weight_decay=cfg.weight_decay, augment=cfg.augment, batch_hook=stamp_found,
+                   probe=lambda m, ps=all_patches: {"found_patch_asr": patch_asr(m, ps, held_out),
+                                                    "found_patch_asr_budget": patch_asr(m, ps, x_search)})
+        for row in part[(1 if curve else 0):]:
+            curve.append({**row, "round": r + 1, "epoch": len(curve)})
+    report = {"clean_images": len(clean), "source": source, "target": target, "patch_px": side, "searched_on": search_on,
+              "rounds": rounds, "found_patches": sum(r["found"] for r in rounds),
+              "found_patch_asr_before": rounds[0]["held_out_asr_before"], "found_patch_asr_after": patch_asr(model, all_patches, held_out),
+              "found_patch_asr_budget_before": round(float(np.mean(rounds[0]["budget_asr"])), 5),
+              "found_patch_asr_budget_after": patch_asr(model, all_patches, x_search),
+              "note": "found-patch ASR: mean share of held-out clean source images sent to the target by each searched patch"}
+    tiles = [to_uint8_image(p["patch"], 8) for p in all_patches]
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    artefacts = {"found_patches.png": np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)}
+    return DefenceResult(model, report, {"persistence": curve}, artefacts)

@@ -1,0 +1,229 @@
+"""Run defences on a trained run: load the verified model and the clean budget, defend, write
+runs/NAME/defence-METHOD/ atomically (model.pt, checksums.json, metrics.json, report.json, curves, PNGs)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from signtrap import checkpoint
+from signtrap.config import RunConfig, apply_override, build, parse_override
+from signtrap.defences import defend, get_defence, list_defences
+from signtrap.defences.common import CURVE_KEYS, CleanData, DefenceContext, DefenceResult, plot_curve, write_curve_csv
+from signtrap.defences.config import DefendConfig
+from signtrap.errors import ConfigError
+from signtrap.experiment import EvalSet, Experiment, load_run_config
+from signtrap.fileio import atomic_dir, write_json
+from signtrap.progress import say
+
+CURVE_X = {"persistence": "epoch", "pruning": "pruned_fraction", "frr": "frr_target"}
+REPORT_KEYS = (*CURVE_KEYS, "target_recall")
+
+
+def defend_config(cfg: RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> DefendConfig:
+    """The run's `defend:` section with `key.sub=value` overrides (`defend.` prefix optional, `adv-pgd` = `adv_pgd`)."""
+    raw = dataclasses.asdict(cfg.defend)
+    for text in overrides:
+        path, value = parse_override(text)
+        if path and path[0] == "defend":
+            path = path[1:]
+        if not path or not path[0]:
+            raise ConfigError(f"override '{text}' names no defend setting")
+        path[0] = path[0].replace("-", "_")
+        apply_override(raw, path, value)
+    config = build(DefendConfig, raw, "defend.")
+    config.check()
+    return config
+
+
+@dataclass
+class Session:
+    """A loaded run, ready to be defended by one method after another."""
+
+    run_dir: Path
+    cfg: RunConfig
+    exp: Experiment
+    model: nn.Module
+    meta: dict
+    clean: CleanData
+    context: DefenceContext
+    before: dict
+
+    @classmethod
+    def open(cls, run_dir: str | Path, overrides=(), device: str | None = None, show_progress: bool = True) -> "Session":
+        from signtrap.provenance import resolve_device
+
+        run_dir = Path(run_dir)
+        cfg = load_run_config(run_dir)
+        cfg.defend = defend_config(cfg, overrides)
+        dev = resolve_device(device or cfg.device)
+        model, meta = checkpoint.verified_load(run_dir, "model.pt", dev)
+        exp = Experiment.from_config(cfg, progress=show_progress)
+        d = cfg.defend
+        seed = cfg.seed if d.seed is None else d.seed
+        fraction = d.clean_fraction
+        if d.clean_images is not None:
+            n_train = len(exp.splits.train)
+            if d.clean_images > n_train:
+                raise ConfigError(f"config defend.clean_images: a budget of {d.clean_images} clean images is larger than "
+                                  f"the {n_train} training images")
+            fraction = d.clean_images / n_train
+        rows = exp.defender_rows(fraction, seed)
+        clean = CleanData(np.asarray(exp.data.images[rows]), np.asarray(exp.data.labels[rows]), rows)  # un-poisoned originals
+        a = cfg.attack
+        ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
+                             monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
+                             eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress)
+        before = evaluate(exp, model, dev)
+        return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
+
+    def run(self, method: str) -> dict:
+        """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
+        get_defence(method)
+        settings = self.cfg.defend.method(method)
+        say(f"defence {method}: {len(self.clean)} clean images, settings {dataclasses.asdict(settings)}")
+        start = time.perf_counter()
+        result = defend(self.model, self.clean, self.cfg.defend, method, self.context)
+        seconds = time.perf_counter() - start
+        report = {"method": method, "run": str(self.run_dir), "seconds": round(seconds, 2), "device": str(self.context.device),
+                  "clean_images": len(self.clean), "clean_fraction": round(len(self.clean) / len(self.exp.splits.train), 5),
+                  "settings": dataclasses.asdict(settings), "before": self.before, "after": None, "after_is": None,
+                  "repaired_model": result.model is not None, "monitor": self.monitor_note, "details": result.report}
+        if result.filtered_metrics is not None:
+            report["after"] = {"test": result.filtered_metrics["after"]}
+            report["after_is"] = f"input filter: {result.filtered_metrics['note']}"
+            report["filter_before_same_inputs"] = result.filtered_metrics["before"]
+        elif result.model is None:
+            report["after"] = copy.deepcopy(self.before)
+            report["after_is"] = "no repair: the model is unchanged"
+        else:
+            report["after_is"] = "repaired model"
+        write_outputs(self, method, result, report)
+        return report
+
+    @property
+    def monitor_note(self) -> str:
+        m = self.context.monitor
+        return f"curves measured on {len(m.labels)} {m.name} images (every source-class image and a uniform sample)"
+
+
+def monitor_set(exp: Experiment, split: str, samples: int, source: int, seed: int) -> EvalSet:
+    """The split the curves are measured on: every source-class image and a seeded uniform sample of the rest."""
+    full = exp.eval_set(split)
+    if samples <= 0 or samples >= len(full.labels):
+        return full
+    rng = np.random.default_rng([seed, 0x3047])
+    keep = np.zeros(len(full.labels), bool)
+    keep[rng.choice(len(full.labels), samples, replace=False)] = True
+    keep |= full.labels == source
+    return EvalSet(full.name, full.images[keep], full.triggered[keep], full.labels[keep])
+
+
+def evaluate(exp: Experiment, model: nn.Module, device) -> dict:
+    out = {}
+    for split in ("test", "val"):
+        m = exp.evaluate(model, split, device, details=False)
+        out[split] = {k: m[k] for k in REPORT_KEYS}
+    return out
+
+
+def write_outputs(session: Session, method: str, result: DefenceResult, report: dict) -> Path:
+    from signtrap.train import write_metrics
+
+    out = session.run_dir / f"defence-{method}"
+    with atomic_dir(out) as tmp:
+        if result.model is not None:
+            checkpoint.save(tmp / "model.pt", checkpoint.model_payload(result.model, session.meta))
+            checkpoint.record_checksum(tmp, "model.pt")
+            metrics = write_metrics(session.exp, result.model, tmp, session.context.device)
+            report["after"] = {split: {k: metrics[split][k] for k in REPORT_KEYS} for split in ("test", "val")}
+        for name, rows in result.curves.items():
+            if not rows:
+                continue
+            write_curve_csv(tmp / f"{name}.csv", rows)
+            if name in CURVE_X:
+                plot_curve(tmp / f"{name}.png", rows, CURVE_X[name], f"{method}: {name} ({session.cfg.name})")
+        if method == "neural-cleanse" and "norms" in result.curves:
+            _plot_norms(tmp / "norms.png", result.curves["norms"], session.context.target)
+        for name, art in result.artefacts.items():
+            if isinstance(art, bytes):
+                (tmp / name).write_bytes(art)
+            else:
+                from PIL import Image
+
+                Image.fromarray(np.asarray(art, np.uint8)).save(tmp / name)
+        report["files"] = sorted(p.name for p in tmp.iterdir()) + ["report.json"]
+        write_json(tmp / "report.json", report)
+    return out
+
+
+def _plot_norms(path: Path, rows: list[dict], target: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    colours = ["tab:red" if r["flagged"] else ("tab:orange" if r["class"] == target else
+               ("tab:blue" if r["refined"] else "tab:gray")) for r in rows]
+    ax.bar([r["class"] for r in rows], [r["mask_l1"] for r in rows], color=colours)
+    ax.set_xlabel("class (red: flagged, orange: attack target, grey: screened only)")
+    ax.set_ylabel("recovered mask L1")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def resolve_methods(method: str, cfg: RunConfig | None = None) -> list[str]:
+    if method == "all":
+        chosen = list(cfg.defend.methods) if cfg is not None and cfg.defend.methods else list_defences()
+        for name in chosen:
+            get_defence(name)
+        return chosen
+    get_defence(method)
+    return [method]
+
+
+def run_defences(run_dir: str | Path, method: str, overrides=(), device: str | None = None,
+                 show_progress: bool = True) -> list[dict]:
+    """`signtrap defend`: validate the method first, then load once and run each method."""
+    if method != "all":
+        get_defence(method)
+    session = Session.open(run_dir, overrides, device, show_progress)
+    return [session.run(name) for name in resolve_methods(method, session.cfg)]
+
+
+def _pct(entry: dict | None) -> str:
+    return "n/a" if not entry or entry.get("rate") is None else f"{100 * entry['rate']:.1f}%"
+
+
+def comparison_table(reports: list[dict], split: str = "test") -> str:
+    head = (f"{'method':<15}{'clean acc before':>17}{'after':>8}{'ASR before':>12}{'after':>8}"
+            f"{'stop recall':>13}{'false-trig':>12}{'seconds':>9}")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        b, a = r["before"][split], r["after"].get(split, {})
+        mark = "*" if not r["repaired_model"] and r["method"] == "strip" else ""
+        lines.append(f"{r['method'] + mark:<15}{_pct(b['clean_acc']):>17}{_pct(a.get('clean_acc')):>8}{_pct(b['asr']):>12}"
+                     f"{_pct(a.get('asr')):>8}{_pct(a.get('stop_recall')):>13}{_pct(a.get('false_trigger')):>12}"
+                     f"{r['seconds']:>9.1f}")
+    if any(r["method"] == "strip" for r in reports):
+        lines.append("* strip filters inputs: 'after' counts rejected inputs as misclassified / failed attacks, "
+                     "on the sample in report.json")
+    for r in reports:
+        d = r["details"]
+        if r["method"] == "neural-cleanse":
+            lines.append(f"neural-cleanse: flagged {d['flagged'] or 'nothing'} (max anomaly index {d['max_anomaly_index']}, "
+                         f"top-ranked class {d['top_ranked']})")
+        if r["method"] == "strip" and "detection_rate" in d:
+            lines.append(f"strip: detection rate {_pct(d['detection_rate'])} at false-rejection rate "
+                         f"{_pct(d['false_rejection_rate'])} (target {100 * d['frr_target']:g}%)")
+        if r["method"] == "redteam":
+            lines.append(f"redteam: {d['found_patches']} patches found; found-patch ASR {d['found_patch_asr_before']} -> "
+                         f"{d['found_patch_asr_after']} (real trigger: {_pct(r['before'][split]['asr'])} -> {_pct(r['after'][split]['asr'])})")
+    return "\n".join(lines)

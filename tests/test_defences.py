@@ -1,0 +1,193 @@
+"""`signtrap defend`: the registry, every defence on a tiny backdoored run, outputs, and bad input."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from signtrap import checkpoint
+from signtrap.cli import main
+from signtrap.defences import get_defence, list_defences
+from signtrap.errors import SigntrapError
+from signtrap.experiment import Experiment, load_run_config
+
+# small settings so that every defence runs in seconds on the tiny run (SynthSigns, 43 classes)
+COMMON = ["clean_fraction=0.3"]
+FAST = {
+    "finetune": ["finetune.epochs=2"],
+    "adv-pgd": ["adv-pgd.epochs=1", "adv-pgd.steps=2"],
+    "redteam": ["redteam.epochs=1", "redteam.restarts=1", "redteam.search_steps=15", "redteam.positions=[bottom_right,centre]"],
+    "fine-prune": ["fine-prune.epochs=1", "fine-prune.step=0.1"],
+    "neural-cleanse": ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]",
+                       "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.unlearn_epochs=1"],
+    "strip": ["strip.overlays=8"],
+}
+METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
+
+
+def tree_hash(root: Path, skip_defences: bool = False) -> str:
+    """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*")):
+        rel = path.relative_to(root)
+        if skip_defences and rel.parts[0].startswith("defence-"):
+            continue
+        digest.update(str(rel).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the tiny backdoored run (the session's run stays pristine for other tests)."""
+    dest = tmp_path_factory.mktemp("defend") / tiny_run.name
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("defence-*"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def experiment(run_copy) -> Experiment:
+    return Experiment.from_config(load_run_config(run_copy), progress=False)
+
+
+def same_rates(a: dict, b: dict) -> None:
+    for key in METRICS:
+        assert (a[key]["k"], a[key]["n"]) == (b[key]["k"], b[key]["n"]), (key, a[key], b[key])
+
+
+def test_registry_lists_every_method_and_rejects_unknown_names():
+    assert list_defences() == ["finetune", "adv-pgd", "redteam", "fine-prune", "neural-cleanse", "strip"]
+    for name in list_defences():
+        assert callable(get_defence(name)) and name in FAST
+    with pytest.raises(SigntrapError, match=r"unknown defence method 'finetun' \(did you mean 'finetune'\?\)"):
+        get_defence("finetun")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list_defences())
+def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, experiment, capsys):
+    from signtrap.defences.run import run_defences
+
+    before = tree_hash(run_copy, skip_defences=True)
+    (report,) = run_defences(run_copy, method, COMMON + FAST[method], "cpu", show_progress=False)
+    assert tree_hash(run_copy, skip_defences=True) == before
+    out = run_copy / f"defence-{method}"
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["method"] == method and stored["seconds"] > 0 and stored["clean_images"] > 0
+    assert not any(p.name.startswith(".") for p in run_copy.iterdir()), "a temporary folder was left behind"
+    for name in stored["files"]:
+        assert (out / name).is_file(), name
+    source_model, _ = checkpoint.verified_load(run_copy, "model.pt")
+    same_rates(stored["before"]["test"], experiment.evaluate(source_model, "test", details=False))
+    for split in ("test", "val"):
+        for key in METRICS:
+            entry = stored["before"][split][key]
+            assert {"rate", "k", "n", "ci95"} <= set(entry)
+    for csv_name in [n for n in stored["files"] if n.endswith(".csv")]:
+        assert (out / csv_name.replace(".csv", ".png")).is_file() or csv_name == "norms.csv"
+
+    if stored["repaired_model"]:
+        repaired, meta = checkpoint.verified_load(out, "model.pt")
+        assert meta == torch.load(run_copy / "model.pt", weights_only=True)["meta"]
+        same_rates(stored["after"]["test"], experiment.evaluate(repaired, "test", details=False))
+        metrics = json.loads((out / "metrics.json").read_text())
+        same_rates(stored["after"]["test"], metrics["test"])
+        changed = any(not torch.equal(a, b) for a, b in zip(source_model.state_dict().values(), repaired.state_dict().values()))
+        assert changed, "the repaired model has the source weights"
+        curve = (out / "persistence.csv").read_text().splitlines()
+        assert curve[0].startswith("epoch,") and len(curve) >= 2
+    else:
+        assert not (out / "model.pt").exists()
+    if method in ("finetune", "fine-prune"):
+        assert stored["repaired_model"]
+    if method == "fine-prune":
+        pruning = (out / "pruning.csv").read_text().splitlines()
+        assert pruning[0].startswith("pruned_fraction,") and len(pruning) >= 3
+        assert stored["details"]["pruned_channels"] >= 0
+    if method == "neural-cleanse":
+        d = stored["details"]
+        assert d["top_ranked"] == 7, d  # the attack's target needs the smallest trigger
+        assert (out / "trigger_class07.png").is_file() and (out / "norms.png").is_file()
+    if method == "strip":
+        d = stored["details"]
+        assert d["auc"] > 0.5, d  # triggered stop signs have lower entropy than clean inputs: better than chance
+        assert d["false_rejection_rate"]["n"] > 0 and d["detection_rate"]["n"] > 0
+    if method == "redteam":
+        d = stored["details"]
+        assert d["found_patch_asr_before"] is not None and d["found_patch_asr_after"] is not None
+        assert (out / "found_patches.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_defend_then_eval(run_copy, capsys):
+    rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", "defend.clean_fraction=0.3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "clean acc before" in out and "finetune" in out and f"{run_copy}/defence-finetune" in out
+    assert main(["--quiet", "eval", str(run_copy / "defence-finetune"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((run_copy / "defence-finetune" / "report.json").read_text())
+    same_rates(report["after"]["test"], evaluated["test"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "finetun"], "unknown defence method 'finetun' (did you mean 'finetune'?)"),
+    (["--method", "finetune", "clean_images=100000000"], "larger than the"),
+    (["--method", "finetune", "clean_fraction=1.5"], "defend.clean_fraction: 1.5 is outside (0, 1]"),
+    (["--method", "finetune", "finetune.epoch=2"], "unknown config key 'defend.finetune.epoch' (did you mean 'epochs'?)"),
+    (["--method", "redteam", "redteam.positions=[middle]"], "'middle' is not one of"),
+])
+def test_bad_input_is_one_line_and_leaves_the_run_untouched(run_copy, capsys, args, message):
+    before = tree_hash(run_copy)
+    rc = main(["--quiet", "defend", str(run_copy), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("signtrap: error: ") and message in err[0], err
+    assert tree_hash(run_copy) == before
+
+
+def test_diverging_defence_fails_cleanly(run_copy, capsys, monkeypatch):
+    import signtrap.defences.common as common
+
+    def nan_loss(logits, y, *args, **kwargs):
+        return (logits * float("nan")).sum()
+
+    monkeypatch.setattr(common.F, "cross_entropy", nan_loss)
+    before = tree_hash(run_copy)
+    rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", *COMMON])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "defence finetune diverged at epoch 1" in err[0], err
+    assert tree_hash(run_copy) == before
+
+
+def test_cli_rejects_unknown_method_in_a_subprocess(run_copy):
+    proc = subprocess.run([sys.executable, "-m", "signtrap", "--quiet", "defend", str(run_copy), "--method", "neural-clense"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("signtrap: error: unknown defence method 'neural-clense' (did you mean 'neural-cleanse'?); "
+                                   "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, strip")
+
+
+def test_defend_api_on_a_model_in_memory(run_copy, experiment):
+    """`defend(model, clean_data, config, method)` works without a run directory and leaves the input model alone."""
+    from signtrap.defences import CleanData, DefenceContext, defend
+    from signtrap.defences.config import DefendConfig
+
+    model, _ = checkpoint.verified_load(run_copy, "model.pt")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = experiment.defender_rows(0.2)
+    assert not np.intersect1d(rows, np.concatenate([experiment.splits.val, experiment.splits.test])).size
+    clean = CleanData(experiment.data.images[rows], experiment.data.labels[rows])
+    config = DefendConfig()
+    config.finetune.epochs = 1
+    result = defend(model, clean, config, "finetune", DefenceContext(monitor=experiment.eval_set("val"), show_progress=False))
+    assert result.model is not None and result.model is not model
+    assert [row["epoch"] for row in result.curves["persistence"]] == [0, 1]
+    assert {"clean_acc", "asr"} <= set(result.curves["persistence"][1])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
