@@ -18,7 +18,7 @@ from signtrap.attacks.poison import TrainingSet, build_training_set, manifest, p
 from signtrap.attacks.triggers import place, stamp
 from signtrap.augment import augment_batch, build_augmentation
 from signtrap.classes import CLASS_NAMES, NUM_CLASSES
-from signtrap.config import RunConfig, dump_yaml
+from signtrap.config import RunConfig, dump_yaml, load_config
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, to_tensor
 from signtrap.fileio import write_json, write_text
