@@ -131,3 +131,18 @@ def test_real_gtsrb(real_gtsrb, tmp_path_factory):
     splits = data.splits(0.1, seed=0)
     assert not set(data.tracks[splits.train]) & set(data.tracks[splits.val])
     assert len(np.unique(data.labels[splits.val])) == 43
+
+
+def test_fetch_offline_fails_fast_and_says_what_to_place_where(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from signtrap.data import fetch
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(DataError, match=r"cannot download GTSRB-Training_fixed\.zip .*place .*GTSRB_Final_Test_GT\.zip"):
+        fetch.fetch(tmp_path / "g")
+    assert not list((tmp_path / "g").iterdir())  # nothing half-downloaded
