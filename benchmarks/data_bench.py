@@ -1,6 +1,6 @@
 """Data-layer figures: GTSRB prepare and cache-load time, SynthSigns speed, and SynthSigns -> real accuracy.
 
-    python benchmarks/data_bench.py [--root ../shared/gtsrb] [--per-class 300] [--epochs 10] [--skip-transfer] [key=value ...]
+    python benchmarks/data_bench.py [--root ../shared/gtsrb] [--per-class 300] [--epochs 15] [--skip-transfer] [key=value ...]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=os.environ.get("SIGNTRAP_GTSRB", "../shared/gtsrb"))
     parser.add_argument("--per-class", type=int, default=300, help="SynthSigns training images per class for the transfer test")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--skip-transfer", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the SynthSigns training run")
     args = parser.parse_args()
@@ -53,6 +53,7 @@ def main() -> int:
         return 0
     cfg = load_config("configs/quickstart.yaml", [
         "name=synth_to_real", f"runs_dir={work / 'runs'}", f"data.cache_dir={work / 'cache'}", "attack.kind=none",
+        "train.label_smoothing=0.1",
         f"data.synth_per_class={args.per_class}", f"train.epochs={args.epochs}", *args.overrides])
     start = time.perf_counter()
     run = train(cfg)
