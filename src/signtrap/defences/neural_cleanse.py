@@ -101,6 +101,8 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseConfig,
     pick = np.sort(rng.choice(pool, size=min(cfg.samples, len(pool)), replace=False))
     x = to_tensor(clean.images[pick], device)
     candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(NUM_CLASSES))
+    if source_class is not None:  # images already of the source class need no trigger to be read as it
+        candidates = [c for c in candidates if c != source_class]
     top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)
     top_k = len(candidates) if top_k == 0 else min(top_k, len(candidates))
 
