@@ -30,6 +30,7 @@ def test_round_trip_of_resolved_config(tmp_path):
     ("data.source=imagenet", "data.source"),
     ("trigger.opacity=0", "trigger.opacity"),
     ("train", "not of the form key.sub=value"),
+    ("train.precision=fp16", "train.precision"),
 ])
 def test_bad_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):

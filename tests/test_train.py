@@ -25,6 +25,7 @@ def test_tiny_run_learns_the_backdoor(tiny_run):
         assert (tiny_run / name).is_file(), name
     provenance = json.loads((tiny_run / "provenance.json").read_text())
     assert provenance["versions"]["torch"] and len(provenance["data_hash"]) == 64
+    assert provenance["precision"] in ("fp32", "bf16 autocast")
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [1, 2, 3, 4, 5, 6] and all("val_asr" in row for row in log)
     payload = torch.load(tiny_run / "model.pt", weights_only=True)
@@ -53,8 +54,9 @@ def test_manifest_records_rows_files_and_trigger(tiny_run):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    full = train(load_config(None, tiny_overrides(tmp_path, "full", "train.epochs=2")))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, precision):
+    full = train(load_config(None, tiny_overrides(tmp_path, "full", "train.epochs=2", f"train.precision={precision}")))
 
     class Interrupt(Exception):
         pass
@@ -63,7 +65,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         if epoch == 1:
             raise Interrupt
 
-    cfg = load_config(None, tiny_overrides(tmp_path, "cut", "train.epochs=2"))
+    cfg = load_config(None, tiny_overrides(tmp_path, "cut", "train.epochs=2", f"train.precision={precision}"))
     with pytest.raises(Interrupt):
         train(cfg, on_epoch_end=stop_after_first)
     assert not (cfg.run_dir / "model.pt").exists()
@@ -72,6 +74,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     b = torch.load(resumed / "model.pt", weights_only=True)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_training_precision_resolves_per_device(monkeypatch):
+    from signtrap import provenance
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert provenance.autocast_dtype("fp32", cuda) is None
+    assert provenance.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert provenance.autocast_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(provenance, "cpu_has_native_bf16", lambda: False)
+    assert provenance.autocast_dtype("auto", cpu) is None  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(provenance, "cpu_has_native_bf16", lambda: True)
+    assert provenance.autocast_dtype("auto", cpu) is torch.bfloat16
 
 
 def run_cli(*args):

@@ -153,6 +153,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     threads: int = 0  # 0: all cores
     eval_batch_size: int = 512
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 | fp32 | bf16
 
     def check(self) -> None:
         one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
@@ -163,6 +164,7 @@ class TrainConfig:
         require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
         require(0.0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must be in [0, epochs)")
         require(self.threads >= 0, "train.threads", "must be >= 0")
+        one_of(self.precision, "train.precision", ("auto", "fp32", "bf16"))
 
 
 @dataclass

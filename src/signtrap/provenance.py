@@ -48,3 +48,25 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SigntrapError(f"device '{name}' requested but CUDA is not available here (use device=auto or cpu)")
     return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: there bf16 convolutions run about 1.7x faster than fp32; emulated bf16 would be slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on `device`, or None for plain fp32. Evaluation always runs in fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None

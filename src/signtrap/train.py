@@ -24,7 +24,7 @@ from signtrap.experiment import Experiment, to_tensor
 from signtrap.fileio import write_json, write_text
 from signtrap.metrics import summary_table
 from signtrap.progress import progress, say
-from signtrap.provenance import machine, package_versions, resolve_device
+from signtrap.provenance import autocast_dtype, machine, package_versions, resolve_device
 
 EPOCH_STREAM = 0xE90C
 
@@ -37,6 +37,7 @@ class Trainer:
     device: torch.device
     world: distributed.World = distributed.World()
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper when world.size > 1
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the forward pass; None: fp32
 
     @property
     def forward(self) -> nn.Module:
@@ -64,7 +65,8 @@ def build_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device, wo
     ddp = None
     if world.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Trainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), device, world, ddp)
+    return Trainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), device, world, ddp,
+                   autocast_dtype(t.precision, device))
 
 
 def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experiment, epoch: int) -> dict:
@@ -79,7 +81,6 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
     torch.manual_seed(int(rng.integers(2**31)))  # dropout
     augment = build_augmentation(cfg.aug, seed=int(rng.integers(2**31)))
     batch = cfg.train.batch_size
-    use_amp = tr.device.type == "cuda"
     tr.model.train()
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress(len(order), f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=tr.world.is_main)
@@ -94,7 +95,7 @@ def train_one_epoch(cfg: RunConfig, tr: Trainer, ts: TrainingSet, exp: Experimen
             images[hit] = stamp(images[hit], exp.trigger, place(exp.trigger, len(hit), exp.data.size, rng, ts.rois[idx][hit]))
         x = to_tensor(images, tr.device)
         y = torch.from_numpy(ts.labels[idx]).to(tr.device)
-        with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16, enabled=tr.amp_dtype is not None):
             logits = tr.forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
         if not torch.isfinite(loss):
@@ -159,14 +160,15 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     exp = exp or Experiment.from_config(cfg, progress=False)
     plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)  # identical on every rank
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
+    precision = "bf16 autocast" if autocast_dtype(cfg.train.precision, device) is not None else "fp32"
     if main:
         write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
         write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
-                                                 "world_size": world.size, "data_hash": exp.data.data_hash,
+                                                 "precision": precision, "world_size": world.size, "data_hash": exp.data.data_hash,
                                                  "data_cache": str(exp.data.path), "splits": exp.splits.sizes()})
         cover = f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else ""
         say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned{cover}), {len(exp.splits.val)} validation, "
-            f"{len(exp.splits.test)} test, model {cfg.model.name} on {device}" + (f" x {world.size} processes" if world.distributed else ""))
+            f"{len(exp.splits.test)} test, model {cfg.model.name} on {device} ({precision})" + (f" x {world.size} processes" if world.distributed else ""))
     tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device, world)
     start_epoch, history = restore(tr, run_dir) if resume else (0, [])
     for epoch in range(start_epoch, cfg.train.epochs):
