@@ -51,7 +51,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: there bf16 convolutions run about 1.7x faster than fp32; emulated bf16 would be slower."""
+    """avx512_bf16 or AMX: there a signnet training step runs about 1.5x faster in bf16; emulated bf16 would be slower."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
