@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--config", default="configs/badnets_stop_to_100.yaml")
     parser.add_argument("--root", default=os.environ.get("SIGNTRAP_GTSRB", "../shared/gtsrb"))
     parser.add_argument("--runs-dir", default=None, help="where to train (default: a temporary folder)")
-    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0],
+    parser.add_argument("--seeds", type=seed_list, default=[0],
                         help="comma-separated, e.g. 0,1,2: one backdoored and one zero-poison run per seed")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -60,6 +60,13 @@ def main() -> int:
         print(f"  {split:<5} per seed {' '.join(f'{g:+.2f}' for g in gaps)}; mean {sum(gaps) / len(gaps):+.2f} "
               f"(pooled clean acc: backdoored {100 * pooled['backdoored']:.2f}%, zero poison {100 * pooled['zero poison']:.2f}%)")
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
 def trained(cfg) -> tuple[dict, dict, float | None]:
