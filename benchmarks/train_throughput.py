@@ -27,7 +27,7 @@ def main() -> int:
     from signtrap.attacks.poison import TrainingSet
     from signtrap.config import load_config
     from signtrap.experiment import Experiment
-    from signtrap.provenance import autocast_dtype
+    from signtrap.provenance import autocast_dtype, precision_name
 
     work = Path(tempfile.mkdtemp(prefix="signtrap-throughput-"))
     overrides = [f"data.root={args.root}", f"data.cache_dir={work / 'cache'}", "device=cpu"]
@@ -39,7 +39,7 @@ def main() -> int:
     ours = signtrap_route(cfg, exp, ts, steps)
     ours_fp32 = signtrap_route(load_config("configs/badnets_stop_to_100.yaml", [*overrides, "train.precision=fp32"]), exp, ts, steps)
     naive = naive_route(cfg, exp, rows, work, args.workers)
-    precision = "bf16 autocast" if autocast_dtype(cfg.train.precision, torch.device("cpu")) else "fp32"
+    precision = precision_name(autocast_dtype(cfg.train.precision, torch.device("cpu")))
     print(f"threads: torch {torch.get_num_threads()}, DataLoader workers {args.workers}, images per pass {len(rows)}, model {cfg.model.name}")
     print(f"signtrap route:      {ours:8.0f} images/s (uint8 cache, albumentations, channels-last, {precision}: the default)")
     print(f"signtrap route fp32: {ours_fp32:8.0f} images/s (train.precision=fp32)")

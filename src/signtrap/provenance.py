@@ -70,3 +70,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         return torch.bfloat16
     return None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How a run's training precision is printed and recorded in provenance.json."""
+    return "fp32" if amp_dtype is None else "bf16 autocast"

@@ -24,7 +24,7 @@ from signtrap.experiment import Experiment, to_tensor
 from signtrap.fileio import write_json, write_text
 from signtrap.metrics import summary_table
 from signtrap.progress import progress, say
-from signtrap.provenance import autocast_dtype, machine, package_versions, resolve_device
+from signtrap.provenance import autocast_dtype, machine, package_versions, precision_name, resolve_device
 
 EPOCH_STREAM = 0xE90C
 
@@ -160,7 +160,8 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     exp = exp or Experiment.from_config(cfg, progress=False)
     plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)  # identical on every rank
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
-    precision = "bf16 autocast" if autocast_dtype(cfg.train.precision, device) is not None else "fp32"
+    tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device, world)
+    precision = precision_name(tr.amp_dtype)
     if main:
         write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
         write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
@@ -169,7 +170,6 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
         cover = f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else ""
         say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned{cover}), {len(exp.splits.val)} validation, "
             f"{len(exp.splits.test)} test, model {cfg.model.name} on {device} ({precision})" + (f" x {world.size} processes" if world.distributed else ""))
-    tr = build_trainer(cfg, math.ceil(len(ts.labels) / cfg.train.batch_size), device, world)
     start_epoch, history = restore(tr, run_dir) if resume else (0, [])
     for epoch in range(start_epoch, cfg.train.epochs):
         stats = train_one_epoch(cfg, tr, ts, exp, epoch)
