@@ -466,8 +466,8 @@ class OpenVinoEdge(EdgeRuntime):
         def run(x):
             return request.infer({0: x})[output]
 
-        return run, {"provider": "CPU plugin",
-                     "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+        executed = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)()}
 # <<< edge section: openvino_ir
 
 
@@ -643,7 +643,9 @@ def _pct(entry):
 def markdown(result):
     """The bench.json rows as a Markdown table (the persistence matrix), then skipped runtimes and warnings."""
     env, s = result["environment"], result["settings"]
-    lines = ["# Benchmark: %s" % (result["export"].get("name") or result["export"]["dir"]), "",
+    defence = result["export"].get("defence")
+    lines = ["# Benchmark: %s%s" % (result["export"].get("name") or result["export"]["dir"],
+                                    " (defence %s)" % defence if defence else ""), "",
              "%s; %d usable CPU(s); Python %s; %d thread(s); batch-1 latency over %d runs after %d warm-up; "
              "throughput at batch %d. Flips are against the PyTorch FP32 predictions." % (
                  env["cpu"], env.get("usable_cpus") or 0, env["python"], s["threads"], s["runs"], s["warmup"], s["batch"]), "",

@@ -490,7 +490,9 @@ def _pct(entry):
 def markdown(result):
     """The bench.json rows as a Markdown table (the persistence matrix), then skipped runtimes and warnings."""
     env, s = result["environment"], result["settings"]
-    lines = ["# Benchmark: %s" % (result["export"].get("name") or result["export"]["dir"]), "",
+    defence = result["export"].get("defence")
+    lines = ["# Benchmark: %s%s" % (result["export"].get("name") or result["export"]["dir"],
+                                    " (defence %s)" % defence if defence else ""), "",
              "%s; %d usable CPU(s); Python %s; %d thread(s); batch-1 latency over %d runs after %d warm-up; "
              "throughput at batch %d. Flips are against the PyTorch FP32 predictions." % (
                  env["cpu"], env.get("usable_cpus") or 0, env["python"], s["threads"], s["runs"], s["warmup"], s["batch"]), "",

@@ -55,8 +55,8 @@ class OpenVinoEdge(EdgeRuntime):
         def run(x):
             return request.infer({0: x})[output]
 
-        return run, {"provider": "CPU plugin",
-                     "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+        executed = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)()}
 # <<< edge section: openvino_ir
 
 
