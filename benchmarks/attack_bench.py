@@ -72,7 +72,7 @@ def seed_list(text: str) -> list[int]:
 def trained(cfg) -> tuple[dict, dict, float | None]:
     """Train the run, or reuse it when --runs-dir already holds it finished with the same config."""
     from signtrap.config import load_config
-    from signtrap.train import train
+    from signtrap.training import train
 
     run = cfg.run_dir
     done = (run / "metrics.json").is_file() and (run / "config.yaml").is_file() and load_config(run / "config.yaml") == cfg

@@ -29,7 +29,7 @@ def main() -> int:
     from signtrap.data.cache import TEST, load, prepare
     from signtrap.experiment import predict
     from signtrap.metrics import rate
-    from signtrap.train import train
+    from signtrap.training import train
 
     work = Path(tempfile.mkdtemp(prefix="signtrap-databench-"))
     real_cfg = load_config(None, ["data.source=gtsrb", f"data.root={args.root}", f"data.cache_dir={work / 'cache'}"]).data

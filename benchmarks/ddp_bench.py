@@ -27,7 +27,9 @@ def worker(args) -> None:
     from signtrap import distributed
     from signtrap.attacks.poison import TrainingSet
     from signtrap.config import load_config
-    from signtrap.train import build_trainer, train_one_epoch
+    from signtrap.classes import NUM_CLASSES
+    from signtrap.loop import Loop, Schedule
+    from signtrap.models import create_model
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}", "train.epochs=2",
@@ -38,13 +40,16 @@ def worker(args) -> None:
         n = args.images
         ts = TrainingSet(rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8), rng.integers(0, 43, n).astype(np.int64),
                          np.zeros(n, bool), True, np.tile(np.array([0, 0, args.size, args.size]), (n, 1)))
-        tr = build_trainer(cfg, -(-n // args.batch), device, world)
-        train_one_epoch(cfg, tr, ts, None, epoch=0)  # warm-up: allocator, autotuning, first DDP buckets
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+        loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, 0xE90C, aug=cfg.aug,
+                    precision=cfg.train.precision, world=world, show_progress=False)
+        loop.epoch(0)  # warm-up: allocator, autotuning, first DDP buckets
         distributed.barrier(world)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(cfg, tr, ts, None, epoch=1)
+        loop.epoch(1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         distributed.barrier(world)

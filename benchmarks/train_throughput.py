@@ -49,11 +49,17 @@ def main() -> int:
 
 
 def signtrap_route(cfg, exp, ts, steps: int) -> float:
-    from signtrap.train import build_trainer, train_one_epoch
+    from signtrap.classes import NUM_CLASSES
+    from signtrap.loop import Loop, Schedule
+    from signtrap.models import create_model
+    from signtrap.training import EPOCH_STREAM
 
-    trainer = build_trainer(cfg, steps, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+    loop = Loop(model, ts, Schedule.from_train(cfg.train), torch.device("cpu"), cfg.seed, EPOCH_STREAM, aug=cfg.aug,
+                precision=cfg.train.precision, trigger=exp.trigger)
     start = time.perf_counter()
-    train_one_epoch(cfg, trainer, ts, exp, epoch=0)
+    loop.epoch(0)
     return len(ts.labels) / (time.perf_counter() - start)
 
 

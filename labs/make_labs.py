@@ -26,7 +26,7 @@ from IPython.display import Image, Markdown, display
 from signtrap import progress
 progress.QUIET = FAST  # progress bars in Jupyter; silence in CI
 from signtrap.config import dump_yaml, load_config
-from signtrap.train import train
+from signtrap.training import train
 
 
 def lab_config(name, *extra):
@@ -89,7 +89,7 @@ CPU. To use the real GTSRB, set `GTSRB_ROOT` in the next cell."""),
     new_code_cell('''from signtrap.attacks import build_training_set, plan_poison, stamp
 from signtrap.attacks.triggers import trigger_preview
 from signtrap.experiment import Experiment
-from signtrap.report import figures
+from signtrap.reporting import figures
 
 cfg = lab_config("lab_backdoor")
 exp = Experiment.from_config(cfg)
@@ -178,8 +178,8 @@ reports = [session.run(method) for method in ("finetune", "adv-pgd", "fine-prune
 print(comparison_table(reports))'''),
     new_markdown_cell("## 3. Persistence curves\n\nEpoch 0 is the backdoored model; each later point is one epoch of the defence, "
                       "measured on the validation split."),
-    new_code_cell('''from signtrap.report import figures
-from signtrap.report.build import _csv
+    new_code_cell('''from signtrap.reporting import figures
+from signtrap.reporting.build import _csv
 
 curves = {r["method"]: _csv(run_dir / f"defence-{r['method']}" / "persistence.csv") for r in reports}
 show(figures.persistence_figure(curves))
@@ -235,7 +235,7 @@ for name, info in manifest["files"].items():
                       "PyTorch eager as the reference."),
     new_code_cell('''from signtrap.deploy.bench import bench_export
 from signtrap.deploy.edge_bench import markdown
-from signtrap.report import figures
+from signtrap.reporting import figures
 
 result = bench_export(out, runs=20 if FAST else 200, warmup=2 if FAST else 20, batch=16 if FAST else 64)
 display(Markdown(markdown(result)))

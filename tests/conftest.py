@@ -111,7 +111,7 @@ def tiny_overrides(base: Path, name: str = "tiny", *extra: str) -> list[str]:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained tiny backdoored run directory, shared by the tests that only read it."""
     from signtrap.config import load_config
-    from signtrap.train import train
+    from signtrap.training import train
 
     base = tmp_path_factory.mktemp("tiny")
     return train(load_config(None, tiny_overrides(base)))

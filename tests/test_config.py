@@ -50,7 +50,7 @@ def test_shipped_configs_load():
 
     import yaml
 
-    from signtrap.sweep import expand, load_sweep
+    from signtrap.sweeps import expand, load_sweep
 
     configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert configs

@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_overrides
 from signtrap.config import load_config
-from signtrap.train import train
+from signtrap.training import train
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +36,23 @@ CLEAN_ACC_TOL = 0.08  # absolute, test clean accuracy; ~4.5 binomial s.d. plus t
 # makes rank 1 die abruptly (os._exit, no cleanup) at the start of epoch DIE_AT_EPOCH.
 WRAPPER = r'''
 import hashlib, os, sys
-import signtrap.train as T
+import signtrap.loop as L
 
 rank, die_at, out = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", "0")), os.environ["DIGEST_DIR"]
-original = T.train_one_epoch
+original = L.Loop.epoch
 
-def train_one_epoch(cfg, tr, ts, exp, epoch):
+def epoch(self, epoch):
     if rank == 1 and epoch + 1 == die_at:
         os._exit(17)
-    stats = original(cfg, tr, ts, exp, epoch)
+    stats = original(self, epoch)
     digest = hashlib.sha256()
-    for _, p in tr.model.named_parameters():
+    for _, p in self.model.named_parameters():
         digest.update(p.detach().cpu().numpy().tobytes())
     with open(os.path.join(out, f"rank{rank}-epoch{epoch + 1}.txt"), "w") as fh:
         fh.write(digest.hexdigest())
     return stats
 
-T.train_one_epoch = train_one_epoch
+L.Loop.epoch = epoch
 from signtrap.cli import main
 sys.exit(main(sys.argv[1:]))
 '''

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from signtrap.cli import main
-from signtrap.report import SECTIONS, build_report
+from signtrap.reporting import SECTIONS, build_report
 
 IMG_RE = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

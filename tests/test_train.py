@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.config import load_config
-from signtrap.train import train
+from signtrap.training import train
 
 
 def test_tiny_run_learns_the_backdoor(tiny_run):

@@ -54,7 +54,7 @@ class Result:
 
 
 def make_job(sweep, run, overwrite: bool = False) -> Job:
-    from signtrap.sweep import DEFEND, RESUME
+    from signtrap.sweeps import DEFEND, RESUME
 
     commands = []
     base = [str(Path(sweep.spec.base).resolve())] if sweep.spec.base else []

@@ -133,7 +133,7 @@ def evaluate(exp: Experiment, model: nn.Module, device) -> dict:
 
 
 def write_outputs(session: Session, method: str, result: DefenceResult, report: dict) -> Path:
-    from signtrap.train import write_metrics
+    from signtrap.training import write_metrics
 
     out = session.run_dir / f"defence-{method}"
     with atomic_dir(out) as tmp:

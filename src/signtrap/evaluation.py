@@ -6,7 +6,7 @@ from pathlib import Path
 from signtrap import checkpoint
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.provenance import resolve_device
-from signtrap.train import write_metrics
+from signtrap.training import write_metrics
 
 
 def evaluate_run(model_dir: Path, device: str = "auto") -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
 from signtrap.fileio import atomic_dir, sha256_file, write_text
 from signtrap.progress import say
-from signtrap.report import figures as fig
+from signtrap.reporting import figures as fig
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -584,7 +584,7 @@ def collect_sections(run_dir: Path) -> list[Section]:
 
 # ---------------------------------------------------------------- rendering
 
-from signtrap.report.render import render_html, render_markdown  # noqa: E402
+from signtrap.reporting.render import render_html, render_markdown  # noqa: E402
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

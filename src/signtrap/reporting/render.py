@@ -46,7 +46,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 def render_html(title: str, sections: list) -> str:
-    from signtrap.report.build import H, Img, Note, P, Pre, Table
+    from signtrap.reporting.build import H, Img, Note, P, Pre, Table
 
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_e(title)}</title>",
@@ -88,7 +88,7 @@ def _md_cell(value) -> str:
 
 
 def render_markdown(title: str, sections: list, files_dir: str) -> str:
-    from signtrap.report.build import H, Img, Note, P, Pre, Table
+    from signtrap.reporting.build import H, Img, Note, P, Pre, Table
 
     out = [f"# {title}", "", " · ".join(f"[{s.title.split(':')[0]}](#{s.id})" for s in sections), ""]
     for s in sections:

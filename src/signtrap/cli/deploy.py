@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from signtrap import progress
+from signtrap.deploy import edge_bench
+from signtrap.deploy.bench import bench_export
+from signtrap.deploy.exporter import export_run
+
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from signtrap.deploy.exporter import export_run
-
     overrides = {}
     if args.calibration:
         overrides["calibration"] = args.calibration
@@ -26,13 +29,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from signtrap.deploy import edge_bench
-    from signtrap.deploy.bench import bench_export
-
     result = bench_export(Path(args.export_dir), threads=args.threads or 0, providers=edge_bench.split_list(args.providers),
                           runs=args.runs, warmup=args.warmup, batch=args.batch,
                           variants=edge_bench.split_list(args.variants) or None, with_torch=not args.no_torch)
-    from signtrap import progress
 
     if not progress.QUIET:
         print(edge_bench.markdown(result))

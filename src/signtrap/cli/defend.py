@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from signtrap import progress as progress_mod
+from signtrap.defences.run import comparison_table, run_defences
+
 
 def cmd_defend(args) -> int:
-    from signtrap import progress as progress_mod
-    from signtrap.defences.run import comparison_table, run_defences
-
     method, *more = args.method  # overrides may follow the method name as well as precede --method
     reports = run_defences(args.run, method, [*args.overrides, *more], args.device, show_progress=not progress_mod.QUIET)
     if args.json:

@@ -3,6 +3,6 @@ scripts, opens offline) and report.md (images in report_files/), built from what
 
 Every section is always present; a section whose inputs are absent says so instead of vanishing.
 """
-from signtrap.report.build import REPORT_VERSION, SECTIONS, build_report, collect_sections
+from signtrap.reporting.build import REPORT_VERSION, SECTIONS, build_report, collect_sections
 
 __all__ = ["REPORT_VERSION", "SECTIONS", "build_report", "collect_sections"]
