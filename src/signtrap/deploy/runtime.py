@@ -89,6 +89,7 @@ class Runtime:
     edge: type[edge_bench.EdgeRuntime] = edge_bench.EdgeRuntime
     exports: bool = True  # False: runs another runtime's artefacts (ONNX Runtime's GPU providers)
     extension: str = ""
+    module: str = ""  # the plugin module, set when registered
 
     def variants(self, ecfg: ExportConfig) -> list[Variant]:
         raise NotImplementedError

@@ -4,77 +4,65 @@ A plugin file (e.g. `openvino_ir.py`) defines a `Runtime` subclass decorated wit
 (settings, availability, conversion and quantization with the runtime's own tools, report block) and, between
 the markers
 
-    # >>> edge section: NAME
-    ...torch-free code: an `EdgeRuntime` subclass decorated with `@edge_runtime`...
-    # <<< edge section: NAME
+    # >>> edge section: MODULE
+    ...torch-free code: `EdgeRuntime` subclasses decorated with `@edge_runtime`...
+    # <<< edge section: MODULE
 
-the device side (loading an artefact and running a batch). `discover()` imports every module of this
-package, so adding a runtime never touches a list elsewhere. `assemble_edge_script()` pastes every edge
-section, verbatim and in file-name order, into the core of signtrap/deploy/edge_bench.py: that one file is
-the edge_bench.py written into each export folder, and the same classes run inside `signtrap bench`.
+the device side (loading an artefact and running a batch). `RUNTIMES.load()` imports every module of this
+package (signtrap.plugins.Registry), so adding a runtime never touches a list elsewhere.
+`assemble_edge_script()` pastes the edge section of every registered runtime's module, verbatim and in
+module order, into the core of signtrap/deploy/edge_bench.py: that one file is the edge_bench.py written
+into each export folder, and inside signtrap the same classes run `signtrap bench`.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import inspect
 import re
+import sys
 from pathlib import Path
 
 from signtrap.deploy import edge_bench
 from signtrap.deploy.runtime import Runtime
-from signtrap.errors import SigntrapError, unknown
+from signtrap.errors import SigntrapError
+from signtrap.plugins import Registry
 
-RUNTIMES: dict[str, Runtime] = {}
+RUNTIMES: Registry[Runtime] = Registry("runtime", __name__)
 SECTION = re.compile(r"^# >>> edge section: (?P<name>[\w.-]+)\n(?P<body>.*?)^# <<< edge section: (?P=name)\n",
                      re.MULTILINE | re.DOTALL)
 MARKER = "# @@ RUNTIME SECTIONS @@ (signtrap export pastes every runtime plugin's edge section here)\n"
-_discovered = False
 
 
 def register_runtime(cls: type[Runtime]) -> type[Runtime]:
     """Class decorator: register a runtime plugin under `cls.name`."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    if cls.name in RUNTIMES and type(RUNTIMES[cls.name]) is not cls:
-        raise TypeError(f"runtime '{cls.name}' is registered twice ({type(RUNTIMES[cls.name]).__name__}, {cls.__name__})")
-    RUNTIMES[cls.name] = cls()
+    instance = cls()
+    instance.module = cls.__module__
+    RUNTIMES.register(cls.name, instance)
     return cls
 
 
-def plugin_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
-
-
 def discover() -> dict[str, Runtime]:
-    """Import every plugin module of this package (once); returns the registry."""
-    global _discovered
-    if not _discovered:
-        for name in plugin_modules():
-            importlib.import_module(f"{__name__}.{name}")
-        _discovered = True
-    return RUNTIMES
+    """Every registered runtime by name (importing the plugin modules on first use)."""
+    return {name: RUNTIMES.get(name) for name in RUNTIMES.names()}
 
 
 def get(name: str) -> Runtime:
-    registry = discover()
-    if name not in registry:
-        raise unknown("runtime", name, registry)
-    return registry[name]
+    return RUNTIMES.get(name)
 
 
 def names() -> list[str]:
-    return sorted(discover())
+    return sorted(RUNTIMES.names())
 
 
 def edge_sections() -> dict[str, str]:
-    """{plugin module: its edge-section text including the markers}, in file-name order."""
+    """{module: its edge section, markers included} for every module that registered a runtime, by module name."""
+    modules = sorted({rt.module for rt in RUNTIMES})
     out = {}
-    for name in plugin_modules():
-        text = (Path(__file__).parent / f"{name}.py").read_text(encoding="utf-8")
+    for module in modules:
+        text = Path(inspect.getsourcefile(sys.modules[module])).read_text(encoding="utf-8")
         sections = [m.group(0) for m in SECTION.finditer(text)]
         if len(sections) != 1:
-            raise SigntrapError(f"runtime plugin {name}.py must hold exactly one edge section, found {len(sections)}")
-        out[name] = sections[0]
+            raise SigntrapError(f"runtime plugin {module} must hold exactly one edge section, found {len(sections)}")
+        out[module] = sections[0]
     return out
 
 
@@ -83,5 +71,4 @@ def assemble_edge_script() -> str:
     core = Path(edge_bench.__file__).read_text(encoding="utf-8")
     if core.count(MARKER) != 1:
         raise SigntrapError(f"{edge_bench.__file__}: the runtime-sections marker is missing or repeated")
-    sections = "\n\n".join(edge_sections().values())
-    return core.replace(MARKER, sections)
+    return core.replace(MARKER, "\n\n".join(edge_sections().values()))
