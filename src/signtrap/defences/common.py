@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from signtrap.attacks.poison import TrainingSet
+from signtrap.attacks.triggers import Trigger
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
 from signtrap.experiment import EvalSet, predict
@@ -129,12 +131,14 @@ def stream_of(method: str) -> int:
 
 def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, schedule: Schedule, augment: bool = True,
         hooks: Hooks | None = None, probe: Callable[[nn.Module], dict] | None = None, frozen_bn: bool = False,
-        stream: int | None = None) -> list[dict]:
+        stream: int | None = None, data: TrainingSet | None = None, trigger: Trigger | None = None) -> list[dict]:
     """Train `model` in place on the clean budget through the one loop; returns one curve row per epoch (row 0: before).
 
     The run's `train.precision` and `aug:` settings reach the loop through `ctx`; `hooks.batch` may rewrite
     a batch (stamp patches), `hooks.loss` replaces cross-entropy (PGD, distillation), `hooks.after_step`
     re-applies constraints (pruning masks); every row carries the monitor metrics plus `probe(model)`.
+    `data` replaces the clean budget by another TrainingSet (the re-activation probe's budget + k poisoned
+    rows, stamped with `trigger` after augmentation).
     """
     hooks = hooks or Hooks()
 
@@ -142,9 +146,10 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 
     hooks.probe = columns
-    loop = Loop(model, clean_training_set(clean.images, clean.labels), schedule, ctx.device, ctx.seed,
-                stream_of(method) if stream is None else stream, aug=ctx.aug if augment else AugConfig(enabled=False),
-                precision=ctx.precision, hooks=hooks, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
+    data = clean_training_set(clean.images, clean.labels) if data is None else data
+    loop = Loop(model, data, schedule, ctx.device, ctx.seed, stream_of(method) if stream is None else stream,
+                aug=ctx.aug if augment else AugConfig(enabled=False), precision=ctx.precision, trigger=trigger, hooks=hooks,
+                frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
 
 

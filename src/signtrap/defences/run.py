@@ -19,6 +19,7 @@ from signtrap.defences.common import CURVE_KEYS, CleanData, DefenceContext, Defe
 from signtrap.errors import ConfigError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
+from signtrap.reactivation import Prober, format_table, probe_json, probe_segment
 from signtrap.progress import say
 from signtrap.provenance import resolve_device
 from signtrap.training import write_metrics
@@ -82,6 +83,13 @@ class Session:
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
 
+    @property
+    def prober(self) -> Prober:
+        """The re-activation probe on this run's budget (signtrap.probe); built on first use."""
+        if getattr(self, "_prober", None) is None:
+            self._prober = Prober(self.run_dir, self.cfg, self.exp, self.clean, self.context, self.cfg.defend.probe, self.model, self.meta)
+        return self._prober
+
     def run(self, method: str) -> dict:
         """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
         spec = get_defence(method)
@@ -103,6 +111,13 @@ class Session:
             report["after_is"] = "no repair: the model is unchanged"
         else:
             report["after_is"] = "repaired model"
+        if result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
+            start = time.perf_counter()
+            record = self.prober.compare(result.model, method, getattr(settings, "lr", None))
+            result.curves["persistence"] = probe_segment(result.curves.get("persistence", []), record["curves"]["model"])
+            result.artefacts["probe.json"] = probe_json(record)
+            report["probe"] = {k: v for k, v in record.items() if k != "curves"}
+            report["probe_seconds"] = round(time.perf_counter() - start, 2)
         write_outputs(self, method, result, report)
         return report
 
@@ -192,4 +207,7 @@ def comparison_table(reports: list[dict], split: str = "test") -> str:
         spec = get_defence(r["method"])
         if spec.summarize is not None:
             lines.extend(spec.summarize(r))
+    probes = [r["probe"] for r in reports if r.get("probe")]
+    if probes:
+        lines += ["", format_table(probes)]
     return "\n".join(lines)
