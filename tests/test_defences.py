@@ -17,7 +17,7 @@ from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
 
 # small settings so that every defence runs in seconds on the tiny run (SynthSigns, 43 classes)
-COMMON = ["clean_fraction=0.3"]
+COMMON = ["clean_fraction=0.3", "probe.steps=20"]  # the probe (signtrap.reactivation) trains its zero-poison reference once
 FAST = {
     "finetune": ["finetune.epochs=2"],
     "adv-pgd": ["adv-pgd.epochs=1", "adv-pgd.steps=2"],
@@ -178,7 +178,7 @@ def test_cli_rejects_unknown_method_in_a_subprocess(run_copy):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("signtrap: error: unknown defence 'neural-clense' (did you mean 'neural-cleanse'?); "
-                                          "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, strip")
+                                          "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, scan, strip")
 
 
 def test_defend_api_on_a_model_in_memory(run_copy, experiment):

@@ -47,6 +47,17 @@ class CleanData:
 
 
 @dataclass
+class SuspiciousPool:
+    """Training data the defender inspects (the possibly poisoned training set) as the model was trained on it:
+    triggered rows carry their trigger, labels are as poisoned. `poisoned` marks the attacker's relabelled rows and
+    is for measurement only (reports); no defence decision may use it."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    poisoned: np.ndarray | None = None
+
+
+@dataclass
 class DefenceContext:
     """Everything a defence may need besides the model and its clean data.
 
@@ -66,6 +77,7 @@ class DefenceContext:
     show_progress: bool = True
     aug: AugConfig = field(default_factory=AugConfig)  # the run's augmentation: defences train with it
     precision: str = "auto"  # the run's train.precision: defences train with it
+    training_data: Callable[[], SuspiciousPool] | None = None  # the run's training set, built on first call (SCAn)
 
     def measure(self, model: nn.Module) -> dict:
         """Clean accuracy, ASR, stop recall and false-trigger rate on the monitor split (empty without one)."""

@@ -15,7 +15,10 @@ from torch import nn
 from signtrap import checkpoint
 from signtrap.config import DefendConfig, RunConfig, apply_override, build, parse_override, to_dict
 from signtrap.defences import defend, get_defence, list_defences
-from signtrap.defences.common import CURVE_KEYS, CleanData, DefenceContext, DefenceResult, plot_curve, write_curve_csv
+from signtrap.attacks.poison import build_training_set, plan_poison
+from signtrap.attacks.triggers import place, stamp
+from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, DefenceResult, SuspiciousPool, plot_curve,
+                                      write_curve_csv)
 from signtrap.errors import ConfigError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
@@ -79,7 +82,7 @@ class Session:
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
                              eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress, aug=cfg.aug,
-                             precision=cfg.train.precision)
+                             precision=cfg.train.precision, training_data=lambda: training_pool(exp))
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
 
@@ -125,6 +128,20 @@ class Session:
     def monitor_note(self) -> str:
         m = self.context.monitor
         return f"curves measured on {len(m.labels)} {m.name} images (every source-class image and a uniform sample)"
+
+
+def training_pool(exp: Experiment) -> SuspiciousPool:
+    """The run's training set as its model saw it (the poison plan replayed from the config and seed), triggers stamped."""
+    cfg = exp.cfg
+    plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)
+    ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
+    images = ts.images
+    if not ts.stamped and ts.triggered.any():  # stamped after augmentation in training: stamp them here, unaugmented
+        hit = np.flatnonzero(ts.triggered)
+        images = images.copy()
+        images[hit] = stamp(images[hit], exp.trigger, place(exp.trigger, len(hit), exp.data.size,
+                                                              np.random.default_rng([cfg.seed, 0x5CA4]), ts.rois[hit]))
+    return SuspiciousPool(images, ts.labels, ts.triggered & (ts.labels == plan.target) if cfg.attack.active else None)
 
 
 def monitor_set(exp: Experiment, split: str, samples: int, source: int, seed: int) -> EvalSet:

@@ -17,6 +17,7 @@ from signtrap.plugins import DEFENCES
 from signtrap.progress import say
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
+from signtrap.reporting.detection import detection_section, probe_section
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -26,6 +27,8 @@ SECTIONS = (
     ("training", "Training curves"),
     ("evaluation", "Evaluation: confusion matrix and per-class accuracy"),
     ("defences", "Defences: does the backdoor persist?"),
+    ("probe", "Removed or only hidden? The re-activation probe"),
+    ("detection", "Detection: which detectors see this backdoor?"),
     ("deployment", "Deployment: runtime x precision"),
     ("provenance", "Provenance"),
 )
@@ -424,8 +427,8 @@ def _file_hashes(run: Run, stages: dict) -> list[list]:
     return rows
 
 
-BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section,
-            deployment_section, provenance_section)
+BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section, probe_section,
+            detection_section, deployment_section, provenance_section)
 
 
 def collect_sections(run_dir: Path) -> list[Section]:
