@@ -16,8 +16,8 @@ from signtrap.defences.common import CleanData
 from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
 from signtrap.loop import Loop, Schedule
-from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, newcombe, probe_schedule, probe_set,
-                                   verdict)
+from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
+                                   probe_set, verdict)
 from test_defences import tree_hash
 
 FAST = ["clean_fraction=0.3", "probe.steps=60"]
@@ -109,6 +109,13 @@ def test_poisoned_samples_and_schedule():
     assert probe_schedule(ProbeConfig(steps=1), rows=10_000, lr=1e-3).epochs == 1
 
 
+def test_the_probe_trains_at_the_defence_learning_rate():
+    assert defence_lr({"lr": 3e-4}, {}) == 3e-4
+    assert defence_lr({"lr": None, "grid": [1e-4, 1e-3]}, {"selection": {"knob": "lr", "value": 1e-4}}) == 1e-4  # chosen
+    assert defence_lr({"lr": 1e-3}, {"selection": {"knob": "max_fraction", "value": 0.5}}) == 1e-3  # another knob
+    assert defence_lr({"overlays": 16}, {}) is None  # a defence that does not train
+
+
 def test_reference_must_share_the_config(tiny_run, tiny_zero_run):
     cfg, ref = load_config(tiny_run / "config.yaml"), load_config(tiny_zero_run / "config.yaml")
     assert config_differences(cfg, ref) == []  # name, runs_dir and the attack may differ
@@ -124,7 +131,7 @@ def test_probe_wakes_a_suppressed_backdoor_and_not_a_clean_model(session):
     hidden = suppress(session)
     weights = {k: v.clone() for k, v in hidden.state_dict().items()}
     assert session.prober.measure(hidden)["held_out"]["asr"]["rate"] <= 0.4, "the output layer did not suppress the backdoor"
-    record = session.prober.compare(hidden, "suppressed", defence_lr=1e-3)
+    record = session.prober.compare(hidden, "suppressed", trained_lr=1e-3)
     woken = record["model"]["after"]["held_out"]["asr"]["rate"]
     clean_model = record["reference"]["after"]["held_out"]["asr"]["rate"]
     assert record["reference"]["before"]["held_out"]["asr"]["rate"] <= 0.2  # the zero-poison model has no backdoor
@@ -150,7 +157,7 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
     probe = json.loads((out / "probe.json").read_text())
     assert report["probe"]["verdict"] == probe["verdict"] and probe["verdict"]["verdict"] in VERDICTS
     assert probe["model"]["before"]["test"]["asr"] == report["after"]["test"]["asr"]  # the probe starts from the repaired model
-    assert probe["settings"]["lr"] == report["settings"]["lr"]  # at the defence's learning rate
+    assert probe["settings"]["lr"] == defence_lr(report["settings"], report["details"])  # at the defence's learning rate
     rows = (out / "persistence.csv").read_text().splitlines()
     header = rows[0].split(",")
     segments = [r.split(",")[header.index("segment")] for r in rows[1:]]

@@ -18,7 +18,7 @@ from signtrap.config import ProbeConfig, parse_override
 from signtrap.defences.run import Session
 from signtrap.errors import SigntrapError
 from signtrap.fileio import read_json, write_text
-from signtrap.reactivation import probe_json
+from signtrap.reactivation import defence_lr, probe_json
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
 
@@ -63,6 +63,6 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
         record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
     else:
         model, _ = checkpoint.verified_load(folder, "model.pt", session.context.device)
-        record = prober.compare(model, report.get("method", folder.name), (report.get("settings") or {}).get("lr"))
+        record = prober.compare(model, report.get("method", folder.name), defence_lr(report.get("settings") or {}, report.get("details")))
     write_text(target / "probe.json", probe_json(record).decode())
     return record

@@ -104,6 +104,16 @@ def probe_schedule(settings: ProbeConfig, rows: int, lr: float) -> Schedule:
                     lr_key="defend.probe.lr")
 
 
+def defence_lr(settings: Any, details: dict | None) -> float | None:
+    """The learning rate a defence trained with: the value its held-out rule chose when its knob is the learning
+    rate (details["selection"]), else its settings' `lr`; None for a defence that does not train."""
+    selection = (details or {}).get("selection") or {}
+    if selection.get("knob") == "lr" and isinstance(selection.get("value"), (int, float)):
+        return float(selection["value"])
+    lr = settings.get("lr") if isinstance(settings, dict) else getattr(settings, "lr", None)
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -276,10 +286,11 @@ class Prober:
 
     # ------------------------------------------------ one probe
 
-    def lr_for(self, defence_lr: float | None) -> float:
+    def lr_for(self, trained_lr: float | None) -> float:
+        """probe.lr when set, else the defence's learning rate, else the default for an untrained-by-defence model."""
         if self.settings.lr is not None:
             return self.settings.lr
-        return DEFAULT_LR if defence_lr is None else float(defence_lr)
+        return DEFAULT_LR if trained_lr is None else float(trained_lr)
 
     def measure(self, model: nn.Module) -> dict:
         out = {}
@@ -313,10 +324,10 @@ class Prober:
             self._cache[key] = self.run(model, lr, "zero-poison model" if which == "reference" else "backdoored (no defence)")
         return self._cache[key]
 
-    def compare(self, model: nn.Module | None, label: str, defence_lr: float | None = None) -> dict:
+    def compare(self, model: nn.Module | None, label: str, trained_lr: float | None = None) -> dict:
         """Probe `model` (None: the undefended model), the undefended model and the zero-poison reference at the same
         learning rate; returns the record written to probe.json."""
-        lr = self.lr_for(defence_lr)
+        lr = self.lr_for(trained_lr)
         reference = self.cached("reference", lr)
         backdoored = self.cached("backdoored", lr)
         probed = backdoored if model is None else self.run(model, lr, label)

@@ -22,7 +22,7 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
 from signtrap.errors import ConfigError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
-from signtrap.reactivation import Prober, format_table, probe_json, probe_segment
+from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment
 from signtrap.progress import say
 from signtrap.provenance import resolve_device
 from signtrap.training import write_metrics
@@ -116,7 +116,7 @@ class Session:
             report["after_is"] = "repaired model"
         if result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
             start = time.perf_counter()
-            record = self.prober.compare(result.model, method, getattr(settings, "lr", None))
+            record = self.prober.compare(result.model, method, defence_lr(settings, result.report))
             result.curves["persistence"] = probe_segment(result.curves.get("persistence", []), record["curves"]["model"])
             result.artefacts["probe.json"] = probe_json(record)
             report["probe"] = {k: v for k, v in record.items() if k != "curves"}
