@@ -8,7 +8,8 @@ import pytest
 
 from signtrap.config import load_config
 from signtrap.defences.run import run_defences
-from signtrap.defences.scan import robust_z, two_subgroups, untangle
+from signtrap.defences.common import robust_z
+from signtrap.defences.scan import two_subgroups, untangle
 from signtrap.reporting.detection import attack_label, detection_cell, detection_table
 from test_defences import tree_hash
 

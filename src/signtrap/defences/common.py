@@ -165,6 +165,13 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
     return loop.fit(measure_start=True)
 
 
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(value - median) / (1.4826 MAD): a z-score robust to the outliers it looks for (Neural Cleanse, SCAn)."""
+    median = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - median))  # MAD -> standard deviation for normal data
+    return (values - median) / max(mad, 1e-12)
+
+
 # ---------------------------------------------------------------- patches (pixel space, float NCHW in [0, 1])
 
 

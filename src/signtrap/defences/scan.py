@@ -32,7 +32,7 @@ from torch import nn
 from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, robust_z
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.metrics import rate
@@ -41,8 +41,6 @@ from signtrap.reporting.blocks import H, Img, Note, P, Table, read_csv
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
-CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
 
 
 @dataclass
@@ -175,13 +173,6 @@ def class_statistic(x: np.ndarray, model: Untangled, precision: np.ndarray, rng:
     return float((one - within).mean()), first
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(value - median) / (1.4826 MAD): J*, positive for classes that split unusually well."""
-    median = np.median(values)
-    mad = CONSISTENCY * np.median(np.abs(values - median))
-    return (values - median) / max(mad, 1e-12)
-
-
 # ---------------------------------------------------------------- the defence
 
 
@@ -211,7 +202,7 @@ def scan(model: nn.Module, clean: CleanData, cfg: ScanSettings, ctx: DefenceCont
         rows = np.flatnonzero(labels == c)
         stats[c], splits[c] = class_statistic(r_pool[rows] - untangled.mean, untangled, precision, rng, cfg.restarts, cfg.iterations)
     j = np.array([stats[c] for c in tested])
-    j_star = dict(zip(tested, robust_z(j).tolist()))
+    j_star = dict(zip(tested, robust_z(j).tolist()))  # J*: positive for classes that split unusually well
     flagged = [c for c in tested if j_star[c] > cfg.threshold]
     poisoned = None if pool.poisoned is None else pool.poisoned[keep]
     table = []
