@@ -22,16 +22,11 @@ from pathlib import Path
 from detection_bench import copy_runs
 
 
-def pooled(entries: list[dict]) -> dict:
-    from signtrap.metrics import wilson
-
-    k, n = sum(e["k"] for e in entries), sum(e["n"] for e in entries)
-    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
-
-
-def pooled_record(records: list[dict], key: str) -> dict:
+def pooled_record(results: list[dict]) -> dict:
     """A probe result whose held-out counts are summed over seeds (for the pooled verdict)."""
-    return {stage: {"held_out": {m: pooled([r[key][stage]["held_out"][m] for r in records]) for m in ("asr", "clean_acc")}}
+    from signtrap.reactivation import pool
+
+    return {stage: {"held_out": {m: pool([r[stage]["held_out"][m] for r in results]) for m in ("asr", "clean_acc")}}
             for stage in ("before", "after")}
 
 
@@ -42,38 +37,39 @@ def rate_text(entry: dict) -> str:
     return f"{100 * entry['rate']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def aggregate(per_run: list[list[dict]], seconds: dict[str, list[float]]) -> list[list[str]]:
-    """One row per defence (and the two ends), counts pooled over runs."""
+def mean_pt(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):+.1f} pt" if values else "n/a"
+
+
+def row(label: str, results: list[dict], references: list[dict], verdicts: list[str], margin: float, cost: str, seconds: str) -> list[str]:
     from signtrap.reactivation import verdict
 
+    model, ref = pooled_record(results), pooled_record(references)
+    pooled_verdict = "reference" if verdicts == ["reference"] * len(verdicts) else verdict(model, ref, margin)["verdict"]
+    return [label, f"{len(results)}", cost, rate_text(model["before"]["held_out"]["asr"]), rate_text(model["after"]["held_out"]["asr"]),
+            rate_text(ref["after"]["held_out"]["asr"]),
+            mean_pt([r["clean_acc_change"] for r in results if r["clean_acc_change"] is not None]),
+            f"{', '.join(verdicts)} -> {pooled_verdict}", seconds]
+
+
+def aggregate(per_run: list[list[dict]], seconds: dict[str, list[float]]) -> list[list[str]]:
+    """One row per defence, then the two ends, counts pooled over runs (seeds)."""
     labels = list(dict.fromkeys(r["label"] for records in per_run for r in records))
     rows = []
     for label in labels:
         recs = [r for records in per_run for r in records if r["label"] == label]
-        model, ref, back = pooled_record(recs, "model"), pooled_record(recs, "reference"), pooled_record(recs, "backdoored")
-        margin = recs[0]["settings"]["margin"]
-        change = [100 * r["model"]["clean_acc_change"] for r in recs if r["model"]["clean_acc_change"] is not None]
-        cost = [100 * (r["model"]["before"]["held_out"]["clean_acc"]["rate"] - r["backdoored"]["before"]["held_out"]["clean_acc"]["rate"])
-                for r in recs]
-        verdicts = ", ".join(r["verdict"]["verdict"] for r in recs)
-        rows.append([label, f"{len(recs)}", f"{sum(cost) / len(cost):+.1f} pt", rate_text(model["before"]["held_out"]["asr"]),
-                     rate_text(model["after"]["held_out"]["asr"]), rate_text(ref["after"]["held_out"]["asr"]),
-                     f"{sum(change) / len(change):+.1f} pt" if change else "n/a",
-                     f"{verdicts} -> {verdict(model, ref, margin)['verdict']}",
-                     f"{sum(seconds.get(label, [0])) / max(len(seconds.get(label, [])), 1):.0f}" if seconds.get(label) else "-"])
-    ends = per_run[0][0] if per_run and per_run[0] else None
-    if ends is not None:
-        for key, label in (("backdoored", "backdoored (no defence)"), ("reference", "zero-poison model")):
-            if label in labels:
-                continue
-            recs = [records[0] for records in per_run if records]
-            p, ref = pooled_record(recs, key), pooled_record(recs, "reference")
-            change = [100 * r[key]["clean_acc_change"] for r in recs if r[key]["clean_acc_change"] is not None]
-            rows.append([label, f"{len(recs)}", "-", rate_text(p["before"]["held_out"]["asr"]), rate_text(p["after"]["held_out"]["asr"]),
-                         rate_text(ref["after"]["held_out"]["asr"]), f"{sum(change) / len(change):+.1f} pt" if change else "n/a",
-                         "reference" if key == "reference" else
-                         f"{', '.join(r['backdoored_verdict']['verdict'] for r in recs)} -> {verdict(p, ref, ends['settings']['margin'])['verdict']}",
-                         "-"])
+        cost = mean_pt([r["model"]["before"]["held_out"]["clean_acc"]["rate"] - r["ends"]["backdoored"]["before"]["held_out"]["clean_acc"]["rate"]
+                        for r in recs])
+        secs = seconds.get(label)
+        rows.append(row(label, [r["model"] for r in recs], [r["reference"] for r in recs], [r["verdict"]["verdict"] for r in recs],
+                        recs[0]["settings"]["margin"], cost, f"{sum(secs) / len(secs):.0f}" if secs else "-"))
+    ends = [records[0]["ends"] for records in per_run if records]
+    if ends:
+        margin = next(r for records in per_run for r in records)["settings"]["margin"]
+        refs = [e["reference"] for e in ends]
+        rows.append(row("backdoored (no defence)", [e["backdoored"] for e in ends], refs,
+                        [e["backdoored_verdict"]["verdict"] for e in ends], margin, "-", "-"))
+        rows.append(row("zero-poison model", refs, refs, ["reference"] * len(ends), margin, "-", "-"))
     return rows
 
 

@@ -137,9 +137,9 @@ def test_probe_wakes_a_suppressed_backdoor_and_not_a_clean_model(session):
     assert record["reference"]["before"]["held_out"]["asr"]["rate"] <= 0.2  # the zero-poison model has no backdoor
     assert woken - clean_model >= 0.4, record["verdict"]
     assert record["verdict"]["verdict"] == "hidden", record["verdict"]
-    assert record["backdoored_verdict"]["verdict"] == "persists"
-    for key in ("model", "reference", "backdoored"):
-        assert record[key]["steps"] == record["model"]["steps"] and record[key]["lr"] == 1e-3  # the identical probe
+    assert record["ends"]["backdoored_verdict"]["verdict"] == "persists"
+    for probed in (record["model"], record["reference"], record["ends"]["backdoored"]):
+        assert probed["steps"] == record["model"]["steps"] and probed["lr"] == 1e-3  # the identical probe
     assert all(torch.equal(v, weights[k]) for k, v in hidden.state_dict().items()), "the probe changed the model it was given"
     # identical probe, identical result: the batches depend on the seed only
     again = session.prober.run(session.prober.reference(), 1e-3, "again")

@@ -117,11 +117,15 @@ def defence_lr(settings: Any, details: dict | None) -> float | None:
 # ---------------------------------------------------------------- statistics
 
 
-def pooled(metrics: dict, key: str) -> dict:
-    """One rate over the test and validation splits together: counts added, Wilson interval recomputed."""
-    k = sum(metrics[s][key]["k"] for s in SPLITS)
-    n = sum(metrics[s][key]["n"] for s in SPLITS)
+def pool(entries: list[dict]) -> dict:
+    """One rate from several (splits, seeds): counts added, Wilson interval recomputed."""
+    k, n = sum(e["k"] for e in entries), sum(e["n"] for e in entries)
     return {"rate": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
+
+
+def pooled(metrics: dict, key: str) -> dict:
+    """One rate over the test and validation splits together."""
+    return pool([metrics[s][key] for s in SPLITS])
 
 
 def newcombe(a: dict, b: dict) -> tuple[float, float, float] | None:
@@ -244,6 +248,7 @@ class Prober:
     _reference: nn.Module | None = None
     reference_dir: Path | None = None
     _cache: dict = field(default_factory=dict)
+    _ends_lr: float | None = None  # the learning rate the table's two ends were probed at (the session's first)
 
     def __post_init__(self) -> None:
         a = self.cfg.attack
@@ -325,20 +330,27 @@ class Prober:
         return self._cache[key]
 
     def compare(self, model: nn.Module | None, label: str, trained_lr: float | None = None) -> dict:
-        """Probe `model` (None: the undefended model), the undefended model and the zero-poison reference at the same
-        learning rate; returns the record written to probe.json."""
+        """Probe `model` (None: the undefended model) and the zero-poison reference at the same learning rate (the
+        defence's); the table's two ends (the undefended and zero-poison models) are probed once per session, at the
+        first learning rate used. Returns the record written to probe.json."""
         lr = self.lr_for(trained_lr)
+        if self._ends_lr is None:
+            self._ends_lr = lr
         reference = self.cached("reference", lr)
-        backdoored = self.cached("backdoored", lr)
-        probed = backdoored if model is None else self.run(model, lr, label)
+        ends = {"lr": self._ends_lr, "backdoored": self.cached("backdoored", self._ends_lr),
+                "reference": self.cached("reference", self._ends_lr)}
+        probed = ends["backdoored"] if model is None and lr == self._ends_lr else (
+            self.cached("backdoored", lr) if model is None else self.run(model, lr, label))
+        margin = self.settings.margin
         return {"label": label, "settings": {**dataclasses.asdict(self.settings), "lr": lr}, "k": len(self.rows),
                 "poisoned_budget_rows": [int(r) for r in (self.clean.rows[self.rows] if self.clean.rows is not None else self.rows)],
                 "budget_images": len(self.clean), "reference_dir": str(self.reference_dir),
-                "verdict": verdict(probed, reference, self.settings.margin),
-                "model": strip_curve(probed), "backdoored": strip_curve(backdoored), "reference": strip_curve(reference),
-                "backdoored_verdict": verdict(backdoored, reference, self.settings.margin),
-                "curves": {"model": probed["curve"], "reference": reference["curve"], "backdoored": backdoored["curve"]},
-                "rule": RULE.format(margin=100 * self.settings.margin)}
+                "verdict": verdict(probed, reference, margin), "model": strip_curve(probed), "reference": strip_curve(reference),
+                "ends": {"lr": ends["lr"], "backdoored": strip_curve(ends["backdoored"]), "reference": strip_curve(ends["reference"]),
+                         "backdoored_verdict": verdict(ends["backdoored"], ends["reference"], margin)},
+                "curves": {"model": probed["curve"], "reference": reference["curve"], "backdoored": ends["backdoored"]["curve"],
+                           "ends_reference": ends["reference"]["curve"]},
+                "rule": RULE.format(margin=100 * margin)}
 
 
 def strip_curve(result: dict) -> dict:
@@ -378,20 +390,20 @@ def _rate(entry: dict | None) -> str:
 
 
 def table_rows(records: list[dict]) -> list[list[str]]:
-    """One row per probed defence, then the two ends (undefended and zero-poison models) once per learning rate."""
+    """One row per probed model, then the two ends (undefended and zero-poison models) once per learning rate."""
     rows, ends = [], {}
     for r in records:
         m, ref = r["model"], r["reference"]
         rows.append([r["label"], f"{r['settings']['lr']:g}", _rate(m["before"]["held_out"]["asr"]), _rate(m["after"]["held_out"]["asr"]),
                      _rate(ref["after"]["held_out"]["asr"]), _pts(m["clean_acc_change"]), r["verdict"]["verdict"]])
-        ends.setdefault(r["settings"]["lr"], r)
-    for lr, r in ends.items():
-        for key, verdict_of in (("backdoored", r["backdoored_verdict"]["verdict"]), ("reference", "reference")):
-            e = r[key]
-            if any(row[0] == e["label"] and row[1] == f"{lr:g}" for row in rows):
+        ends.setdefault(r["ends"]["lr"], r["ends"])
+    for lr, e in ends.items():
+        for key, verdict_of in (("backdoored", e["backdoored_verdict"]["verdict"]), ("reference", "reference")):
+            x = e[key]
+            if any(row[0] == x["label"] and row[1] == f"{lr:g}" for row in rows):
                 continue
-            rows.append([e["label"], f"{lr:g}", _rate(e["before"]["held_out"]["asr"]), _rate(e["after"]["held_out"]["asr"]),
-                         _rate(r["reference"]["after"]["held_out"]["asr"]), _pts(e["clean_acc_change"]), verdict_of])
+            rows.append([x["label"], f"{lr:g}", _rate(x["before"]["held_out"]["asr"]), _rate(x["after"]["held_out"]["asr"]),
+                         _rate(e["reference"]["after"]["held_out"]["asr"]), _pts(x["clean_acc_change"]), verdict_of])
     return rows
 
 

@@ -12,7 +12,7 @@ from signtrap.reactivation import format_table
 def cmd_probe(args) -> int:
     record = probe_dir(args.target, args.reference, args.overrides, args.device, show_progress=not progress_mod.QUIET)
     if args.json:
-        print(json.dumps({k: record[k] for k in ("label", "verdict", "model", "reference", "backdoored")}))
+        print(json.dumps({k: record[k] for k in ("label", "verdict", "model", "reference", "ends")}))
     else:
         print(format_table([record]))
         print(f"{record['label']}: {record['verdict']['verdict']}: {record['verdict']['reason']}")

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from signtrap.config import RunConfig
-from signtrap.metrics import wilson
 from signtrap.reactivation import HEADERS as PROBE_HEADERS
-from signtrap.reactivation import table_rows
+from signtrap.reactivation import pool, table_rows
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Section, Table, safe
 
@@ -66,11 +65,6 @@ def detector_outcome(run_dir: Path, method: str, target: int) -> dict | None:
             "target_value": stats.get(str(target)), "target": target, "top_ranked": d.get("top_ranked")}
 
 
-def _pooled(entries: list[dict]) -> dict:
-    k, n = sum(e["k"] for e in entries), sum(e["n"] for e in entries)
-    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
-
-
 def _rate(entry: dict) -> str:
     if entry.get("rate") is None:
         return "n/a"
@@ -83,7 +77,7 @@ def detection_cell(outcomes: list[dict]) -> str:
     if not outcomes:
         return "not run"
     if outcomes[0]["method"] == "strip":
-        det, frr = _pooled([o["detection"] for o in outcomes]), _pooled([o["frr"] for o in outcomes])
+        det, frr = pool([o["detection"] for o in outcomes]), pool([o["frr"] for o in outcomes])
         return f"detects {_rate(det)} at FRR {_rate(frr)}"
     runs = len(outcomes)
     flags: dict[int, int] = {}
@@ -187,10 +181,13 @@ def probe_figure(records: list[dict]) -> bytes:
         curves = r.get("curves") or {}
         line(curves.get("model") or [], color=colours[i % len(colours)], label=r["label"])
         lr = r["settings"]["lr"]
-        if lr not in seen:
+        if lr not in seen:  # the zero-poison model at this defence's learning rate
             seen.add(lr)
-            line(curves.get("backdoored") or [], color="black", label=f"undefended (lr {lr:g})")
             line(curves.get("reference") or [], color="grey", linestyle="--", label=f"zero-poison (lr {lr:g})")
+        ends_lr = r["ends"]["lr"]
+        if ("ends", ends_lr) not in seen:
+            seen.add(("ends", ends_lr))
+            line(curves.get("backdoored") or [], color="black", label=f"undefended (lr {ends_lr:g})")
     ax.set_xlabel("probe epoch (0: before)")
     ax.set_ylabel("ASR, %")
     ax.set_ylim(-3, 103)
