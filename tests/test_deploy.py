@@ -434,6 +434,9 @@ def test_edge_sections_use_only_the_core_and_their_own_names():
         local |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         assert loaded - local - core - defined == set(), name
+        # ... and inside signtrap the plugin module itself must provide the same names
+        module = vars(sys.modules[name])
+        assert {n for n in loaded - local if n in core and n not in dir(builtins)} - set(module) == set(), name
 
 
 def test_export_config_checks():

@@ -114,7 +114,7 @@ def test_export_passes_the_gate(zoo, name):
             assert a["gate"]["kind"] == "parity" and a["gate"]["disagreements_beyond_ties"] == 0
             assert a["gate"]["disagreements"] <= 1 and a["agreement"]["flip_rate"] <= 1 / a["gate"]["images"]
         else:
-            assert a["gate"]["kind"] == "agreement" and a["gate"]["top1_agreement_clean"] >= 0.9
+            assert a["gate"]["kind"] == "agreement" and a["gate"]["top1_agreement_clean"] >= 0.8
     assert manifest["runtimes"][name]["artefacts"] == [a["id"] for a in arts]
 
 
