@@ -335,7 +335,8 @@ class ExecuTorchEdge(EdgeRuntime):
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        portable_lib._unsafe_reset_threadpool(int(threads))
+        if portable_lib._threadpool_get_thread_count() != int(threads):  # the reset prints a line: only when needed
+            portable_lib._unsafe_reset_threadpool(int(threads))
         method = Runtime.get().load_program(paths[0]).load_method("forward")
         bound = int(method.metadata.input_tensor_meta(0).sizes()[0])
 
@@ -356,6 +357,7 @@ class LiteRtEdge(EdgeRuntime):
     """LiteRT's interpreter (XNNPACK delegate); quantized inputs/outputs are (de)quantized with their own scales."""
 
     name = "litert"
+    modules = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")  # either one
     install = "pip install ai-edge-litert (or tflite-runtime)"
 
     def _interpreter_class(self):
@@ -369,7 +371,7 @@ class LiteRtEdge(EdgeRuntime):
         try:
             self._interpreter_class()
         except Exception as exc:
-            return "neither ai_edge_litert nor tflite_runtime can be imported (%s); %s" % (first_line(exc), self.install)
+            return "neither %s can be imported (%s); %s" % (" nor ".join(self.modules), first_line(exc), self.install)
         return None
 
     def version(self):
@@ -727,6 +729,11 @@ def bench_artefacts(directory, manifest, bundle, settings, runtimes, variants=No
             except Exception as exc:  # a runtime that cannot load or run this artefact: record it, keep going
                 row["error"] = "%s: %s" % (type(exc).__name__, first_line(exc))
             rows.append(row)
+    if not explicit:  # artefacts no runtime here knows (an export made by a newer signtrap)
+        known = set(rt.owner() for rt in EDGE_RUNTIMES.values())
+        for name in sorted(set(a["runtime"] for a in manifest["artefacts"]) - known):
+            skipped.append({"runtime": name, "artefacts": [a["id"] for a in manifest["artefacts"] if a["runtime"] == name],
+                            "reason": "this edge script has no runner for runtime '%s'" % name})
     return rows, skipped
 
 

@@ -406,7 +406,11 @@ def test_edge_script_is_python38_numpy_only_and_assembled_from_the_plugins():
             top_level |= {a.name.split(".")[0] for n in node.body if isinstance(n, ast.Import) for a in n.names}
     for node in ast.walk(tree):
         assert not isinstance(node, (ast.Match, ast.NamedExpr)), "keep the edge script plain Python 3.8"
-        assert not (isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("torch", "signtrap") for a in node.names))
+        assert not (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "signtrap" for a in node.names))
+    # torch only where a runtime's own Python bindings need it (ExecuTorch links libtorch)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        imports_torch = any(isinstance(n, ast.Import) and any(a.name == "torch" for a in n.names) for n in ast.walk(cls))
+        assert not imports_torch or cls.name == "ExecuTorchEdge", cls.name
     assert top_level - set(sys.stdlib_module_names) - {"__future__"} == {"numpy"}
     for name, section in runtimes.edge_sections().items():
         assert script.count(section) == 1, name
@@ -431,7 +435,7 @@ def test_edge_sections_use_only_the_core_and_their_own_names():
         local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         local |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
         local |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-        local |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        local |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler)) and n.name}
         loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         assert loaded - local - core - defined == set(), name
         # ... and inside signtrap the plugin module itself must provide the same names
@@ -472,3 +476,20 @@ def test_optional_quantizer_variants(tiny_run, tmp_path):
     assert arts["onnxruntime:int8-entropy"]["conversion"]["calibration_method"] == "entropy"
     assert arts["onnxruntime:int8"]["conversion"]["per_channel"] is False
     assert (out / "model.int8-perchannel.onnx").read_bytes() != (out / "model.int8.onnx").read_bytes()
+
+
+def test_artefacts_of_an_unknown_runtime_are_listed_as_skipped(export_copy, tmp_path):
+    """An export made by a newer signtrap may hold artefacts this edge script has no runner for."""
+    shutil.copy(export_copy / "model.fp32.onnx", export_copy / "model.future.fp32.bin")
+
+    def add(m):
+        m["artefacts"].append({"id": "future:fp32", "runtime": "future", "variant": "fp32", "precision": "fp32",
+                               "files": ["model.future.fp32.bin"]})
+        m["files"]["model.future.fp32.bin"] = {"sha256": edge_bench.sha256_file(export_copy / "model.future.fp32.bin")}
+
+    rewrite_manifest(export_copy, add)
+    out = tmp_path / "edge.json"
+    proc = run_edge(export_copy, no_torch_env(tmp_path), "--out", str(out), "--quiet", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    skipped = {s["runtime"]: s for s in json.loads(out.read_text())["skipped"]}
+    assert skipped["future"]["artefacts"] == ["future:fp32"] and "no runner for runtime 'future'" in skipped["future"]["reason"]

@@ -41,7 +41,8 @@ class ExecuTorchEdge(EdgeRuntime):
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        portable_lib._unsafe_reset_threadpool(int(threads))
+        if portable_lib._threadpool_get_thread_count() != int(threads):  # the reset prints a line: only when needed
+            portable_lib._unsafe_reset_threadpool(int(threads))
         method = Runtime.get().load_program(paths[0]).load_method("forward")
         bound = int(method.metadata.input_tensor_meta(0).sizes()[0])
 

@@ -35,6 +35,7 @@ class LiteRtEdge(EdgeRuntime):
     """LiteRT's interpreter (XNNPACK delegate); quantized inputs/outputs are (de)quantized with their own scales."""
 
     name = "litert"
+    modules = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")  # either one
     install = "pip install ai-edge-litert (or tflite-runtime)"
 
     def _interpreter_class(self):
@@ -48,7 +49,7 @@ class LiteRtEdge(EdgeRuntime):
         try:
             self._interpreter_class()
         except Exception as exc:
-            return "neither ai_edge_litert nor tflite_runtime can be imported (%s); %s" % (first_line(exc), self.install)
+            return "neither %s can be imported (%s); %s" % (" nor ".join(self.modules), first_line(exc), self.install)
         return None
 
     def version(self):
