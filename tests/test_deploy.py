@@ -136,27 +136,28 @@ def test_gate_kinds():
         gate("x:int8", "int8", -ref, ref, 100, cfg)
 
 
-def test_failed_gate_writes_nothing_for_a_defence_export(tiny_run, tmp_path, monkeypatch):
-    """A defence's checkpoint exports through runs/NAME/defence-METHOD; a failed gate leaves no folder."""
+@pytest.fixture
+def defended_run(tiny_run, tmp_path, monkeypatch) -> Path:
+    """runs/NAME with a defence-finetune output (the trained checkpoint stands in for the defended one), cwd = tmp_path."""
     run = tmp_path / "runs" / tiny_run.name
     (run / "defence-finetune").mkdir(parents=True)
     shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
     for name in ("model.pt", "checksums.json"):
         shutil.copy(tiny_run / name, run / "defence-finetune" / name)
     monkeypatch.chdir(tmp_path)
+    return run
+
+
+def test_failed_gate_writes_nothing_for_a_defence_export(defended_run, tmp_path):
+    """A defence's checkpoint exports through runs/NAME/defence-METHOD; a failed gate leaves no folder."""
+    run = defended_run
     with pytest.raises(SigntrapError, match="parity gate failed"):
         export_run(run, defence="finetune", overrides={**ORT, "parity_atol": 1e-12, "parity_rtol": 0.0}, threads=1)
     assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
 
 
-def test_defence_export_benches_as_defended(tiny_run, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "runs" / tiny_run.name
-    (run / "defence-finetune").mkdir(parents=True)
-    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
-    for name in ("model.pt", "checksums.json"):
-        shutil.copy(tiny_run / name, run / "defence-finetune" / name)
-    monkeypatch.chdir(tmp_path)
-    out = export_run(run, defence="finetune", overrides={**ORT, "quantizers": []}, threads=1)
+def test_defence_export_benches_as_defended(defended_run, tiny_run):
+    out = export_run(defended_run, defence="finetune", overrides={**ORT, "quantizers": []}, threads=1)
     assert out == Path("export") / f"{tiny_run.name}-defence-finetune"
     assert main(["--quiet", "bench", str(out), *FAST]) == 0
     bench = json.loads((out / "bench.json").read_text())
