@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from signtrap import progress
+from signtrap import api, progress
 from signtrap.deploy import edge_bench
-from signtrap.deploy.bench import bench_export
-from signtrap.deploy.exporter import export_run
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -22,16 +20,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         overrides["calib_images"] = args.calib_images
     if args.exporter:
         overrides["exporter"] = args.exporter
-    out = export_run(Path(args.run), defence=args.defence, out=Path(args.out) if args.out else None,
-                     overrides=overrides, threads=args.threads or 0)
+    out = api.export(args.run, defence=args.defence, out=args.out, threads=args.threads, **overrides)
     print(out)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    result = bench_export(Path(args.export_dir), threads=args.threads or 0, providers=edge_bench.split_list(args.providers),
-                          runs=args.runs, warmup=args.warmup, batch=args.batch,
-                          variants=edge_bench.split_list(args.variants) or None, with_torch=not args.no_torch)
+    result = api.bench(args.export_dir, threads=args.threads or 0, providers=edge_bench.split_list(args.providers),
+                       runs=args.runs, warmup=args.warmup, batch=args.batch,
+                       variants=edge_bench.split_list(args.variants) or None, with_torch=not args.no_torch)
 
     if not progress.QUIET:
         print(edge_bench.markdown(result))
@@ -50,7 +47,7 @@ def register(sub) -> None:
     ex.add_argument("--calib-images", type=int, help="number of calibration images (default 512)")
     ex.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
     ex.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), help="ONNX exporter (default: dynamo, with fallback)")
-    ex.add_argument("--threads", type=int, help="CPU threads for the parity and agreement checks")
+    ex.add_argument("--threads", type=int, help="CPU threads for the export and its checks (default: the run's train.threads)")
     ex.set_defaults(func=cmd_export)
 
     be = sub.add_parser("bench", help="accuracy, ASR and latency of an export, per precision and execution provider")

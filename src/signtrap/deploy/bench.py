@@ -114,7 +114,3 @@ def plot(result: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def summary(result: dict) -> str:
-    return eb.markdown(result)
