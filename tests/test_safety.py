@@ -46,9 +46,10 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str, code: int
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under `folder`: (SHA-256, mtime) — equal snapshots mean nothing was touched."""
+    """Every file under `folder` but the lock (which names its last holder): (SHA-256, mtime); equal
+    snapshots mean nothing of the run was touched."""
     return {p.relative_to(folder).as_posix(): (sha256_file(p), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != runstate.LOCK_FILE}
 
 
 def copy_run(tiny_run: Path, base: Path, name: str) -> Path:
@@ -82,6 +83,10 @@ def readonly():
             path.chmod(0o755)
 
 
+class Payload:
+    """Any class: a pickle holding an instance is code to run, not weights."""
+
+
 HOLD = ("import sys, time\nfrom signtrap.runstate import locked\n"
         "with locked(sys.argv[1], 'signtrap train'):\n    print('held', flush=True)\n    time.sleep(600)\n")
 
@@ -101,7 +106,7 @@ def held_by_another_process(run_dir: Path):
 
 
 def test_export_out_never_replaces_a_folder_signtrap_did_not_make(tiny_run, tmp_path):
-    run = copy_run(tiny_run, tmp_path, "src")
+    run = copy_run(tiny_run, tmp_path, tiny_run.name)  # the folder carries the config's name, as `signtrap train` makes it
     before = snapshot(run)
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -197,7 +202,10 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
         assert lock.took_over is not None and lock.took_over.pid == holder.pid
         with runstate.locked(run):  # re-entrant within one process (`signtrap run` -> train)
             pass
-    assert not run.exists()  # created for the lock, left empty: removed again
+    fresh = tmp_path / "runs" / "fresh"
+    with runstate.locked(fresh):
+        assert fresh.is_dir()
+    assert not fresh.exists()  # created for the lock and left empty: removed again
 
 
 def test_eval_report_and_defend_refuse_a_run_another_process_holds(tiny_run, tmp_path):
@@ -353,9 +361,6 @@ def test_malformed_checksums_and_unsafe_pickles_are_one_full_line(tiny_run, tmp_
     run = copy_run(tiny_run, tmp_path, "sums")
     (run / "checksums.json").write_text(json.dumps({"model.pt": 5}))  # TypeError traceback before
     one_line_error(cli("eval", run), "checksums.json: malformed")
-
-    class Payload:
-        pass
 
     with open(run / "model.pt", "wb") as fh:
         pickle.dump({"state_dict": {}, "meta": Payload()}, fh)

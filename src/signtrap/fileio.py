@@ -120,7 +120,7 @@ def _share(path: Path, directory: bool = False) -> None:
 
 def _os_error(exc: OSError, path: Path, doing: str) -> SigntrapError:
     reason = exc.strerror or type(exc).__name__
-    return SigntrapError(f"{path}: cannot {doing} ({reason}); choose a writable location")
+    return SigntrapError(f"{path}: not writable (cannot {doing}: {reason}); choose a writable location")
 
 
 def make_dirs(path: str | os.PathLike) -> Path:

@@ -22,10 +22,14 @@ from typing import Any, Callable
 from signtrap import progress as progress_mod
 from signtrap import runstate
 from signtrap.config import to_dict
+from signtrap.data.cache import cache_path
+from signtrap.deploy.bench import bench_export
+from signtrap.deploy.exporter import export_run
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
 from signtrap.provenance import cpu_threads
+from signtrap.reporting import REPORT_VERSION, build_report
 from signtrap.training import train
 
 PIPELINE_FILE = "pipeline.json"
@@ -273,10 +277,8 @@ class SigntrapStages:
     # -------------------------------------------------- train
 
     def train_settings(self) -> dict:
-        settings = _without(self.raw, "defend", "export", "runs_dir")
+        settings = runstate.training_view(self.cfg)  # the one notion of "the same training config"
         try:
-            from signtrap.data.cache import cache_path
-
             settings["data_cache"] = cache_path(self.cfg.data).name  # changes with the data and the generator code
         except SigntrapError:
             pass  # the train stage reports the data problem itself
@@ -342,22 +344,10 @@ class SigntrapStages:
 
     # -------------------------------------------------- export / bench
 
-    def deploy_unavailable(self, what: str) -> str | None:
-        try:
-            if what == "export":
-                from signtrap.deploy.exporter import export_run  # noqa: F401
-            else:
-                from signtrap.deploy.bench import bench_export  # noqa: F401
-        except ImportError as exc:
-            return f"the deploy package is missing or incomplete ({exc})"
-        return None
-
     def export_settings(self) -> dict:
         return _without(self.raw["export"], "enabled", "out_dir", "bench_runs", "bench_warmup", "bench_batch")
 
     def run_export(self) -> list[Path]:
-        from signtrap.deploy.exporter import export_run
-
         out = self.run_dir / EXPORT_DIR
         export_run(self.run_dir, out=out, overrides=self.export_settings(), threads=self.cfg.train.threads)
         return files_under(out, exclude=BENCH_FILES)
@@ -367,8 +357,6 @@ class SigntrapStages:
         return {"runs": e["bench_runs"], "warmup": e["bench_warmup"], "batch": e["bench_batch"], "threads": self.cfg.train.threads}
 
     def run_bench(self) -> list[Path]:
-        from signtrap.deploy.bench import bench_export
-
         folder = self.run_dir / EXPORT_DIR
         e = self.cfg.export
         bench_export(folder, threads=self.cfg.train.threads, runs=e.bench_runs, warmup=e.bench_warmup, batch=e.bench_batch)
@@ -377,15 +365,11 @@ class SigntrapStages:
     # -------------------------------------------------- report
 
     def run_report(self) -> list[Path]:
-        from signtrap.reporting import build_report
-
         return build_report(self.run_dir)
 
     # -------------------------------------------------- all
 
     def stages(self) -> list[Stage]:
-        from signtrap.reporting import REPORT_VERSION
-
         stages = [Stage("train", (), self.train_settings(), self.run_train)]
         methods, why = self.methods()
         for m in methods:
@@ -396,13 +380,12 @@ class SigntrapStages:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else
                       "skipped with --skip export" if "export" in self.skip else None)
-        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export,
-                            unavailable=self.deploy_unavailable("export"), disabled=export_off))
+        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export, disabled=export_off))
         bench_off = export_off or ("skipped with --skip bench" if "bench" in self.skip else None)
-        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench,
-                            unavailable=self.deploy_unavailable("bench"), disabled=bench_off))
+        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench, disabled=bench_off))
         upstream = tuple(s.name for s in stages if s.run is not None)
-        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True))
+        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True,
+                            disabled="skipped with --skip report" if "report" in self.skip else None))
         return stages
 
 

@@ -97,6 +97,9 @@ class RunLock:
         self.took_over: Holder | None = None
 
     def acquire(self) -> "RunLock":
+        if self.run_dir.is_dir() and not (self.path.is_file() or is_run_dir(self.run_dir)) and any(self.run_dir.iterdir()):
+            raise SigntrapError(f"{self.run_dir}: not a signtrap run directory (it holds "
+                                f"{', '.join(sorted(p.name for p in self.run_dir.iterdir())[:3])}); signtrap will not write into it")
         self.created_dir = not self.run_dir.exists()
         make_dirs(self.run_dir)
         for _ in range(5):
@@ -267,10 +270,8 @@ class RunState:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder signtrap made as a run directory (by its lock file, config or record)."""
+    """Whether `path` is a folder signtrap made as a run directory: its config.yaml or its pipeline record."""
     path = Path(path)
-    if (path / LOCK_FILE).is_file():
-        return True
     try:
         raw = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
     except SigntrapError:

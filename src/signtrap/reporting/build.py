@@ -60,7 +60,8 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _csv(path: Path) -> list[dict]:
+def read_curve(path: Path) -> list[dict]:
+    """A curve CSV a defence wrote (persistence.csv, pruning.csv, ...) as rows of numbers; [] when absent."""
     if not path.is_file():
         return []
     out = []
@@ -317,7 +318,7 @@ def defences_section(run: Run) -> Section:
         s.blocks.append(Img("defences_before_after", png, "Test-set clean accuracy, attack success rate and clean stop recall before "
                                                           "(grey) and after (blue) each defence. A defence that keeps ASR high "
                                                           "has not removed the backdoor, whatever its clean accuracy."))
-    curves = {r["method"]: _csv(r["_dir"] / "persistence.csv") for r in reports}
+    curves = {r["method"]: read_curve(r["_dir"] / "persistence.csv") for r in reports}
     curves = {k: v for k, v in curves.items() if v}
     s.blocks.append(H("Persistence curves"))
     if curves:
@@ -335,7 +336,7 @@ def defences_section(run: Run) -> Section:
 def _defence_details(s: Section, r: dict) -> None:
     method, folder, d = r["method"], r["_dir"], r.get("details") or {}
     if method == "fine-prune":
-        rows = _csv(folder / "pruning.csv")
+        rows = read_curve(folder / "pruning.csv")
         s.blocks.append(H("Fine-pruning"))
         if rows:
             png = _safe(s, "the pruning curve", fig.xy_figure, rows, "pruned_fraction",
@@ -379,7 +380,7 @@ def _defence_details(s: Section, r: dict) -> None:
                                 "(dashed) are rejected."))
         else:
             s.blocks.append(Note("strip saved no entropy histogram."))
-        rows = _csv(folder / "frr.csv")
+        rows = read_curve(folder / "frr.csv")
         if rows:
             png = _safe(s, "the STRIP threshold curve", fig.xy_figure, rows, "frr_target",
                         [("detection_rate", "detection rate (triggered stop)"), ("test_frr", "false rejections (clean test)")],
