@@ -50,7 +50,7 @@ from signtrap.fileio import KINDS, check_replaceable, read_json, require_writabl
 from signtrap.pipeline import run_pipeline
 from signtrap.provenance import cpu_threads
 from signtrap.reporting import build_report
-from signtrap.reporting.build import read_curve
+from signtrap.reporting.blocks import read_csv
 from signtrap.sweeps import SweepOutcome, run_sweep, yaml_value
 from signtrap.training import train as train_run
 
@@ -166,7 +166,7 @@ class Run:
     def curve(self, method: str, name: str = "persistence") -> list[dict]:
         """A curve defence `method` wrote as rows of numbers: "persistence" (ASR and clean accuracy per epoch),
         "pruning" (fine-prune), "frr" (strip); [] when it wrote none."""
-        return read_curve(self.dir / f"defence-{method}" / f"{name}.csv")
+        return read_csv(self.dir / f"defence-{method}" / f"{name}.csv")
 
     @property
     def exports(self) -> list[Path]:

@@ -26,6 +26,9 @@ from signtrap.data.cache import cache_path
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import export_run
 from signtrap.errors import ConfigError, SigntrapError
+from signtrap.config import DEFEND_COMMON, to_dict
+from signtrap.defences import list_defences
+from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
 from signtrap.provenance import cpu_threads
@@ -38,7 +41,7 @@ EXPORT_DIR = "export"  # the pipeline's export folder, inside the run directory
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
 # stage outcomes
-RAN, SKIPPED, FAILED, UNAVAILABLE, DISABLED, BLOCKED = "ran", "skipped", "failed", "unavailable", "disabled", "blocked"
+RAN, SKIPPED, FAILED, DISABLED, BLOCKED = "ran", "skipped", "failed", "disabled", "blocked"
 
 
 @dataclass
@@ -49,7 +52,6 @@ class Stage:
     deps: tuple[str, ...]
     settings: Any  # JSON-able: what, besides the upstream outputs, the stage's result depends on
     run: Callable[[], list[Path]] | None
-    unavailable: str | None = None  # why the stage cannot run here (module missing or incomplete)
     disabled: str | None = None  # why the config turned it off
     soft_deps: bool = False  # run with whatever upstream stages succeeded (the report)
 
@@ -138,11 +140,9 @@ class Pipeline:
 
     def gate(self, stage: Stage, status: dict[str, str], remade: set[str]) -> tuple[str, str | None, list[str]]:
         """(what to do, why, the upstream stages it builds on) for `stage`, given what happened upstream:
-        DISABLED / UNAVAILABLE / BLOCKED (with the reason), SKIPPED (intact) or RAN (with why it must run)."""
+        DISABLED / BLOCKED (with the reason), SKIPPED (intact) or RAN (with why it must run)."""
         if stage.disabled:
             return DISABLED, stage.disabled, []
-        if stage.unavailable:
-            return UNAVAILABLE, stage.unavailable, []
         missing = [d for d in stage.deps if status.get(d) not in (RAN, SKIPPED)]
         if missing and not stage.soft_deps:
             return BLOCKED, f"needs {', '.join(missing)}, which did not complete", []
@@ -167,17 +167,17 @@ class Pipeline:
         outcomes: list[Outcome] = []
         status: dict[str, str] = {}
         remade: set[str] = set()
-        active = [s for s in self.stages if not s.disabled and not s.unavailable]
+        active = [s for s in self.stages if not s.disabled]
         previous = {s.name: self.record["stages"].get(s.name, {}).get("seconds") for s in active}
         started = time.perf_counter()
         for index, stage in enumerate(self.stages, 1):
             head = f"[{index}/{len(self.stages)}] {stage.name}"
             kind, reason, deps = self.gate(stage, status, remade)
-            if kind in (DISABLED, UNAVAILABLE, BLOCKED):
+            if kind in (DISABLED, BLOCKED):
                 self._mark(stage.name, kind, reason)
                 outcomes.append(Outcome(stage.name, kind, reason))
                 status[stage.name] = kind
-                say(f"{head}: {kind.upper() if kind == UNAVAILABLE else kind}: {reason}")
+                say(f"{head}: {kind}: {reason}")
                 continue
             if kind == SKIPPED:
                 outcomes.append(Outcome(stage.name, SKIPPED, reason))
@@ -217,7 +217,7 @@ class Pipeline:
         return outcomes
 
     def _eta(self, remaining: list[Stage], previous: dict, status: dict) -> str:
-        known = [previous.get(s.name) for s in remaining if not s.disabled and not s.unavailable]
+        known = [previous.get(s.name) for s in remaining if not s.disabled]
         if known and all(isinstance(k, (int, float)) for k in known):
             return f", about {sum(known):.0f} s left (last run's timings)"
         return ""
@@ -304,37 +304,19 @@ class SigntrapStages:
 
     # -------------------------------------------------- defend
 
-    def methods(self) -> tuple[list[str], str | None]:
-        """The defences to run, or why none can run here."""
-        try:
-            from signtrap.defences import get_defence, list_defences
-            from signtrap.defences.run import Session  # noqa: F401
-        except ImportError as exc:
-            return list(self.cfg.defend.methods), f"the defences package is missing or incomplete ({exc})"
-        try:
-            names = list(self.cfg.defend.methods) or list_defences()
-        except ImportError as exc:
-            return list(self.cfg.defend.methods), f"the defences package is incomplete ({exc})"
-        for name in names:
-            try:
-                get_defence(name)
-            except ImportError as exc:
-                return names, f"the defences package is incomplete ({exc})"
-            except SigntrapError as exc:
-                raise ConfigError(f"config defend.methods: {exc}") from None
-        return names, None
+    def methods(self) -> list[str]:
+        """The defences to run: the config's `defend.methods` (validated at load), else every registered defence."""
+        return list(self.cfg.defend.methods) or list_defences()
 
     def defend_settings(self, method: str) -> dict:
-        d = self.raw["defend"]
-        section = d.get(method.replace("-", "_"), {})
-        return {"common": _without(d, "methods", "finetune", "adv_pgd", "redteam", "fine_prune", "neural_cleanse", "strip"),
-                "method": method, "settings": section}
+        """What a defence's output depends on besides the trained model: the common settings and its own."""
+        d = self.cfg.defend
+        common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k != "methods"}
+        return {"common": common, "method": method, "settings": dataclasses.asdict(d.method(method))}
 
-    def session(self):
+    def session(self) -> Session:
         if self._session is None:
-            from signtrap.defences.run import Session
-
-            overrides = flat_overrides(_without(self.raw["defend"], "methods"))
+            overrides = flat_overrides({k: v for k, v in self.raw["defend"].items() if k != "methods"})
             self._session = Session.open(self.run_dir, overrides, None, show_progress=not progress_mod.QUIET)
         return self._session
 
@@ -371,11 +353,11 @@ class SigntrapStages:
 
     def stages(self) -> list[Stage]:
         stages = [Stage("train", (), self.train_settings(), self.run_train)]
-        methods, why = self.methods()
+        methods = self.methods()
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
             stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), lambda m=m: self.run_defence(m),
-                                unavailable=why, disabled=off))
+                                disabled=off))
         if not methods:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else
@@ -421,7 +403,7 @@ def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = (), overwrite
         outcomes = pipe.run()
         seconds = time.perf_counter() - started
         report = run_dir / "report.html"
-        problems = [o for o in outcomes if o.status in (FAILED, UNAVAILABLE, BLOCKED)]
+        problems = [o for o in outcomes if o.status in (FAILED, BLOCKED)]
         summary = {"run": str(run_dir), "report": str(report) if report.is_file() else None,
                    "report_md": str(run_dir / "report.md") if (run_dir / "report.md").is_file() else None,
                    "seconds": round(seconds, 2), "ok": not problems,

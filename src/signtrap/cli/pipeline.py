@@ -9,7 +9,7 @@ from pathlib import Path
 from signtrap import api
 from signtrap import progress as progress_mod
 from signtrap.cli.common import add_config_args, config_and_overrides
-from signtrap.pipeline import BLOCKED, FAILED, UNAVAILABLE, summary_text
+from signtrap.pipeline import BLOCKED, FAILED, summary_text
 
 
 def cmd_run(args) -> int:
@@ -28,7 +28,7 @@ def cmd_run(args) -> int:
             print(f"        (open it in a browser: file://{Path(summary['report']).resolve()}; Markdown: {summary['report_md']})")
     if not summary["ok"]:
         for s in summary["stages"]:
-            if s["status"] in (FAILED, UNAVAILABLE, BLOCKED):
+            if s["status"] in (FAILED, BLOCKED):
                 print(f"signtrap: error: pipeline stage {s['name']} {s['status']}: {s['reason']}", file=sys.stderr)
         return 1
     return 0
