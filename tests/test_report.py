@@ -22,7 +22,7 @@ DEFENCES = {  # small settings: real outputs of every kind of defence (repair, p
     "finetune": {"finetune__epochs": 1},
     "fine-prune": {"fine_prune__epochs": 1, "fine_prune__step": 0.2},
     "neural-cleanse": {"neural_cleanse__top_k": 0, "neural_cleanse__candidates": [0, 3, 7, 14], "neural_cleanse__steps": 30,
-                       "neural_cleanse__samples": 128, "neural_cleanse__batch_size": 16, "neural_cleanse__unlearn_epochs": 1},
+                       "neural_cleanse__samples": 128, "neural_cleanse__batch_size": 16, "neural_cleanse__epochs": 1},
     "strip": {"strip__overlays": 4, "strip__eval_samples": 200},
 }
 

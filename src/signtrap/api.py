@@ -14,7 +14,8 @@ same things in the same order (validate, lock the run directory, apply `train.th
 
 Config overrides. A function that takes a config (`train`, `run`, the data helpers, `load_config`) accepts
 `config` as a YAML path, a `RunConfig`, or None (the built-in defaults), and overrides in either form:
-- keyword arguments, `__` standing for the dots of a key: `train__epochs=4` is `train.epochs=4`;
+- keyword arguments, `__` standing for the dots of a key: `train__epochs=4` is `train.epochs=4` (in a defence's
+  name `_` stands for its hyphen: `defend__fine_prune__epochs=2` is `defend.fine-prune.epochs=2`);
 - `overrides=`: a mapping `{"train.epochs": 4}` or a list of `"train.epochs=4"` strings, as on the command line.
 Both may be given; keyword arguments are applied last. `defend` takes the `defend:` section's keys the same
 way (`finetune__epochs=3`, the `defend.` prefix optional).
@@ -40,6 +41,7 @@ from signtrap.config import RunConfig
 from signtrap.data import cache as data_cache
 from signtrap.data.cache import SignData
 from signtrap.data.fetch import fetch as fetch_archives
+from signtrap.defences import list_defences
 from signtrap.defences.run import run_defences
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
@@ -73,8 +75,15 @@ def override_strings(overrides: Overrides = None, **keywords: Any) -> list[str]:
             if not isinstance(text, str) or "=" not in text:
                 raise ConfigError(f"override {text!r} is not of the form key.sub=value")
             out.append(text)
-    out += [f"{key.replace('__', '.')}={yaml_value(value)}" for key, value in keywords.items()]
+    out += [f"{keyword_key(key)}={yaml_value(value)}" for key, value in keywords.items()]
     return out
+
+
+def keyword_key(keyword: str) -> str:
+    """A keyword argument as a config key: `__` is a dot, and in a segment naming a registered defence whose
+    name has a hyphen (which Python names cannot), `_` is the hyphen: `fine_prune__epochs` -> `fine-prune.epochs`."""
+    defences = set(list_defences())
+    return ".".join(part.replace("_", "-") if part.replace("_", "-") in defences else part for part in keyword.split("__"))
 
 
 def load_config(config: str | os.PathLike | RunConfig | None = None, overrides: Overrides = None, **keywords: Any) -> RunConfig:

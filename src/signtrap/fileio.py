@@ -56,19 +56,17 @@ def pid_alive(pid: int) -> bool:
 def orphan(entry: Path, name: str | None = None, owned: bool = False) -> bool:
     """Whether `entry` is a temporary file left by a dead writer (of target `name`, when given).
 
-    `owned`: the caller holds the lock of the folder (a run directory), so every temporary file in it that
-    is not its own is an orphan, including the ones written before temporary names carried a PID.
+    `owned`: the caller holds the lock of the folder (a run directory), so a temporary file written before
+    temporary names carried a PID, or by a process on another host, is an orphan too. A live process on this
+    host keeps its files in any case (an export may write beside its target inside a run directory).
     """
     match = _TMP.match(entry.name)
     if match:
         if name is not None and match["name"] != name:
             return False
-        pid = int(match["pid"])
-        if pid == os.getpid() and match["host"] == HOST_ID:
-            return False
-        if owned:
-            return True
-        return match["host"] == HOST_ID and not pid_alive(pid)
+        if match["host"] != HOST_ID:
+            return owned
+        return not pid_alive(int(match["pid"]))
     legacy = entry.name.startswith(".") and entry.name.endswith(".tmp")
     return owned and legacy and (name is None or entry.name.startswith(f".{name}."))
 
