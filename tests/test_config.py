@@ -46,9 +46,13 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def _get(cfg, dotted: str):
+    """A dotted key of a config, read from its resolved mapping (as written to config.yaml)."""
+    from signtrap.config import to_dict
+
+    node = to_dict(cfg)
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+        node = node[part]
+    return node
 
 
 def _leaves(raw: dict, prefix: str = "") -> dict:

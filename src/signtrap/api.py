@@ -259,7 +259,8 @@ def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.
     check_replaceable(target, "export", protect=(run_dir,))  # before loading anything
     require_writable(target.parent)
     threads = cfg.train.threads if threads is None else threads
-    with cpu_threads(threads):
+    inside = run_dir.resolve() in target.resolve().parents  # e.g. RUN/export: written under the run's lock
+    with cpu_threads(threads), (runstate.locked(run_dir, "signtrap export") if inside else contextlib.nullcontext()):
         return export_run(run_dir, defence=defence, out=target, overrides=settings, threads=threads)
 
 
