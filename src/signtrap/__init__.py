@@ -38,4 +38,4 @@ def __getattr__(name: str) -> Any:  # PEP 562: the API is imported on first use
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted(__all__)

@@ -85,7 +85,7 @@ def _failure(log: str, step: str, rc: int) -> str:
     lines = [line.strip() for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("signtrap: error:")]
     if errors:
-        detail = errors[-1].removeprefix("signtrap: error:").strip()
+        detail = errors[0].removeprefix("signtrap: error:").strip()  # the first: what failed, not what it blocked
     elif rc < 0:
         detail = f"killed by signal {-rc}"
     else:
