@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -28,10 +29,14 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, or a pickle that is not plain weights
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            raise SigntrapError(f"{path}: refused: it holds Python objects, not only weights, and loading it could run "
-                                "arbitrary code (signtrap loads checkpoints with weights_only=True)") from None
-        raise SigntrapError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {one_line(str(exc), 160)})") from None
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise SigntrapError(f"{path}: refused: it holds a Python object ({found[1]}), not only weights, and loading it "
+                                "could run arbitrary code (signtrap loads checkpoints with weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text.replace(": \n\n", ": "))
+        reason = detail[1].strip() if detail else f"{type(exc).__name__}: {one_line(text, 160)}"
+        raise SigntrapError(f"{path}: unreadable checkpoint ({reason})") from None
     if not isinstance(payload, dict):
         raise SigntrapError(f"{path}: not a signtrap checkpoint (it holds a {type(payload).__name__}, not a dict)")
     return payload
