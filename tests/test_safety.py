@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -362,10 +361,9 @@ def test_malformed_checksums_and_unsafe_pickles_are_one_full_line(tiny_run, tmp_
     (run / "checksums.json").write_text(json.dumps({"model.pt": 5}))  # TypeError traceback before
     one_line_error(cli("eval", run), "checksums.json: malformed")
 
-    with open(run / "model.pt", "wb") as fh:
-        pickle.dump({"state_dict": {}, "meta": Payload()}, fh)
+    torch.save({"state_dict": {}, "meta": Payload()}, run / "model.pt")  # runs Payload's code when unpickled
     (run / "checksums.json").write_text(json.dumps({"model.pt": sha256_file(run / "model.pt")}))
-    line = one_line_error(cli("eval", run), "model.pt: refused")
+    line = one_line_error(cli("eval", run), "model.pt: refused: it holds a Python object (test_safety.Payload)")
     assert line.endswith("(signtrap loads checkpoints with weights_only=True)")  # not cut mid-word
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise SigntrapError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, or a pickle that is not plain weights
         text = str(exc)
         found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
