@@ -34,8 +34,8 @@ def full_run(tiny_run, tmp_path_factory) -> Path:
     shutil.copytree(tiny_run, run)
     for method, settings in DEFENCES.items():
         signtrap.defend(run, method, **settings)
-    folder = signtrap.export(run, out=run / "export", calib_images=32)
-    signtrap.bench(folder, runs=3, warmup=1, batch=8, providers=["cpu"])
+    folder = signtrap.export(run, out=run / "export", calib_images=32, runtimes=["onnxruntime"])
+    signtrap.bench(folder, runs=3, warmup=1, batch=8, runtimes=["onnxruntime"])
     signtrap.report(run)
     return run
 
