@@ -1,5 +1,6 @@
 """The re-activation probe: removed or only hidden? (signtrap.reactivation, `signtrap probe`, the probe in `signtrap defend`)."""
 import copy
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from signtrap.errors import SigntrapError
 from signtrap.loop import Loop, Schedule
 from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
                                    probe_set, verdict)
+from signtrap.runstate import LOCK_FILE
 from test_defences import tree_hash
 
 FAST = ["clean_fraction=0.3", "probe.steps=60"]
@@ -43,6 +45,16 @@ def suppress(session: Session) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def content_hash(root: Path) -> str:
+    """SHA-256 over every file name and content under `root` but the run's lock file (a locked command leaves it)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.name != LOCK_FILE):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -238,10 +250,24 @@ def test_bad_input_is_one_line_and_changes_nothing(case, message, run_copy, tiny
         target = fake_defence(run_copy, "strip", "filter")
     else:
         target = tmp_path
-    before = tree_hash(run_copy)
+    before = content_hash(run_copy)
     flags = [a for a in args if "=" not in a]
     rc = main(["--quiet", "probe", str(target), *[a for a in args if "=" in a], "clean_fraction=0.3", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("signtrap: error: ") and message in err[0], err
-    assert tree_hash(run_copy) == before
+    assert content_hash(run_copy) == before
     assert not (run_copy.parent / f"{run_copy.name}-zero").exists()  # nothing was trained
+
+
+def test_api_probe_takes_the_probe_settings_as_keywords(run_copy, tiny_zero_run):
+    import signtrap
+
+    assert "probe" in signtrap.__all__ and signtrap.probe.__doc__
+    with pytest.raises(SigntrapError, match=r"k=1000 poisoned samples requested"):
+        signtrap.probe(run_copy, reference=tiny_zero_run, k=1000, clean_fraction=0.3)
+    with pytest.raises(SigntrapError, match=r"k=999 poisoned samples requested"):
+        signtrap.probe(signtrap.load_run(run_copy), reference=tiny_zero_run, overrides={"probe.k": 999, "clean_fraction": 0.3})
+    fake_defence(run_copy, "strip", "filter")
+    with pytest.raises(SigntrapError, match=r"strip did not change the model"):
+        signtrap.probe(run_copy, "strip", reference=tiny_zero_run)
+    assert not (run_copy / "probe.json").exists()

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from signtrap import progress as progress_mod
-from signtrap.probing import probe_dir
+from signtrap import api
 from signtrap.reactivation import format_table
 
 
 def cmd_probe(args) -> int:
-    record = probe_dir(args.target, args.reference, args.overrides, args.device, show_progress=not progress_mod.QUIET)
+    record = api.probe(args.target, reference=args.reference, device=args.device, overrides=args.overrides)
     if args.json:
         print(json.dumps({k: record[k] for k in ("label", "verdict", "model", "reference", "ends")}))
     else:
