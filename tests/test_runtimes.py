@@ -22,7 +22,7 @@ from signtrap.deploy import edge_bench, exporter, runtimes
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import export_run
 from signtrap.errors import SigntrapError
-from test_deploy import METRIC_KEYS, no_torch_env, rewrite_manifest, run_edge
+from test_deploy import METRIC_KEYS, no_torch_env, run_edge
 
 FAST = dict(threads=1, runs=5, warmup=1, batch=8)
 EDGE_FAST = ["--runs", "5", "--warmup", "1", "--batch", "8", "--threads", "1"]

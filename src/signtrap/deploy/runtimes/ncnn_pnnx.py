@@ -94,6 +94,9 @@ class Ncnn(Runtime):
     extra = "ncnn"
     packages = ("ncnn", "pnnx")
     edge = NcnnEdge
+    # ncnn's OpenMP threads spin-wait at every layer: on a busy host two threads ran ~1000x slower than one
+    # (OMP_WAIT_POLICY=PASSIVE avoids it), so the export-time gate and calibration run single-threaded
+    check_threads = 1
 
     def variants(self, ecfg: ExportConfig) -> list[Variant]:
         return [Variant("fp32", "fp32"),
@@ -314,7 +317,7 @@ def calibrate(net: NcnnNet, param, weights, ctx: ExportContext, method: str) -> 
     runner = ncnn.Net()
     runner.opt.use_fp16_storage = runner.opt.use_fp16_packed = runner.opt.use_fp16_arithmetic = False
     runner.opt.use_bf16_storage = False
-    runner.opt.num_threads = max(1, ctx.threads)
+    runner.opt.num_threads = 1  # see Ncnn.check_threads
     runner.load_param(str(param))
     runner.load_model(str(weights))
     input_name = runner.input_names()[0]
