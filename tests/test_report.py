@@ -75,7 +75,8 @@ def add_export(run: Path) -> None:
     d = run / "export"
     d.mkdir()
     (d / "model.json").write_text(json.dumps({"parity": {"max_abs_logit_diff": 3e-6},
-                                              "agreement_vs_fp32": {"fp16": {"flip_rate": 0.0}, "int8": {"flip_rate": 0.01}}}))
+                                              "agreement_vs_fp32": {"onnxruntime:fp16": {"flip_rate": 0.0},
+                                                                    "onnxruntime:int8": {"flip_rate": 0.01}}}))
     rows = [{"runtime": "pytorch", "variant": "fp32", "provider": "eager-cpu", "file_bytes": 4_000_000}]
     rows += [{"runtime": "onnxruntime", "variant": v, "provider": "CPUExecutionProvider", "file_bytes": 1_000_000} for v in ("fp32", "fp16", "int8")]
     for i, r in enumerate(rows):
@@ -83,7 +84,7 @@ def add_export(run: Path) -> None:
                  latency_ms={"p50": 1.0 / (i + 1), "p90": 1.2 / (i + 1), "p99": 1.5 / (i + 1)}, throughput={"images_per_s": 1000 * (i + 1)})
     rows.append({"runtime": "onnxruntime", "variant": "int8", "provider": "CUDAExecutionProvider", "error": "not available"})
     (d / "bench.json").write_text(json.dumps({"rows": rows, "settings": {"threads": 2, "runs": 5, "warmup": 1, "batch": 8},
-                                              "environment": {"cpu": "test cpu", "onnxruntime": "1.x"}}))
+                                              "environment": {"cpu": "test cpu", "versions": {"onnxruntime": "1.x"}}}))
 
 
 @pytest.fixture(scope="module")
