@@ -319,7 +319,7 @@ def deployment_section(run: Run) -> Section:
         agree = model_json.get("agreement_vs_fp32", {}) or {}
         s.blocks.append(P(f"Exported to {folder}: parity of ONNX FP32 with PyTorch: max |logit difference| "
                           f"{_sci(parity.get('max_abs_logit_diff'))}; prediction flips against FP32: FP16 "
-                          f"{pct((agree.get('fp16') or {}).get('flip_rate'), 2)}, INT8 {pct((agree.get('int8') or {}).get('flip_rate'), 2)}."))
+                          f"{pct((agree.get('onnxruntime:fp16') or {}).get('flip_rate'), 2)}, INT8 {pct((agree.get('onnxruntime:int8') or {}).get('flip_rate'), 2)}."))
     else:
         s.blocks.append(Note(f"{folder}: {err}."))
     bench, err = _json(folder / "bench.json")
@@ -327,7 +327,7 @@ def deployment_section(run: Run) -> Section:
         s.blocks.append(Note(f"No benchmark: {err or 'bench.json has no rows'} (run `signtrap bench {folder}`)."))
         return s
     env, settings = bench.get("environment", {}) or {}, bench.get("settings", {}) or {}
-    s.blocks.append(P(f"{env.get('cpu', '?')}; ONNX Runtime {env.get('onnxruntime', '?')}; {settings.get('threads', '?')} thread(s); "
+    s.blocks.append(P(f"{env.get('cpu', '?')}; ONNX Runtime {(env.get('versions') or {}).get('onnxruntime', '?')}; {settings.get('threads', '?')} thread(s); "
                       f"latency over {settings.get('runs', '?')} batch-1 runs after {settings.get('warmup', '?')} warm-up; "
                       f"throughput at batch {settings.get('batch', '?')}."))
     rows, highlight = [], []
