@@ -34,7 +34,7 @@ $(LAB_STAMP): $(STAMP)
 	@touch $(LAB_STAMP)
 
 lab: $(LAB_STAMP)
-	$(BIN)/jupyter lab --notebook-dir=labs
+	$(BIN)/jupyter lab --notebook-dir=labs $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab-check: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_labs.py

@@ -423,7 +423,18 @@ def row(method, rep):
 
 
 display(Markdown("| defence | clean acc before | after | ASR before | after | stop recall after | time |\\n"
-                 "|---|---:|---:|---:|---:|---:|---:|\\n" + "\\n".join(row(m, r) for m, r in reports.items())))'''),
+                 "|---|---:|---:|---:|---:|---:|---:|\\n" + "\\n".join(row(m, r) for m, r in reports.items())))
+
+fig, ax = plt.subplots(figsize=(5.5, 4))  # both axes at once: where each defence moved the model
+start = (100 * before["clean_acc"]["rate"], 100 * before["asr"]["rate"])
+ax.scatter(*start, marker="*", s=200, color="black", zorder=3, label="backdoored")
+for method, rep in reports.items():
+    end = (100 * rep["after"]["test"]["clean_acc"]["rate"], 100 * rep["after"]["test"]["asr"]["rate"])
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.scatter(*end, s=60, zorder=3, label=method)
+ax.set_xlabel("test clean accuracy, %"); ax.set_ylabel("test ASR, %"); ax.set_xlim(0, 100); ax.set_ylim(-3, 103)
+ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("good defences move down, not left")
+show(fig)'''),
     *observe('''outcomes = {}
 for method, rep in reports.items():
     b, a = rep["before"]["test"], rep["after"]["test"]

@@ -162,7 +162,6 @@ def test_lab_executes(copy, name, lab_dir, monkeypatch):
     monkeypatch.setenv("SIGNTRAP_LAB_FAST", "1")
     monkeypatch.setenv("SIGNTRAP_LAB_DIR", str(lab_dir / "work"))  # shared: labs 2-3 and the student copies reuse models
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     book = read(copy, name)
     NotebookClient(book, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(path_of(copy, name).parent)}}).execute()
