@@ -37,7 +37,7 @@ lab: $(LAB_STAMP)
 	$(BIN)/jupyter lab --notebook-dir=labs $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab-check: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_labs.py
+	$(BIN)/python -m pytest -q -s tests/test_labs.py
 
 clean:
 	rm -rf runs data/cache labs/lab_runs .pytest_cache

@@ -10,7 +10,9 @@ import base64
 import importlib.util
 import io
 import re
+import resource
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -163,8 +165,12 @@ def test_lab_executes(copy, name, lab_dir, monkeypatch):
     monkeypatch.setenv("SIGNTRAP_LAB_DIR", str(lab_dir / "work"))  # shared: labs 2-3 and the student copies reuse models
     monkeypatch.setenv("MPLBACKEND", "Agg")
     book = read(copy, name)
+    cpu, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     NotebookClient(book, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(path_of(copy, name).parent)}}).execute()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"{copy}/{name}: {time.perf_counter() - wall:.0f} s wall, kernel CPU "
+          f"{used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime:.0f} s")  # shown with -s (make lab-check)
     out = lab_dir / copy
     out.mkdir(exist_ok=True)
     nbformat.write(book, out / name)  # the executed notebook, for a look after a failure
@@ -189,4 +195,4 @@ def test_lab_executes(copy, name, lab_dir, monkeypatch):
                     problem = image_problem(base64.b64decode(data))
                     assert problem is None, f"{copy}/{name} cell {i}: the figure {problem}"
                     images += 1
-    assert images >= 1 if copy == "student" else images >= 2, f"{copy}/{name}: {images} figures"
+    assert images >= 1, f"{copy}/{name}: no figure"
