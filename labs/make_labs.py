@@ -76,6 +76,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 import signtrap  # the public API: signtrap.train, run, defend, export, bench, report, load_run, ...
+
 torch.manual_seed(0)
 SOURCE, TARGET = 14, 7  # stop sign -> speed limit 100 km/h
 
@@ -795,6 +796,9 @@ else:
   the way your `verified` does, then measures the same numbers with only numpy and onnxruntime."""),
 ]
 
+# Labs 04 (removed or hidden: the re-activation probe, issue 13) and 05 (the deployment sleeper) join here once their
+# features are on main with a public API function (`signtrap.probe`; the sleeper's export/bench outputs): drafts in
+# the lead's notes (lab04-draft.py, lab05-draft.py) still import private modules and need that API first.
 LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3}
 
 
