@@ -20,10 +20,10 @@ HERE = Path(__file__).resolve().parent
 # Running time of each solutions copy top to bottom with ONE CPU thread (OMP_NUM_THREADS=1; a 2-core laptop is no
 # slower). Measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it) on a shared
 # machine whose wall-clock ran 2-3x longer because of other jobs. Fast = SIGNTRAP_LAB_FAST=1, labs 2-3 reusing lab 1's
-# model. Full size: lab 1 measured end to end; labs 2-3 summed from their measured pieces (one full-size training 43 s,
+# model. Full size: lab 1 measured end to end (366 s CPU); labs 2-3 summed from their measured pieces (one full-size training 43 s,
 # clean fine-tuning 18 s, adv-pgd 40 s, fine-prune 35 s, export 11 s, bench 22 s).
 TIMES = {
-    "01": "full size about 5 min (six small models), fast size about 1 min",
+    "01": "full size about 6 min (six small models), fast size about 1 min",
     "02": "full size about 4 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
 }
@@ -216,7 +216,8 @@ without poison (`attack.kind=none`)."""),
     Code('''cfg = lab_config("lab_backdoor")
 backdoored = trained(cfg)
 baseline = trained(lab_config("lab_clean", "attack.kind=none"))
-print(f"{cfg.attack.poison_count} poisoned stop signs; trigger: {cfg.trigger.kind}, {cfg.trigger.size} px, {cfg.trigger.placement}")
+size = f"{cfg.trigger.size} px" if isinstance(cfg.trigger.size, int) else f"{cfg.trigger.size:.0%} of the image side"
+print(f"{cfg.attack.poison_count} poisoned stop signs; trigger: {cfg.trigger.kind}, {size}, {cfg.trigger.placement}")
 
 m_bad, m_clean = backdoored.metrics["test"], baseline.metrics["test"]
 rows = [("clean accuracy", "clean_acc"), ("attack success rate", "asr"), ("clean stop recall", "stop_recall"),
@@ -310,7 +311,7 @@ How many poisoned images does the attacker need? Train one model per budget in `
 `asr_by_count` (count -> ASR as a fraction). Name each run `lab_p{count}` and set the budget with the override
 `attack.poison_count={count}`: `trained(lab_config(name, override))` trains it (or reuses it when you run the cell
 again). Each model takes a few seconds at fast size and about a minute at full size."""),
-    Code('''COUNTS = [4, 8, 12] if FAST else [3, 6, 12, 25]
+    Code('''COUNTS = [4, 8, 12] if FAST else [6, 12, 25, 50]
 n_train = len(exp.splits.train)
 print(f"budgets to try: {COUNTS} poisoned images out of {n_train} training images "
       f"(the model of section 1 used {cfg.attack.poison_count})")'''),
