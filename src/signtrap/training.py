@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from signtrap import checkpoint, distributed
+from signtrap.attacks.dormant import Sleeper
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
 from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import RunConfig, dump_yaml, load_config
@@ -36,7 +37,7 @@ def setup_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
         raise SigntrapError(f"{run_dir}: nothing to resume (no config.yaml)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
-        for stale in ("last.pt", "model.pt", "metrics.json", "log.jsonl", "checksums.json"):
+        for stale in ("last.pt", "model.pt", "metrics.json", "log.jsonl", "checksums.json", "backdoored.pt", "sleeper.json"):
             (run_dir / stale).unlink(missing_ok=True)
     write_text(run_dir / "config.yaml", config_text)
     return run_dir
@@ -60,6 +61,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resume: bool, overwrite: bool,
            on_epoch: Callable[[int, dict], None] | None) -> Path:
     main = world.is_main
+    sleeper = Sleeper.prepare(cfg) if cfg.attack.dormant != "none" else None  # a missing INT8 path fails before anything is written
     run_dir = setup_run(cfg, resume, overwrite) if main else cfg.run_dir
     exp = Experiment.from_config(cfg, progress=main) if main else None
     distributed.barrier(world)  # rank 0 has written the config and prepared the cache
@@ -92,7 +94,10 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     loop.hooks.on_epoch_end = on_epoch_end
     history = loop.fit(start_epoch, history)
     if main:
-        finish(cfg, exp, loop.model, run_dir, device, history)
+        model = loop.model
+        if sleeper is not None:
+            model = sleeper.apply(model, exp, run_dir, model_meta(cfg, exp, epoch=len(history)), device)
+        finish(cfg, exp, model, run_dir, device, history)
     distributed.barrier(world)
     return run_dir
 
