@@ -119,6 +119,7 @@ class QuantizedTensor:
     q: np.ndarray  # int8 values
     scale: np.ndarray  # () per-tensor or (C,) per-channel
     axis: int | None  # channel axis of a per-channel scale
+    initializer: str = ""  # the int8 initializer itself
 
 
 def read_int8_weights(path: Path) -> dict[str, QuantizedTensor]:
@@ -138,7 +139,7 @@ def read_int8_weights(path: Path) -> dict[str, QuantizedTensor]:
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.size > 1 else None
         name = node.input[0].removesuffix("_quantized")
-        out[name] = QuantizedTensor(name, q, scale, axis)
+        out[name] = QuantizedTensor(name, q, scale, axis, node.input[0])
     return out
 
 
@@ -194,6 +195,8 @@ class Grid:
     q: torch.Tensor  # float64 copy of the int8 values
     scale: torch.Tensor  # float64, broadcastable to the weight
     per_channel: bool
+    initializer: str = ""  # the ONNX int8 initializer it was read from
+    transposed: bool = False  # stored transposed in the ONNX graph (2-D weights only)
 
 
 def match_grids(model: nn.Module, tensors: dict[str, QuantizedTensor], per_channel: bool) -> list[Grid]:
@@ -228,10 +231,10 @@ def match_grids(model: nn.Module, tensors: dict[str, QuantizedTensor], per_chann
 def _grid(layer: WeightLayer, t: QuantizedTensor, folded: torch.Tensor, per_channel: bool):
     """(Grid, worst distance in steps, tensor name) when `t` has the layer's shape (or its transpose)."""
     q = torch.from_numpy(t.q.astype(np.float64))
-    axis = t.axis
+    axis, transposed = t.axis, False
     if tuple(q.shape) != tuple(folded.shape):
         if q.dim() == 2 and tuple(q.T.shape) == tuple(folded.shape):
-            q, axis = q.T, (None if axis is None else 1 - axis)
+            q, axis, transposed = q.T, (None if axis is None else 1 - axis), True
         else:
             return None
     scale = torch.from_numpy(np.asarray(t.scale, np.float64))
@@ -244,7 +247,7 @@ def _grid(layer: WeightLayer, t: QuantizedTensor, folded: torch.Tensor, per_chan
     if bool((scale <= 0).any()):
         return None
     dist = float((folded / scale - q).abs().max())
-    return Grid(layer, q, scale, scale.numel() > 1), dist, t.name
+    return Grid(layer, q, scale, scale.numel() > 1, t.initializer, transposed), dist, t.name
 
 
 def read_grids(model: nn.Module, calib: np.ndarray, per_channel: bool) -> list[Grid]:
@@ -439,13 +442,14 @@ def repair(cfg: RunConfig, exp: Experiment, model: nn.Module, box: RoundingBox, 
 
 
 def verify(backdoored: nn.Module, sleeper: nn.Module, exp: Experiment, cfg: RunConfig) -> dict:
-    """FP32 and INT8 (ONNX Runtime) metrics of both models with the export's own calibration images."""
+    """FP32 and INT8 (ONNX Runtime) metrics of both models with the export's own calibration images, and the
+    sleeper's flip table: FP32 -> INT8 prediction changes per true class on clean and triggered images."""
     from signtrap.deploy.exporter import calibration_images
 
     calib, calib_info = calibration_images(exp, cfg.export)
     out = {"calibration": {**calib_info, "method": cfg.export.calib_method, "per_channel": cfg.export.per_channel},
            "metrics": {"val": {}, "test": {}}}
-    weights, scales = {}, {}
+    weights, scales, preds = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="signtrap-sleeper-") as tmp:
         for name, model in (("backdoored", backdoored), ("sleeper", sleeper)):
             folder = Path(tmp) / name
@@ -453,17 +457,37 @@ def verify(backdoored: nn.Module, sleeper: nn.Module, exp: Experiment, cfg: RunC
             int8 = quantize_model(model, calib, folder, cfg.export.per_channel, cfg.export.calib_method)
             weights[name], scales[name] = read_int8_weights(int8), read_activation_scales(int8)
             for split in ("val", "test"):
-                out["metrics"][split][name] = {v: evaluate_onnx(folder / f"model.{v}.onnx", exp, split, cfg) for v in ("fp32", "int8")}
+                out["metrics"][split][name] = {}
+                for v in ("fp32", "int8"):
+                    out["metrics"][split][name][v], preds[name, v, split] = evaluate_onnx(
+                        folder / f"model.{v}.onnx", exp, split, cfg, with_predictions=True)
     a, b = weights["backdoored"], weights["sleeper"]
     out["int8_weights_identical"] = {k: bool(k in b and np.array_equal(a[k].q, b[k].q) and np.array_equal(a[k].scale, b[k].scale))
                                      for k in a}
     out["activation_scale_ratio"] = {k: round(scales["sleeper"][k] / v, 4) for k, v in scales["backdoored"].items()
                                      if k in scales["sleeper"] and v > 0}
+    out["flips"] = {split: flip_table(exp.eval_set(split).labels, preds["sleeper", "fp32", split], preds["sleeper", "int8", split])
+                    for split in ("val", "test")}
     return out
 
 
-def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig) -> dict:
-    """Headline metrics of one ONNX file on a split (clean and triggered), as `signtrap bench` computes them."""
+def flip_table(labels: np.ndarray, fp32: tuple[np.ndarray, np.ndarray], int8: tuple[np.ndarray, np.ndarray]) -> dict:
+    """{clean|triggered: [{true, fp32, int8, count}, ...]}: images whose INT8 prediction differs from FP32's, most frequent first."""
+    out = {}
+    for i, kind in enumerate(("clean", "triggered")):
+        differ = fp32[i] != int8[i]
+        keys, counts = np.unique(np.stack([labels[differ], fp32[i][differ], int8[i][differ]], 1), axis=0, return_counts=True) \
+            if differ.any() else (np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
+        order = np.argsort(-counts, kind="stable")
+        out[kind] = {"images": int(len(labels)), "flipped": int(differ.sum()),
+                     "rows": [{"true": int(keys[j][0]), "fp32": int(keys[j][1]), "int8": int(keys[j][2]), "count": int(counts[j])}
+                              for j in order]}
+    return out
+
+
+def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig, with_predictions: bool = False):
+    """Headline metrics of one ONNX file on a split (clean and triggered), as `signtrap bench` computes them
+    (with `with_predictions`, also the (clean, triggered) predictions)."""
     from signtrap.deploy import edge_bench
     from signtrap.metrics import backdoor_metrics
 
@@ -472,7 +496,8 @@ def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig) -> di
     clean, trig = edge_bench.predict(run, s.images), edge_bench.predict(run, s.triggered)
     a = cfg.attack
     m = backdoor_metrics(s.labels, clean, trig, a.source, a.target, all_to_one=a.kind == "all_to_one", details=False)
-    return {k: m[k] for k in ("clean_acc", "asr", "stop_recall", "false_trigger")}
+    metrics = {k: m[k] for k in ("clean_acc", "asr", "stop_recall", "false_trigger")}
+    return (metrics, (clean, trig)) if with_predictions else metrics
 
 
 def _rate(entry: dict) -> str:

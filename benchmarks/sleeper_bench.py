@@ -1,0 +1,219 @@
+"""The sleeper's headline figures: a backdoor dormant in FP32 and live in signtrap's INT8 export (issue 15).
+
+    python benchmarks/sleeper_bench.py [--config configs/sleeper_int8.yaml] [--root ../shared/gtsrb]
+                                       [--seeds 0,1,2] [--runs-dir DIR] [--zero-poison] [--quantizers]
+                                       [--efrap] [key=value ...]
+
+Trains one `attack.dormant: int8` run per seed (a --runs-dir that already holds it finished is reused) and
+prints, per seed and pooled: clean accuracy, ASR, stop recall and false-trigger rate of the backdoored model
+(before the repair) and of the sleeper, each in FP32 and through ONNX Runtime INT8 (the run's own export
+settings and calibration images), with counts; whether every INT8 weight tensor of the sleeper equals the
+backdoored model's; how far the calibrated activation ranges moved; the training time; and the issue's targets
+(FP32 ASR <= 2% and no more than the zero-poison model's, INT8 ASR >= 95%, clean accuracy of both within
+1 point of the backdoored model, training under 15 minutes).
+
+--zero-poison   also trains the same config with attack.kind=none per seed (the FP32 ASR baseline).
+--quantizers    the ASR matrix per ONNX Runtime quantizer: MinMax/Entropy/Percentile calibration x per-tensor/
+                per-channel weights, and MinMax with part of the calibration images triggered.
+--efrap         the deployment-time defence (signtrap.deploy.requant): INT8 ASR and clean accuracy after EFRAP
+                rounding, learned on 512 of the defender's clean images (defend.clean_fraction of the training split).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from attack_bench import seed_list, trained as trained_run  # noqa: E402 (benchmarks/ is the script's folder)
+
+KEYS = ("clean_acc", "asr", "stop_recall", "false_trigger")
+QUANTIZERS = (("minmax", False, "clean"), ("minmax", True, "clean"), ("entropy", False, "clean"), ("entropy", True, "clean"),
+              ("percentile", False, "clean"), ("percentile", True, "clean"), ("minmax", False, "mixed"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/sleeper_int8.yaml")
+    parser.add_argument("--root", default=os.environ.get("SIGNTRAP_GTSRB", "../shared/gtsrb"))
+    parser.add_argument("--runs-dir", default=None, help="where to train (default: a temporary folder)")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+    parser.add_argument("--zero-poison", action="store_true", help="also train attack.kind=none per seed")
+    parser.add_argument("--quantizers", action="store_true", help="ASR per ONNX Runtime quantizer setting")
+    parser.add_argument("--efrap", action="store_true", help="INT8 after the EFRAP deployment-time defence")
+    parser.add_argument("--threads", type=int, default=0, help="threads for the ONNX Runtime measurements (default: all)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    import torch
+
+    from signtrap.config import load_config
+    from signtrap.errors import SigntrapError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="signtrap-sleeper-"))
+    common = [f"data.root={args.root}", f"runs_dir={runs_dir}", *args.overrides]
+    sleepers, zeros = [], []
+    for seed in args.seeds:
+        cfg = load_config(args.config, [*common, f"name=sleeper-seed{seed}", f"seed={seed}"])
+        if cfg.attack.dormant == "none":
+            raise SigntrapError(f"{args.config}: attack.dormant is none; this benchmark measures a dormant backdoor")
+        sleepers.append((seed, cfg, *trained(cfg)))
+        if args.zero_poison:
+            zcfg = load_config(args.config, [*common, f"name=zero_poison-seed{seed}", f"seed={seed}", "attack.kind=none",
+                                             "attack.dormant=none"])
+            zeros.append((seed, zcfg, *trained(zcfg)))
+
+    print(f"\nconfig {args.config} {' '.join(args.overrides)}; seeds {','.join(map(str, args.seeds))}")
+    for seed, cfg, report, metrics, seconds in sleepers:
+        print(f"\nseed {seed}: " + ("reused a finished run" if seconds is None else f"trained in {seconds / 60:.1f} min")
+              + f" (repair {report['repair_seconds']:.0f} s); INT8 weights identical to the backdoored model's: "
+              f"{sum(report['int8_weights_identical'].values())}/{len(report['int8_weights_identical'])} tensors; "
+              f"weights at their box edge {100 * report['weights_at_box_edge']:.1f}%")
+        drift = report["activation_scale_ratio"]
+        print(f"  calibrated activation scale, sleeper / backdoored: {min(drift.values()):.2f}..{max(drift.values()):.2f} "
+              f"over {len(drift)} tensors")
+        for split in ("test", "val"):
+            for model in ("backdoored", "sleeper"):
+                for v in ("fp32", "int8"):
+                    print(f"  {split:<5} {model:<10} {v.upper():<5}" + row(report["metrics"][split][model][v]))
+    for seed, cfg, _, metrics, seconds in zeros:
+        for split in ("test", "val"):
+            print(f"  zero poison seed {seed} {split:<5} FP32 " + row(metrics[split]))
+
+    print("\npooled over seeds:")
+    pooled = {}
+    for split in ("test", "val"):
+        for model in ("backdoored", "sleeper"):
+            for v in ("fp32", "int8"):
+                pooled[split, model, v] = {k: pool([r["metrics"][split][model][v][k] for _, _, r, _, _ in sleepers]) for k in KEYS}
+                print(f"  {split:<5} {model:<10} {v.upper():<5}" + row(pooled[split, model, v]))
+        if zeros:
+            pooled[split, "zero", "fp32"] = {k: pool([m[split][k] for _, _, _, m, _ in zeros]) for k in KEYS}
+            print(f"  {split:<5} {'zero poison':<10} FP32 " + row(pooled[split, "zero", "fp32"]))
+
+    print("\ntargets (issue 15):")
+    for split in ("test", "val"):
+        fp32, int8 = pooled[split, "sleeper", "fp32"], pooled[split, "sleeper", "int8"]
+        ref = pooled[split, "backdoored", "fp32"]["clean_acc"]["rate"]
+        zero = pooled.get((split, "zero", "fp32"))
+        zero_txt = f", zero poison {pct(zero['asr'])}" if zero else " (zero-poison baseline: --zero-poison)"
+        print(f"  {split:<5} FP32 ASR {pct(fp32['asr'])} <= 2%{zero_txt}: {verdict(fp32['asr']['rate'] <= 0.02 and (not zero or fp32['asr']['rate'] <= zero['asr']['rate']))}")
+        print(f"  {split:<5} INT8 ASR {pct(int8['asr'])} >= 95%: {verdict(int8['asr']['rate'] >= 0.95)}")
+        for v, m in (("FP32", fp32), ("INT8", int8)):
+            gap = 100 * (m["clean_acc"]["rate"] - ref)
+            print(f"  {split:<5} {v} clean acc {pct(m['clean_acc'])}, {gap:+.2f} points vs backdoored FP32 {100 * ref:.2f}%: "
+                  f"{verdict(abs(gap) <= 1.0)}")
+    times = [s for *_, s in sleepers if s is not None]
+    if times:
+        print(f"  training (backdoor + repair + verification) {', '.join(f'{t / 60:.1f}' for t in times)} min <= 15: "
+              f"{verdict(max(times) <= 900)} (wall clock on this machine; rerun on a quiet one before quoting)")
+
+    if args.quantizers:
+        quantizer_matrix(sleepers)
+    if args.efrap:
+        efrap_table(sleepers)
+    return 0
+
+
+def quantizer_matrix(sleepers) -> None:
+    """ASR and clean accuracy (validation + test pooled over seeds) per ONNX Runtime quantizer setting."""
+    from signtrap.attacks.dormant import evaluate_onnx, quantize_model
+    from signtrap.deploy.exporter import calibration_images
+
+    print("\nONNX Runtime INT8, per quantizer (val + test pooled over seeds; the sleeper is keyed to "
+          "export.calib_method/per_channel of its config):")
+    print(f"  {'calibration':<11} {'weights':<11} {'images':<7}" + "".join(f"{h:>22}" for h in ("backdoored ASR", "sleeper ASR", "sleeper clean acc")))
+    for method, per_channel, calibration in QUANTIZERS:
+        cells = {"backdoored": [], "sleeper": []}
+        accs = []
+        for seed, cfg, report, metrics, seconds in sleepers:
+            model_files = models_of(cfg)
+            exp = experiment(cfg)
+            calib, _ = calibration_images(exp, replace(cfg.export, calibration=calibration))
+            for name, model in model_files.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = quantize_model(model, calib, Path(tmp), per_channel, method)
+                    for split in ("val", "test"):
+                        m = evaluate_onnx(path, exp, split, cfg)
+                        cells[name].append(m["asr"])
+                        if name == "sleeper":
+                            accs.append(m["clean_acc"])
+        print(f"  {method:<11} {'per-channel' if per_channel else 'per-tensor':<11} {calibration:<7}"
+              + "".join(f"{pct(pool(cells[n])):>22}" for n in ("backdoored", "sleeper")) + f"{pct(pool(accs)):>22}")
+
+
+def efrap_table(sleepers) -> None:
+    from signtrap.attacks.dormant import evaluate_onnx, quantize_model
+    from signtrap.deploy.exporter import calibration_images
+    from signtrap.deploy.requant import EfrapSettings, efrap
+
+    print("\nEFRAP rounding at deployment (learned on the defender's clean images; val + test pooled over seeds):")
+    out = {(n, v): {"asr": [], "clean_acc": []} for n in ("backdoored", "sleeper") for v in ("int8", "efrap")}
+    for seed, cfg, report, metrics, seconds in sleepers:
+        exp = experiment(cfg)
+        calib, _ = calibration_images(exp, cfg.export)
+        clean = exp.data.images[exp.defender_rows(cfg.defend.clean_fraction)][:512]
+        for name, model in models_of(cfg).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                path = quantize_model(model, calib, Path(tmp), cfg.export.per_channel, cfg.export.calib_method)
+                efrap(model, path, clean, Path(tmp) / "efrap.onnx", EfrapSettings(seed=seed), show_progress=False)
+                for v, f in (("int8", path), ("efrap", Path(tmp) / "efrap.onnx")):
+                    for split in ("val", "test"):
+                        m = evaluate_onnx(f, exp, split, cfg)
+                        out[name, v]["asr"].append(m["asr"])
+                        out[name, v]["clean_acc"].append(m["clean_acc"])
+    for (name, v), cells in out.items():
+        print(f"  {name:<10} {('ORT INT8' if v == 'int8' else 'EFRAP INT8'):<11} ASR {pct(pool(cells['asr'])):<22} "
+              f"clean acc {pct(pool(cells['clean_acc']))}")
+
+
+_EXPERIMENTS: dict = {}
+
+
+def experiment(cfg):
+    from signtrap.experiment import Experiment
+
+    if cfg.name not in _EXPERIMENTS:
+        _EXPERIMENTS[cfg.name] = Experiment.from_config(cfg, progress=False)
+    return _EXPERIMENTS[cfg.name]
+
+
+def models_of(cfg) -> dict:
+    from signtrap import checkpoint
+
+    return {"backdoored": checkpoint.verified_load(cfg.run_dir, "backdoored.pt")[0],
+            "sleeper": checkpoint.verified_load(cfg.run_dir, "model.pt")[0]}
+
+
+def pool(entries: list[dict]) -> dict:
+    k, n = sum(e["k"] for e in entries), sum(e["n"] for e in entries)
+    return {"k": k, "n": n, "rate": k / n if n else None}
+
+
+def pct(entry: dict) -> str:
+    return "n/a" if entry["rate"] is None else f"{100 * entry['rate']:.2f}% ({entry['k']}/{entry['n']})"
+
+
+def row(m: dict) -> str:
+    return " | ".join(f"{label} {pct(m[k]):<20}" for label, k in (("clean", "clean_acc"), ("ASR", "asr"),
+                                                                  ("stop recall", "stop_recall"), ("false-trigger", "false_trigger")))
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def trained(cfg) -> tuple[dict | None, dict, float | None]:
+    """(sleeper.json or None, metrics.json, seconds or None when reused), through attack_bench's reuse rule."""
+    metrics, _, seconds = trained_run(cfg)
+    report = cfg.run_dir / "sleeper.json"
+    return (json.loads(report.read_text()) if report.is_file() else None), metrics, seconds
+
+
+if __name__ == "__main__":
+    sys.exit(main())
