@@ -179,7 +179,7 @@ print(comparison_table(reports))'''),
     new_markdown_cell("## 3. Persistence curves\n\nEpoch 0 is the backdoored model; each later point is one epoch of the defence, "
                       "measured on the validation split."),
     new_code_cell('''from signtrap.reporting import figures
-from signtrap.reporting.build import _csv
+from signtrap.reporting.blocks import read_csv as _csv
 
 curves = {r["method"]: _csv(run_dir / f"defence-{r['method']}" / "persistence.csv") for r in reports}
 show(figures.persistence_figure(curves))

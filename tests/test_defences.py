@@ -24,7 +24,7 @@ FAST = {
     "redteam": ["redteam.epochs=1", "redteam.restarts=1", "redteam.search_steps=15", "redteam.positions=[bottom_right,centre]"],
     "fine-prune": ["fine-prune.epochs=1", "fine-prune.step=0.1"],
     "neural-cleanse": ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]",
-                       "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.unlearn_epochs=1"],
+                       "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.epochs=1"],
     "strip": ["strip.overlays=8"],
 }
 METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
@@ -61,16 +61,22 @@ def same_rates(a: dict, b: dict) -> None:
         assert (a[key]["k"], a[key]["n"]) == (b[key]["k"], b[key]["n"]), (key, a[key], b[key])
 
 
+BUILT_IN = ["adv-pgd", "fine-prune", "finetune", "neural-cleanse", "redteam", "strip"]
+
+
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert list_defences() == ["finetune", "adv-pgd", "redteam", "fine-prune", "neural-cleanse", "strip"]
-    for name in list_defences():
-        assert callable(get_defence(name)) and name in FAST
-    with pytest.raises(SigntrapError, match=r"unknown defence method 'finetun' \(did you mean 'finetune'\?\)"):
+    assert [n for n in list_defences() if n in BUILT_IN] == BUILT_IN  # discovered by importing the package's modules
+    for name in BUILT_IN:
+        spec = get_defence(name)
+        assert callable(spec) and name in FAST and spec.name == name
+        assert spec.module == f"signtrap.defences.{name.replace('-', '_')}"  # one file per defence
+        spec.settings().check(f"defend.{name}")  # its defaults are valid
+    with pytest.raises(SigntrapError, match=r"unknown defence 'finetun' \(did you mean 'finetune'\?\)"):
         get_defence("finetun")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list_defences())
+@pytest.mark.parametrize("method", BUILT_IN)
 def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, experiment, capsys):
     from signtrap.defences.run import run_defences
 
@@ -137,7 +143,8 @@ def test_cli_defend_then_eval(run_copy, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "finetun"], "unknown defence method 'finetun' (did you mean 'finetune'?)"),
+    (["--method", "finetun"], "unknown defence 'finetun' (did you mean 'finetune'?)"),
+    (["--method", "finetune", "fine_prune.epochs=2"], "unknown config key 'defend.fine_prune' (did you mean 'fine-prune'?)"),
     (["--method", "finetune", "clean_images=100000000"], "larger than the"),
     (["--method", "finetune", "clean_fraction=1.5"], "defend.clean_fraction: 1.5 is outside (0, 1]"),
     (["--method", "finetune", "finetune.epoch=2"], "unknown config key 'defend.finetune.epoch' (did you mean 'epochs'?)"),
@@ -152,16 +159,17 @@ def test_bad_input_is_one_line_and_leaves_the_run_untouched(run_copy, capsys, ar
 
 
 def test_diverging_defence_fails_cleanly(run_copy, capsys, monkeypatch):
-    import signtrap.defences.common as common
+    import signtrap.loop as loop
 
     def nan_loss(logits, y, *args, **kwargs):
         return (logits * float("nan")).sum()
 
-    monkeypatch.setattr(common.F, "cross_entropy", nan_loss)
+    monkeypatch.setattr(loop.F, "cross_entropy", nan_loss)
     before = tree_hash(run_copy)
     rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", *COMMON])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "defence finetune diverged at epoch 1" in err[0], err
+    assert rc == 2 and len(err) == 1 and "finetune: training diverged at epoch 1" in err[0], err
+    assert "lower defend.finetune.lr" in err[0], err
     assert tree_hash(run_copy) == before
 
 
@@ -169,23 +177,22 @@ def test_cli_rejects_unknown_method_in_a_subprocess(run_copy):
     proc = subprocess.run([sys.executable, "-m", "signtrap", "--quiet", "defend", str(run_copy), "--method", "neural-clense"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("signtrap: error: unknown defence method 'neural-clense' (did you mean 'neural-cleanse'?); "
-                                   "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, strip")
+    assert proc.stderr.strip().startswith("signtrap: error: unknown defence 'neural-clense' (did you mean 'neural-cleanse'?); "
+                                          "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, strip")
 
 
 def test_defend_api_on_a_model_in_memory(run_copy, experiment):
-    """`defend(model, clean_data, config, method)` works without a run directory and leaves the input model alone."""
+    """`defend(model, clean_data, method, settings)` works without a run directory and leaves the input model alone."""
     from signtrap.defences import CleanData, DefenceContext, defend
-    from signtrap.defences.config import DefendConfig
+    from signtrap.defences.finetune import FinetuneSettings
 
     model, _ = checkpoint.verified_load(run_copy, "model.pt")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rows = experiment.defender_rows(0.2)
     assert not np.intersect1d(rows, np.concatenate([experiment.splits.val, experiment.splits.test])).size
     clean = CleanData(experiment.data.images[rows], experiment.data.labels[rows])
-    config = DefendConfig()
-    config.finetune.epochs = 1
-    result = defend(model, clean, config, "finetune", DefenceContext(monitor=experiment.eval_set("val"), show_progress=False))
+    result = defend(model, clean, "finetune", FinetuneSettings(epochs=1),
+                    DefenceContext(monitor=experiment.eval_set("val"), show_progress=False))
     assert result.model is not None and result.model is not model
     assert [row["epoch"] for row in result.curves["persistence"]] == [0, 1]
     assert {"clean_acc", "asr"} <= set(result.curves["persistence"][1])

@@ -97,13 +97,14 @@ def test_unreadable_record_starts_afresh(toy):
 
 
 def test_flat_overrides_round_trip():
-    from signtrap.config import load_config
+    from signtrap.config import load_config, to_dict
     from signtrap.defences.run import defend_config
 
     cfg = load_config(None, ["defend.finetune.epochs=3", "defend.redteam.positions=[centre]", "defend.clean_images=50"])
-    raw = {k: v for k, v in json.loads(json.dumps(__import__("dataclasses").asdict(cfg.defend))).items() if k != "methods"}
+    raw = {k: v for k, v in json.loads(json.dumps(to_dict(cfg.defend))).items() if k != "methods"}
     again = defend_config(load_config(None), flat_overrides(raw))
-    assert again.finetune.epochs == 3 and again.redteam.positions == ["centre"] and again.clean_images == 50
+    assert again.method("finetune").epochs == 3 and again.method("redteam").positions == ["centre"] and again.clean_images == 50
+    assert again == cfg.defend
 
 
 # ---------------------------------------------------------------- the real pipeline on a tiny config

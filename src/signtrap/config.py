@@ -1,8 +1,10 @@
 """Run configuration: YAML validated into dataclasses at load, with `key.sub=value` overrides.
 
 Every section is a dataclass whose `check()` raises ConfigError for out-of-range values; unknown keys
-fail with a suggestion. Sections owned by later stages (defences, export) live beside their code and
-are composed here.
+fail with a suggestion. The `defend:` section holds the defender's common settings and one sub-section
+per defence, named exactly as the defence is registered (`defend: {adv-pgd: {eps_px: 8}}`); those
+sub-sections are validated through the defence registry (`signtrap.plugins.DEFENCES`), so this module
+imports no feature package.
 """
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ from typing import Any, Union
 import yaml
 
 from signtrap.classes import NUM_CLASSES, SPEED_LIMIT_100, STOP
-from signtrap.defences.config import DefendConfig
-from signtrap.deploy.config import ExportConfig
 from signtrap.errors import ConfigError, suggest
+from signtrap.plugins import DEFENCES
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -198,6 +199,115 @@ class TrainConfig:
         one_of(self.precision, "train.precision", ("auto", "fp32", "bf16"))
 
 
+DEFEND_COMMON = ("methods", "clean_fraction", "clean_images", "seed", "monitor_split", "monitor_samples")
+
+
+@dataclass
+class DefendConfig:
+    """The defender's budget and bookkeeping, plus the settings of each defence that the config sets.
+
+    `per_method` maps a registered defence name to its settings dataclass; a defence the config does not
+    mention runs with its own defaults (`method(name)`).
+    """
+
+    methods: list[str] = field(default_factory=list)  # what `--method all` and the pipeline run; empty: every registered defence
+    clean_fraction: float = 0.05  # the defender's clean data budget, as a fraction of the training set
+    clean_images: int | None = None  # the budget as an image count instead (overrides clean_fraction)
+    seed: int | None = None  # budget draw and defence randomness; default: the run's seed
+    monitor_split: str = "val"  # split the per-epoch curves are measured on (never used for decisions)
+    monitor_samples: int = 1000  # uniform sample of that split (plus every source-class image); 0: all of it
+    per_method: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, raw: dict, prefix: str = "defend.") -> "DefendConfig":
+        common = {k: v for k, v in raw.items() if k in DEFEND_COMMON}
+        config = build(cls, common, prefix, custom=False)
+        for key, value in raw.items():
+            if key in DEFEND_COMMON:
+                continue
+            if key not in DEFENCES:
+                names = [*DEFEND_COMMON, *DEFENCES.names()]
+                raise ConfigError(f"unknown config key '{prefix}{key}'{suggest(str(key), names)}; the defend section takes "
+                                  f"{', '.join(DEFEND_COMMON)} and one section per defence ({', '.join(DEFENCES.names())})")
+            config.per_method[key] = build(DEFENCES.get(key).settings, value, f"{prefix}{key}.")
+        return config
+
+    def to_mapping(self) -> dict:
+        out = {k: dataclasses.asdict(self)[k] for k in DEFEND_COMMON}
+        out.update({name: dataclasses.asdict(s) for name, s in self.per_method.items()})
+        return out
+
+    def method(self, name: str) -> Any:
+        """The settings of defence `name`: the config's section, else the defence's defaults."""
+        if name in self.per_method:
+            return self.per_method[name]
+        return DEFENCES.get(name).settings()
+
+    def check(self) -> None:
+        require(0.0 < self.clean_fraction <= 1.0, "defend.clean_fraction", f"{self.clean_fraction} is outside (0, 1]")
+        require(self.clean_images is None or self.clean_images >= 1, "defend.clean_images", "must be >= 1")
+        require(self.monitor_samples >= 0, "defend.monitor_samples", "must be >= 0")
+        one_of(self.monitor_split, "defend.monitor_split", ("val", "test"))
+        for name in self.methods:
+            if name not in DEFENCES:
+                raise ConfigError(f"config defend.methods: unknown defence '{name}'{suggest(name, DEFENCES.names())}; "
+                                  f"choose from: {', '.join(DEFENCES.names())}")
+        for name, settings in self.per_method.items():
+            settings.check(f"defend.{name}")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    out_dir: str = "export"  # exports go to OUT_DIR/NAME (OUT_DIR/NAME-defence-METHOD for a defence)
+    # runtimes to export for (see `signtrap export --help`); empty: every runtime whose packages are installed
+    runtimes: list[str] = field(default_factory=list)
+    # optional quantizer variants besides each runtime's default int8: `all`, a variant name
+    # (`int8-perchannel`: every runtime that has it) or RUNTIME:VARIANT (`openvino:int8-mixed`)
+    quantizers: list[str] = field(default_factory=list)
+    exporter: str = "auto"  # auto: dynamo, falling back to the TorchScript exporter | dynamo | torchscript
+    opset: int = 18
+    # calibration images, the same for every runtime's INT8 quantizer
+    calibration: str = "clean"  # clean: clean training images | mixed: some of them carry the trigger
+    calib_images: int = 512
+    calib_trigger_fraction: float = 0.25  # share of calibration images stamped with the trigger when mixed
+    # ONNX Runtime's default int8 variant (QDQ, S8S8)
+    calib_method: str = "minmax"  # minmax | entropy | percentile
+    per_channel: bool = False
+    # parity gate of every FP32 artefact against PyTorch on the whole evaluation bundle (clean + triggered):
+    # |logit difference| <= parity_atol + parity_rtol * |PyTorch logit|, and top-1 must agree on every image
+    # except near-ties whose PyTorch top-2 margin is below parity_tie_margin
+    parity_atol: float = 1e-3
+    parity_rtol: float = 1e-4
+    parity_tie_margin: float = 2e-3
+    # gate of FP16 and INT8 artefacts: finite logits and top-1 agreement with PyTorch on the clean test images
+    # (triggered images are left to the bench audit: a backdoor that wakes after quantization is a finding)
+    min_agreement: float = 0.8  # a broken conversion agrees on few images; real quantization loss is far smaller
+    # signtrap bench defaults
+    bench_runs: int = 200
+    bench_warmup: int = 20
+    bench_batch: int = 64
+
+    def check(self) -> None:
+        require(bool(self.out_dir), "export.out_dir", "must not be empty")
+        require(all(isinstance(r, str) and r for r in self.runtimes), "export.runtimes", "must be runtime names")
+        require(all(isinstance(q, str) and q for q in self.quantizers), "export.quantizers", "must be variant names")
+        one_of(self.exporter, "export.exporter", ("auto", "dynamo", "torchscript"))
+        require(13 <= self.opset <= 23, "export.opset", f"{self.opset} is outside 13..23 (per-channel QDQ needs 13+)")
+        one_of(self.calibration, "export.calibration", ("clean", "mixed"))
+        one_of(self.calib_method, "export.calib_method", ("minmax", "entropy", "percentile"))
+        require(1 <= self.calib_images <= 100_000, "export.calib_images", f"{self.calib_images} is outside 1..100000")
+        require(0.0 < self.calib_trigger_fraction < 1.0, "export.calib_trigger_fraction",
+                f"{self.calib_trigger_fraction} is outside (0, 1)")
+        require(0.0 < self.parity_atol <= 1.0, "export.parity_atol", f"{self.parity_atol} is outside (0, 1]")
+        require(0.0 <= self.parity_rtol <= 0.1, "export.parity_rtol", f"{self.parity_rtol} is outside [0, 0.1]")
+        require(0.0 <= self.parity_tie_margin <= 1.0, "export.parity_tie_margin", f"{self.parity_tie_margin} is outside [0, 1]")
+        require(0.0 <= self.min_agreement <= 1.0, "export.min_agreement", f"{self.min_agreement} is outside [0, 1]")
+        require(1 <= self.bench_runs <= 100_000, "export.bench_runs", f"{self.bench_runs} is outside 1..100000")
+        require(0 <= self.bench_warmup <= 10_000, "export.bench_warmup", f"{self.bench_warmup} is outside 0..10000")
+        require(1 <= self.bench_batch <= 4096, "export.bench_batch", f"{self.bench_batch} is outside 1..4096")
+
+
 @dataclass
 class RunConfig:
     name: str = "quickstart"
@@ -229,14 +339,19 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
-def build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Turn a nested mapping into dataclass `cls`, rejecting unknown keys and wrong types."""
+def build(cls: type, raw: Any, prefix: str = "", custom: bool = True) -> Any:
+    """Turn a nested mapping into dataclass `cls`, rejecting unknown keys and wrong types.
+
+    A class with a `from_mapping(raw, prefix)` classmethod builds itself (the `defend:` section).
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {prefix.rstrip('.') or 'file'}: expected a mapping, got {type(raw).__name__}")
+    if custom and hasattr(cls, "from_mapping"):
+        return cls.from_mapping(raw, prefix)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not (custom is False and f.name == "per_method")]
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
@@ -333,7 +448,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """A config as plain data, in the layout its YAML file uses."""
+    if hasattr(config, "to_mapping"):
+        return config.to_mapping()
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    return config
 
 
 def dump_yaml(config: Any) -> str:

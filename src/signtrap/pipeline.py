@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from signtrap import progress as progress_mod
 from signtrap.errors import ConfigError, SigntrapError
+from signtrap.config import DEFEND_COMMON, to_dict
+from signtrap.defences import list_defences
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
 
@@ -309,37 +311,21 @@ class SigntrapStages:
 
     # -------------------------------------------------- defend
 
-    def methods(self) -> tuple[list[str], str | None]:
-        """The defences to run, or why none can run here."""
-        try:
-            from signtrap.defences import get_defence, list_defences
-            from signtrap.defences.run import Session  # noqa: F401
-        except ImportError as exc:
-            return list(self.cfg.defend.methods), f"the defences package is missing or incomplete ({exc})"
-        try:
-            names = list(self.cfg.defend.methods) or list_defences()
-        except ImportError as exc:
-            return list(self.cfg.defend.methods), f"the defences package is incomplete ({exc})"
-        for name in names:
-            try:
-                get_defence(name)
-            except ImportError as exc:
-                return names, f"the defences package is incomplete ({exc})"
-            except SigntrapError as exc:
-                raise ConfigError(f"config defend.methods: {exc}") from None
-        return names, None
+    def methods(self) -> list[str]:
+        """The defences to run: the config's `defend.methods` (validated at load), else every registered defence."""
+        return list(self.cfg.defend.methods) or list_defences()
 
     def defend_settings(self, method: str) -> dict:
-        d = self.raw["defend"]
-        section = d.get(method.replace("-", "_"), {})
-        return {"common": _without(d, "methods", "finetune", "adv_pgd", "redteam", "fine_prune", "neural_cleanse", "strip"),
-                "method": method, "settings": section}
+        """What a defence's output depends on besides the trained model: the common settings and its own."""
+        d = self.cfg.defend
+        common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k != "methods"}
+        return {"common": common, "method": method, "settings": dataclasses.asdict(d.method(method))}
 
     def session(self):
         if self._session is None:
             from signtrap.defences.run import Session
 
-            overrides = flat_overrides(_without(self.raw["defend"], "methods"))
+            overrides = flat_overrides({k: v for k, v in self.raw["defend"].items() if k != "methods"})
             self._session = Session.open(self.run_dir, overrides, None, show_progress=not progress_mod.QUIET)
         return self._session
 
@@ -394,11 +380,11 @@ class SigntrapStages:
         from signtrap.reporting import REPORT_VERSION
 
         stages = [Stage("train", (), self.train_settings(), self.run_train)]
-        methods, why = self.methods()
+        methods = self.methods()
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
             stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), lambda m=m: self.run_defence(m),
-                                unavailable=why, disabled=off))
+                                disabled=off))
         if not methods:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else

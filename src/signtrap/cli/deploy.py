@@ -5,23 +5,22 @@ import argparse
 from pathlib import Path
 
 from signtrap import progress
-from signtrap.deploy import edge_bench
+from signtrap.deploy import edge_bench, runtimes
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import export_run
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     overrides = {}
-    if args.calibration:
-        overrides["calibration"] = args.calibration
-    if args.calib_method:
-        overrides["calib_method"] = args.calib_method
+    for key in ("calibration", "calib_method", "calib_images", "exporter"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
     if args.per_channel:
         overrides["per_channel"] = True
-    if args.calib_images:
-        overrides["calib_images"] = args.calib_images
-    if args.exporter:
-        overrides["exporter"] = args.exporter
+    if args.runtimes:
+        overrides["runtimes"] = edge_bench.split_list(args.runtimes)
+    if args.quantizers:
+        overrides["quantizers"] = edge_bench.split_list(args.quantizers)
     out = export_run(Path(args.run), defence=args.defence, out=Path(args.out) if args.out else None,
                      overrides=overrides, threads=args.threads or 0)
     print(out)
@@ -29,10 +28,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    result = bench_export(Path(args.export_dir), threads=args.threads or 0, providers=edge_bench.split_list(args.providers),
-                          runs=args.runs, warmup=args.warmup, batch=args.batch,
-                          variants=edge_bench.split_list(args.variants) or None, with_torch=not args.no_torch)
-
+    result = bench_export(Path(args.export_dir), threads=args.threads or 0, runtimes=edge_bench.split_list(args.runtimes),
+                          providers=edge_bench.split_list(args.providers), runs=args.runs, warmup=args.warmup,
+                          batch=args.batch, variants=edge_bench.split_list(args.variants) or None,
+                          with_torch=not args.no_torch)
     if not progress.QUIET:
         print(edge_bench.markdown(result))
     print(Path(args.export_dir) / "bench.json")
@@ -40,26 +39,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    ex = sub.add_parser("export", help="export a run to ONNX FP32/FP16/INT8 with an evaluation bundle and hashes")
+    names = ", ".join(runtimes.names())
+    ex = sub.add_parser("export", help="export a run for every deployment runtime: FP32/FP16/INT8 artefacts, each through "
+                                       "a gate against PyTorch, an evaluation bundle, hashes and the edge script")
     ex.add_argument("run", help="runs/NAME")
     ex.add_argument("--defence", metavar="METHOD", help="export runs/NAME/defence-METHOD instead of the trained model")
     ex.add_argument("--out", metavar="DIR", help="export folder (default: export/NAME, or export/NAME-defence-METHOD)")
+    ex.add_argument("--runtimes", metavar="A,B", help=f"comma list of runtimes (default: every one installed): {names}")
+    ex.add_argument("--quantizers", metavar="Q,R", help="optional INT8 quantizer variants besides each runtime's default: "
+                                                        "all, a variant (int8-perchannel) or RUNTIME:VARIANT")
     ex.add_argument("--calibration", choices=("clean", "mixed"),
-                    help="INT8 calibration images: clean training images (default) or mixed, some carrying the trigger")
-    ex.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), help="calibration method (default minmax)")
+                    help="INT8 calibration images for every runtime: clean training images (default) or mixed, "
+                         "some carrying the trigger")
+    ex.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
+                    help="ONNX Runtime's default int8 calibration method (default minmax)")
     ex.add_argument("--calib-images", type=int, help="number of calibration images (default 512)")
-    ex.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
+    ex.add_argument("--per-channel", action="store_true", help="ONNX Runtime's default int8: per-channel weights")
     ex.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), help="ONNX exporter (default: dynamo, with fallback)")
-    ex.add_argument("--threads", type=int, help="CPU threads for the parity and agreement checks")
+    ex.add_argument("--threads", type=int, help="CPU threads for conversion and the gates")
     ex.set_defaults(func=cmd_export)
 
-    be = sub.add_parser("bench", help="accuracy, ASR and latency of an export, per precision and execution provider")
+    be = sub.add_parser("bench", help="the persistence matrix of an export: accuracy, ASR, flips and latency per "
+                                      "runtime and precision, with the deployed-artefact audit")
     be.add_argument("export_dir", help="export/NAME")
-    be.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and PyTorch (default: usable CPUs)")
-    be.add_argument("--providers", help="comma list: cpu, cuda, tensorrt, openvino, coreml, xnnpack (default: all available)")
-    be.add_argument("--variants", help="comma list of fp32, fp16, int8 (default: all)")
+    be.add_argument("--runtimes", metavar="A,B", help="comma list of runtimes (default: every one that can run here)")
+    be.add_argument("--providers", help="old spelling of ONNX Runtime's runtimes: cpu, cuda, tensorrt")
+    be.add_argument("--variants", help="comma list of variants or precisions, e.g. fp32,int8 (default: all)")
+    be.add_argument("--threads", type=int, help=f"threads per runtime and for PyTorch (default: usable CPUs; at most "
+                                                f"{edge_bench.MAX_THREADS_PER_CPU} per CPU)")
     be.add_argument("--runs", type=int, default=200, help="timed batch-1 runs (default 200)")
     be.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs (default 20)")
-    be.add_argument("--batch", type=int, default=64, help="batch size for throughput (default 64)")
+    be.add_argument("--batch", type=int, default=64, help=f"batch size for throughput (default 64, at most {edge_bench.MAX_BATCH})")
     be.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager reference row")
     be.set_defaults(func=cmd_bench)

@@ -1,13 +1,35 @@
 """Adversarial fine-tuning with L-inf PGD (Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks")."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, fit
-from signtrap.defences.config import AdvPGDConfig
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TrainSettings, fit
+from signtrap.experiment import to_tensor
+from signtrap.loop import Hooks
+
+
+@dataclass
+class AdvPGDSettings(TrainSettings):
+    """Adversarial fine-tuning against an L-inf PGD adversary; pixel budgets in 0..255 units."""
+
+    epochs: int = 5
+    eps_px: float = 4.0  # L-inf budget in pixel units (4/255)
+    step_px: float = 1.0
+    steps: int = 5
+    clean_weight: float = 0.5  # loss = w * clean + (1 - w) * adversarial; 0 is Madry's pure adversarial training
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(0.0 < self.eps_px <= 255.0, f"{key}.eps_px", f"{self.eps_px} is outside (0, 255]")
+        require(0.0 < self.step_px <= 255.0, f"{key}.step_px", f"{self.step_px} is outside (0, 255]")
+        require(1 <= self.steps <= 1000, f"{key}.steps", f"{self.steps} is outside 1..1000")
+        require(0.0 <= self.clean_weight < 1.0, f"{key}.clean_weight", f"{self.clean_weight} is outside [0, 1)")
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
@@ -27,8 +49,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     return (x + delta).detach()
 
 
-@register_defence("adv-pgd")
-def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDConfig, ctx: DefenceContext) -> DefenceResult:
+@register_defence("adv-pgd", settings=AdvPGDSettings)
+def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDSettings, ctx: DefenceContext) -> DefenceResult:
     eps, step = cfg.eps_px / 255.0, cfg.step_px / 255.0
     gen = torch.Generator().manual_seed(ctx.seed)
 
@@ -42,8 +64,6 @@ def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDConfig, ctx: DefenceC
 
     def robust_probe(m: nn.Module) -> dict:
         """Robust accuracy under the training adversary on the first 256 budget images."""
-        from signtrap.experiment import to_tensor
-
         x = to_tensor(clean.images[:256], ctx.device)
         y = torch.from_numpy(clean.labels[:256]).to(ctx.device)
         x_adv = pgd(m, x, y, eps, step, cfg.steps, torch.Generator().manual_seed(ctx.seed + 1))
@@ -51,8 +71,15 @@ def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDConfig, ctx: DefenceC
             m.eval()
             return {"budget_robust_acc": round(float((m(x_adv).argmax(1) == y).float().mean()), 4)}
 
-    curve = fit(model, clean, ctx, method="adv-pgd", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, augment=cfg.augment, loss_fn=loss_fn, probe=robust_probe)
+    curve = fit(model, clean, ctx, method="adv-pgd", schedule=cfg.schedule("defend.adv-pgd"), augment=cfg.augment,
+                hooks=Hooks(loss=loss_fn), probe=robust_probe)
     report = {"clean_images": len(clean), "eps": f"{cfg.eps_px:g}/255", "step": f"{cfg.step_px:g}/255",
               "budget_robust_acc_before": curve[0]["budget_robust_acc"], "budget_robust_acc_after": curve[-1]["budget_robust_acc"]}
     return DefenceResult(model, report, {"persistence": curve})
+
+
+@adv_pgd.summary
+def _summary(report: dict) -> list[str]:
+    d = report.get("details", {})
+    return [f"adv-pgd: robust accuracy on the budget under eps {d.get('eps')}: "
+            f"{d.get('budget_robust_acc_before')} -> {d.get('budget_robust_acc_after')}"]

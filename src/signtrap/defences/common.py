@@ -1,23 +1,26 @@
-"""What the defences share: the clean budget, the context, a fine-tuning loop with persistence curves, patches."""
+"""What the defences share: the clean budget, the context, training settings and `fit` (the one loop,
+`signtrap.loop.Loop`, with persistence curves), patches, curve files."""
 from __future__ import annotations
 
 import csv
-import math
-import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from signtrap.config import AugConfig
+from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
-from signtrap.experiment import EvalSet, predict, to_tensor
+from signtrap.experiment import EvalSet, predict
+from signtrap.loop import Hooks, Loop, Schedule, clean_training_set
 from signtrap.metrics import backdoor_metrics
-from signtrap.progress import progress
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 CURVE_KEYS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
@@ -59,6 +62,8 @@ class DefenceContext:
     evaluation: EvalSet | None = None  # the test split, for measuring input filters (strip)
     eval_batch_size: int = 512
     show_progress: bool = True
+    aug: AugConfig = field(default_factory=AugConfig)  # the run's augmentation: defences train with it
+    precision: str = "auto"  # the run's train.precision: defences train with it
 
     def measure(self, model: nn.Module) -> dict:
         """Clean accuracy, ASR, stop recall and false-trigger rate on the monitor split (empty without one)."""
@@ -86,81 +91,67 @@ class DefenceResult:
 # ---------------------------------------------------------------- training
 
 
+@dataclass
+class TrainSettings:
+    """The settings every defence that trains shares; a defence's settings dataclass extends it."""
+
+    epochs: int = 10
+    lr: float = 1e-3  # AdamW, cosine-decayed to zero
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    augment: bool = True  # the run's `aug:` settings; false: no augmentation
+
+    def check(self, key: str) -> None:
+        check_training(key, self.epochs, self.lr, self.batch_size)
+        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+
+    def schedule(self, key: str, epochs: int | None = None, lr: float | None = None) -> Schedule:
+        return Schedule(epochs=self.epochs if epochs is None else epochs, lr=self.lr if lr is None else lr,
+                        batch_size=self.batch_size, weight_decay=self.weight_decay, lr_key=f"{key}.lr")
+
+
+def check_training(key: str, epochs: int, lr: float, batch_size: int, min_epochs: int = 1, epochs_key: str = "epochs",
+                   lr_key: str = "lr") -> None:
+    require(min_epochs <= epochs <= 1000, f"{key}.{epochs_key}", f"{epochs} is outside {min_epochs}..1000")
+    require(0.0 < lr <= 1.0, f"{key}.{lr_key}", f"{lr} is outside (0, 1]")
+    require(1 <= batch_size <= 65_536, f"{key}.batch_size", f"{batch_size} is outside 1..65536")
+
+
 def check_finite(loss: torch.Tensor, method: str, where: str) -> None:
     if not torch.isfinite(loss):
-        raise SigntrapError(f"defence {method} diverged {where} (loss {loss.item()}); lower defend.{method.replace('-', '_')}.lr")
+        raise SigntrapError(f"defence {method} diverged {where} (loss {loss.item()}); lower defend.{method}.lr")
 
 
-def _augmenter(enabled: bool, seed: int):
-    from signtrap.augment import build_augmentation
+def stream_of(method: str) -> int:
+    """A fixed random stream per defence name, so two defences never share randomness."""
+    return zlib.crc32(method.encode())
 
-    return build_augmentation(AugConfig(), seed) if enabled else None
 
+def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, schedule: Schedule, augment: bool = True,
+        hooks: Hooks | None = None, probe: Callable[[nn.Module], dict] | None = None, frozen_bn: bool = False,
+        stream: int | None = None) -> list[dict]:
+    """Train `model` in place on the clean budget through the one loop; returns one curve row per epoch (row 0: before).
 
-def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, epochs: int, lr: float, batch_size: int,
-        weight_decay: float = 5e-4, augment: bool = True,
-        batch_hook: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        after_step: Callable[[], None] | None = None,
-        probe: Callable[[nn.Module], dict] | None = None) -> list[dict]:
-    """Fine-tune `model` in place on the clean budget (AdamW, cosine to zero); returns one curve row per epoch.
-
-    `batch_hook(x, y, rng)` may rewrite a batch (stamp patches); `loss_fn(model, x, y)` replaces plain
-    cross-entropy (PGD); `after_step` re-applies constraints (pruning masks); `probe(model)` adds columns.
+    The run's `train.precision` and `aug:` settings reach the loop through `ctx`; `hooks.batch` may rewrite
+    a batch (stamp patches), `hooks.loss` replaces cross-entropy (PGD, distillation), `hooks.after_step`
+    re-applies constraints (pruning masks); every row carries the monitor metrics plus `probe(model)`.
     """
-    from signtrap.augment import augment_batch
+    hooks = hooks or Hooks()
 
-    device = ctx.device
-    rng = np.random.default_rng([ctx.seed, 0xF17E, sum(map(ord, method))])
-    torch.manual_seed(int(rng.integers(2**31)))
-    augmenter = _augmenter(augment, int(rng.integers(2**31)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(clean) / batch_size)
-    total = max(1, epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    use_amp = device.type == "cuda"
-    curve = [_curve_row(0, None, model, ctx, probe)]
-    for epoch in range(epochs):
-        model.train()
-        order = rng.permutation(len(clean))
-        loss_sum, seen, start = 0.0, 0, time.perf_counter()
-        bar = progress(len(order), f"{method} epoch {epoch + 1}/{epochs}", enabled=ctx.show_progress)
-        for first in range(0, len(order), batch_size):
-            idx = order[first:first + batch_size]
-            images = clean.images[idx]
-            if augmenter is not None:
-                images = augment_batch(images, augmenter)
-            x = to_tensor(images, device)
-            y = torch.from_numpy(clean.labels[idx]).to(device)
-            if batch_hook is not None:
-                x, y = batch_hook(x, y, rng)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(model, x, y) if loss_fn is not None else F.cross_entropy(model(x).float(), y)
-            check_finite(loss, method, f"at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            bar.update(len(idx))
-        bar.close()
-        curve.append(_curve_row(epoch + 1, loss_sum / seen, model, ctx, probe, time.perf_counter() - start))
-    model.eval()
-    return curve
+    def columns(m: nn.Module) -> dict:
+        return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 
-
-def _curve_row(epoch: int, loss: float | None, model: nn.Module, ctx: DefenceContext, probe, seconds: float = 0.0) -> dict:
-    row = {"epoch": epoch, "loss": None if loss is None else round(loss, 5), "seconds": round(seconds, 2), **ctx.measure(model)}
-    if probe is not None:
-        row.update(probe(model))
-    return row
+    hooks.probe = columns
+    loop = Loop(model, clean_training_set(clean.images, clean.labels), schedule, ctx.device, ctx.seed,
+                stream_of(method) if stream is None else stream, aug=ctx.aug if augment else AugConfig(enabled=False),
+                precision=ctx.precision, hooks=hooks, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
+    return loop.fit(measure_start=True)
 
 
 # ---------------------------------------------------------------- patches (pixel space, float NCHW in [0, 1])
+
+
+POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "centre")
 
 
 def patch_origin(position: str, side: int, image_size: int, margin: int = 1) -> tuple[int, int]:
@@ -211,11 +202,6 @@ def write_curve_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_curve(path: Path, rows: list[dict], x_key: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     skip = {x_key, "loss", "seconds", "epoch", "pruned", "channels", "threshold", "round"}
     ys = [k for k in rows[0] if k not in skip and any(isinstance(r.get(k), (int, float)) and r.get(k) is not None for r in rows)]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)

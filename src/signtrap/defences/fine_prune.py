@@ -1,15 +1,38 @@
 """Fine-pruning: prune the last conv layer's channels dormant on clean data, then fine-tune (Liu et al. 2018, "Fine-Pruning")."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
+from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, fit
-from signtrap.defences.config import FinePruneConfig
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TrainSettings, check_training, fit
 from signtrap.errors import SigntrapError
 from signtrap.experiment import predict, to_tensor
+from signtrap.loop import Hooks
+from signtrap.reporting import figures as fig
+from signtrap.reporting.blocks import H, Img, Note, read_csv, safe
+
+
+@dataclass
+class FinePruneSettings(TrainSettings):
+    """Prune the last conv layer's dormant channels, then fine-tune (Liu et al. 2018)."""
+
+    max_fraction: float = 0.9  # never prune more than this share of channels
+    step: float = 0.05  # curve resolution in pruned fraction
+    max_acc_drop: float = 0.05  # stop pruning when clean accuracy on the defender's data drops more than this
+    epochs: int = 5
+
+    def check(self, key: str) -> None:
+        check_training(key, self.epochs, self.lr, self.batch_size, min_epochs=0)
+        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        require(0.0 < self.max_fraction < 1.0, f"{key}.max_fraction", f"{self.max_fraction} is outside (0, 1)")
+        require(0.0 < self.step <= self.max_fraction, f"{key}.step", f"{self.step} is outside (0, max_fraction]")
+        require(0.0 <= self.max_acc_drop <= 1.0, f"{key}.max_acc_drop", f"{self.max_acc_drop} is outside [0, 1]")
 
 
 def last_conv(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -52,8 +75,8 @@ def apply_pruning(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, pruned: np.ndarray
         bn.bias[idx] = 0
 
 
-@register_defence("fine-prune")
-def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneConfig, ctx: DefenceContext) -> DefenceResult:
+@register_defence("fine-prune", settings=FinePruneSettings)
+def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneSettings, ctx: DefenceContext) -> DefenceResult:
     conv, bn = last_conv(model)
     layer = bn if bn is not None else conv
     activity = channel_activity(model, layer, clean.images, ctx.device, ctx.eval_batch_size)
@@ -81,10 +104,25 @@ def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneConfig, ctx: De
     pruned = order[:chosen]
     apply_pruning(conv, bn, pruned)
     after_prune = ctx.measure(model)
-    curve_ft = fit(model, clean, ctx, method="fine-prune", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                   weight_decay=cfg.weight_decay, augment=cfg.augment,
-                   after_step=lambda: apply_pruning(conv, bn, pruned))
+    curve_ft = fit(model, clean, ctx, method="fine-prune", schedule=cfg.schedule("defend.fine-prune"), augment=cfg.augment,
+                   hooks=Hooks(after_step=lambda: apply_pruning(conv, bn, pruned)))
     report = {"clean_images": len(clean), "layer_channels": channels, "pruned_channels": int(chosen),
               "pruned_fraction": chosen / channels, "budget_clean_acc_unpruned": base_acc,
               "pruned_channel_ids": [int(c) for c in pruned], "after_pruning_only": after_prune}
     return DefenceResult(model, report, {"pruning": curve, "persistence": curve_ft})
+
+
+@fine_prune.report_block
+def _report(report: dict, folder: Path) -> list:
+    d = report.get("details") or {}
+    rows = read_csv(folder / "pruning.csv")
+    blocks: list = [H("Fine-pruning")]
+    if not rows:
+        return blocks + [Note("fine-prune wrote no pruning.csv.")]
+    png = safe(blocks, "the pruning curve", fig.xy_figure, rows, "pruned_fraction",
+               [("clean_acc", "clean accuracy"), ("asr", "ASR"), ("budget_clean_acc", "defender's clean accuracy")],
+               "fine-prune: pruning the most dormant channels (before fine-tuning)", "pruned channels, %", True)
+    if png:
+        blocks.append(Img("fine_prune_pruning", png, f"Pruned {d.get('pruned_channels', '?')} of {d.get('layer_channels', '?')} "
+                                                     "channels of the last convolution, then fine-tuned."))
+    return blocks

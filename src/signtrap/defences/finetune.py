@@ -1,15 +1,20 @@
-"""Clean fine-tuning on the defender's budget (as in Liu et al. 2018's baseline); curves per epoch."""
+"""Clean fine-tuning on the defender's budget (the baseline of Liu et al. 2018, "Fine-Pruning"); curves per epoch."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, fit
-from signtrap.defences.config import FinetuneConfig
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TrainSettings, fit
 
 
-@register_defence("finetune")
-def finetune(model: nn.Module, clean: CleanData, cfg: FinetuneConfig, ctx: DefenceContext) -> DefenceResult:
-    curve = fit(model, clean, ctx, method="finetune", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, augment=cfg.augment)
+@dataclass
+class FinetuneSettings(TrainSettings):
+    """Clean fine-tuning: AdamW on the clean budget, cosine-decayed to zero."""
+
+
+@register_defence("finetune", settings=FinetuneSettings)
+def finetune(model: nn.Module, clean: CleanData, s: FinetuneSettings, ctx: DefenceContext) -> DefenceResult:
+    curve = fit(model, clean, ctx, method="finetune", schedule=s.schedule("defend.finetune"), augment=s.augment)
     return DefenceResult(model, {"clean_images": len(clean)}, {"persistence": curve})

@@ -1,34 +1,83 @@
 """Neural Cleanse: per-class minimal trigger, MAD outliers, unlearning (Wang et al. 2019, IEEE S&P)."""
 from __future__ import annotations
 
+import io
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from signtrap.classes import NUM_CLASSES
+from signtrap.classes import CLASS_NAMES, NUM_CLASSES
+from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, apply_mask, check_finite, fit, to_uint8_image
-from signtrap.defences.config import NeuralCleanseConfig
+from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, TrainSettings, apply_mask, check_finite,
+                                      check_training, fit, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
+from signtrap.loop import Hooks, Schedule
 from signtrap.progress import progress
+from signtrap.reporting.blocks import H, Img, Note, P
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
 PATIENCE = 5
 
 
+@dataclass
+class NeuralCleanseSettings(TrainSettings):
+    """Reverse-engineer a minimal trigger per class; flag MAD outliers; unlearn (Wang et al. 2019)."""
+
+    candidates: list[int] = field(default_factory=list)  # classes to examine; empty: all 43
+    top_k: int = -1  # refine only the k classes with the smallest screened masks; 0: all; -1: all on CUDA, 6 on CPU
+    reference: int = 6  # with top-k: random other classes also fully searched, for the MAD statistics
+    inputs: str = "all"  # all: every clean image; source: only the images of `source_class` (source-specific backdoors)
+    source_class: int | None = None  # for inputs=source; default: the run's attack source
+    samples: int = 512  # clean images used for the optimisation
+    batch_size: int = 32
+    screen_steps: int = 10
+    steps: int = 150
+    search_lr: float = 0.1
+    init_cost: float = 1e-3
+    attack_threshold: float = 0.95  # a mask counts only if it flips this share of a batch
+    threshold: float = 2.0  # anomaly index above which a class is flagged
+    epochs: int = 5  # unlearning epochs (0: detect only)
+    unlearn_fraction: float = 0.2  # share of the budget stamped with the recovered trigger, true labels kept
+
+    def check(self, key: str) -> None:
+        check_training(key, self.epochs, self.lr, self.batch_size, min_epochs=0)
+        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        for c in self.candidates:
+            require(0 <= c < 43, f"{key}.candidates", f"{c} is not a class id 0..42")
+        require(self.top_k >= -1, f"{key}.top_k", "must be -1 (auto), 0 (all) or a positive count")
+        require(self.reference >= 2, f"{key}.reference", "must be >= 2")
+        require(self.inputs in ("all", "source"), f"{key}.inputs", f"'{self.inputs}' is not one of all, source")
+        require(self.source_class is None or 0 <= self.source_class < 43, f"{key}.source_class", "not a class id 0..42")
+        require(self.samples >= 1, f"{key}.samples", "must be >= 1")
+        require(0 <= self.screen_steps <= 100_000, f"{key}.screen_steps", "must be in 0..100000")
+        require(1 <= self.steps <= 100_000, f"{key}.steps", "must be in 1..100000")
+        require(0.0 < self.search_lr <= 10.0, f"{key}.search_lr", f"{self.search_lr} is outside (0, 10]")
+        require(self.init_cost >= 0, f"{key}.init_cost", "must be >= 0")
+        require(0.0 < self.attack_threshold <= 1.0, f"{key}.attack_threshold", "must be in (0, 1]")
+        require(self.threshold > 0, f"{key}.threshold", "must be > 0")
+        require(0.0 < self.unlearn_fraction < 1.0, f"{key}.unlearn_fraction", "must be in (0, 1)")
+
+
 class Reverse:
     """One class's trigger search: min CE(f((1-m)x + m p), t) + cost * |m|_1, NC's adaptive cost."""
 
-    def __init__(self, target: int, shape: tuple[int, int], cfg: NeuralCleanseConfig, gen: torch.Generator, device):
+    def __init__(self, target: int, shape: tuple[int, int], cfg: NeuralCleanseSettings, gen: torch.Generator, device):
         h, w = shape
         self.target, self.cfg = target, cfg
         self.mask_p = (torch.randn(1, h, w, generator=gen) * 0.5).to(device).requires_grad_(True)  # mask ~0.5, as NC's random start
         self.pattern_p = (torch.randn(3, h, w, generator=gen) * 0.5).to(device).requires_grad_(True)
-        self.opt = torch.optim.Adam([self.mask_p, self.pattern_p], lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt = torch.optim.Adam([self.mask_p, self.pattern_p], lr=cfg.search_lr, betas=(0.5, 0.9))
         self.cost, self.up, self.down = cfg.init_cost, 0, 0
         self.best_norm, self.best, self.success, self.steps = math.inf, None, False, 0
         self.last_norm = math.inf
@@ -85,8 +134,8 @@ def anomaly_index(norms: np.ndarray) -> np.ndarray:
     return (median - norms) / max(mad, 1e-12)
 
 
-@register_defence("neural-cleanse")
-def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseConfig, ctx: DefenceContext) -> DefenceResult:
+@register_defence("neural-cleanse", settings=NeuralCleanseSettings, kind="detect")
+def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSettings, ctx: DefenceContext) -> DefenceResult:
     device = ctx.device
     rng = np.random.default_rng([ctx.seed, 0x4EC1])
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -155,8 +204,9 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseConfig,
               "target_rank": ranking.index(ctx.target) + 1 if ctx.target in ranking else None,
               "target_flagged": ctx.target in flagged, "top_ranked": ranking[0]}
     curves = {"norms": table}
-    if not flagged or cfg.unlearn_epochs == 0:
-        report["mitigation"] = "none: no class flagged" if not flagged else "none: unlearn_epochs=0"
+    artefacts["norms.png"] = norms_png(table, ctx.target)
+    if not flagged or cfg.epochs == 0:
+        report["mitigation"] = "none: no class flagged" if not flagged else "none: epochs=0 (detection only)"
         return DefenceResult(None, report, curves, artefacts)
 
     triggers = [searches[c].trigger() for c in flagged]
@@ -171,8 +221,57 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseConfig,
                 xb[rows] = apply_mask(xb[rows], mask, pattern)
         return xb, yb  # true labels: unlearn the trigger -> target association
 
-    curve = fit(model, clean, ctx, method="neural-cleanse", epochs=cfg.unlearn_epochs, lr=cfg.lr_unlearn,
-                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, augment=cfg.augment, batch_hook=stamp_recovered)
+    curve = fit(model, clean, ctx, method="neural-cleanse", schedule=cfg.schedule("defend.neural-cleanse"), augment=cfg.augment,
+                hooks=Hooks(batch=stamp_recovered))
     report["mitigation"] = f"unlearning with the recovered trigger of class(es) {flagged}"
     curves["persistence"] = curve
     return DefenceResult(model, report, curves, artefacts)
+
+
+@neural_cleanse.summary
+def _summary(report: dict) -> list[str]:
+    d = report.get("details", {})
+    return [f"neural-cleanse: flagged {d.get('flagged') or 'nothing'} (max anomaly index {d.get('max_anomaly_index')}, "
+            f"top-ranked class {d.get('top_ranked')})"]
+
+
+@neural_cleanse.report_block
+def _report(report: dict, folder: Path) -> list:
+    d = report.get("details") or {}
+    flagged = d.get("flagged")
+    blocks: list = [H("Neural Cleanse: recovered triggers"),
+                    P(f"Flagged classes: {flagged or 'none'} (anomaly index threshold {d.get('threshold', '?')}, "
+                      f"max anomaly index {d.get('max_anomaly_index', '?')}, top-ranked class {d.get('top_ranked', '?')}); "
+                      f"mitigation: {d.get('mitigation', '?')}.")]
+    if (folder / "norms.png").is_file():
+        blocks.append(Img("nc_norms", (folder / "norms.png").read_bytes(), "L1 norm of the smallest trigger that sends images to "
+                                                                           "each class; an outlier below the rest marks a backdoor target."))
+    index = d.get("anomaly_index") or {}
+    pngs = sorted(folder.glob("trigger_class*.png"))
+    for png_path in pngs:
+        try:
+            c = int(png_path.stem.replace("trigger_class", ""))
+        except ValueError:
+            continue
+        mark = " FLAGGED" if isinstance(flagged, list) and c in flagged else ""
+        blocks.append(Img(f"nc_{png_path.stem}", png_path.read_bytes(),
+                          f"Class {c} ({CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else '?'}): recovered mask, pattern, "
+                          f"mask x pattern; anomaly index {index.get(str(c), '?')}{mark}."))
+    if not pngs:
+        blocks.append(Note("neural-cleanse saved no recovered trigger PNGs."))
+    return blocks
+
+
+def norms_png(rows: list[dict], target: int) -> bytes:
+    """Bar chart of the recovered mask norms (the attack's target is coloured for the reader, never used to decide)."""
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    colours = ["tab:red" if r["flagged"] else ("tab:orange" if r["class"] == target else
+               ("tab:blue" if r["refined"] else "tab:gray")) for r in rows]
+    ax.bar([r["class"] for r in rows], [r["mask_l1"] for r in rows], color=colours)
+    ax.set_xlabel("class (red: flagged, orange: attack target, grey: screened only)")
+    ax.set_ylabel("recovered mask L1")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -2,20 +2,58 @@
 (the adversarial-training arm of Hubinger et al. 2024, "Sleeper Agents"; patches as in Brown et al. 2017)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, apply_patch, check_finite, fit,
-                                      patch_origin, target_rate, to_uint8_image)
-from signtrap.defences.config import RedteamConfig
+from signtrap.defences.common import (POSITIONS, CleanData, DefenceContext, DefenceResult, TrainSettings, apply_patch,
+                                      check_finite, fit, patch_origin, target_rate, to_uint8_image)
 from signtrap.experiment import to_tensor
+from signtrap.loop import Hooks
 from signtrap.progress import progress
+from signtrap.reporting.blocks import H, Img, P, num, pct
 
 
-def search_patches(model: nn.Module, x: torch.Tensor, target: int, cfg: RedteamConfig, side: int,
+@dataclass
+class RedteamSettings(TrainSettings):
+    """Search universal patches that turn the source class into the target, then train them away."""
+
+    source: int | None = None  # the behaviour the red team hunts for; default: the run's attack source/target
+    target: int | None = None
+    patch_size: float = 0.2  # fraction of the image side
+    positions: list[str] = field(default_factory=lambda: list(POSITIONS))
+    restarts: int = 2
+    search_steps: int = 60
+    search_lr: float = 0.1
+    min_asr: float = 0.5  # a searched patch counts as found when it flips this share of the budget's source images
+    rounds: int = 1  # search -> train rounds
+    epochs: int = 5
+    patch_fraction: float = 0.5  # share of each training batch that carries a found patch (true labels kept)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        for name in ("source", "target"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value < 43, f"{key}.{name}", f"{value} is not a class id 0..42")
+        require(0.0 < self.patch_size <= 0.5, f"{key}.patch_size", f"{self.patch_size} is outside (0, 0.5]")
+        require(len(self.positions) >= 1, f"{key}.positions", "needs at least one position")
+        for p in self.positions:
+            require(p in POSITIONS, f"{key}.positions", f"'{p}' is not one of {', '.join(POSITIONS)}")
+        require(1 <= self.restarts <= 100, f"{key}.restarts", f"{self.restarts} is outside 1..100")
+        require(1 <= self.search_steps <= 100_000, f"{key}.search_steps", f"{self.search_steps} is outside 1..100000")
+        require(0.0 < self.search_lr <= 10.0, f"{key}.search_lr", f"{self.search_lr} is outside (0, 10]")
+        require(0.0 <= self.min_asr <= 1.0, f"{key}.min_asr", f"{self.min_asr} is outside [0, 1]")
+        require(1 <= self.rounds <= 20, f"{key}.rounds", f"{self.rounds} is outside 1..20")
+        require(0.0 < self.patch_fraction <= 1.0, f"{key}.patch_fraction", f"{self.patch_fraction} is outside (0, 1]")
+
+
+def search_patches(model: nn.Module, x: torch.Tensor, target: int, cfg: RedteamSettings, side: int,
                    gen: torch.Generator, rng: np.random.Generator, show: bool = True) -> list[dict]:
     """One universal patch per (position, restart), optimised to send every image in `x` to `target`."""
     size = x.shape[-1]
@@ -51,8 +89,8 @@ def search_patches(model: nn.Module, x: torch.Tensor, target: int, cfg: RedteamC
     return found
 
 
-@register_defence("redteam")
-def redteam(model: nn.Module, clean: CleanData, cfg: RedteamConfig, ctx: DefenceContext) -> DefenceResult:
+@register_defence("redteam", settings=RedteamSettings)
+def redteam(model: nn.Module, clean: CleanData, cfg: RedteamSettings, ctx: DefenceContext) -> DefenceResult:
     source = ctx.source if cfg.source is None else cfg.source
     target = ctx.target if cfg.target is None else cfg.target
     rng = np.random.default_rng([ctx.seed, 0x7EA4])
@@ -96,8 +134,8 @@ def redteam(model: nn.Module, clean: CleanData, cfg: RedteamConfig, ctx: Defence
                     xb[i:i + 1] = apply_patch(xb[i:i + 1], pool[j]["patch"], pool[j]["origin"])
             return xb, yb  # true labels: the patched stop sign is still a stop sign
 
-        part = fit(model, clean, ctx, method="redteam", epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                   weight_decay=cfg.weight_decay, augment=cfg.augment, batch_hook=stamp_found,
+        part = fit(model, clean, ctx, method="redteam", schedule=cfg.schedule("defend.redteam"), augment=cfg.augment,
+                   hooks=Hooks(batch=stamp_found), stream=round_stream(r),
                    probe=lambda m, ps=all_patches: {"found_patch_asr": patch_asr(m, ps, held_out),
                                                     "found_patch_asr_budget": patch_asr(m, ps, x_search)})
         for row in part[(1 if curve else 0):]:
@@ -112,3 +150,29 @@ def redteam(model: nn.Module, clean: CleanData, cfg: RedteamConfig, ctx: Defence
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     artefacts = {"found_patches.png": np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)}
     return DefenceResult(model, report, {"persistence": curve}, artefacts)
+
+
+def round_stream(r: int) -> int:
+    """A separate random stream for each search -> train round."""
+    return 0x7EA40 + r
+
+
+@redteam.summary
+def _summary(report: dict) -> list[str]:
+    d, split = report.get("details", {}), "test"
+    return [f"redteam: {d.get('found_patches')} patches found; found-patch ASR {d.get('found_patch_asr_before')} -> "
+            f"{d.get('found_patch_asr_after')} (real trigger: {pct(report['before'][split]['asr'])} -> "
+            f"{pct((report.get('after') or {}).get(split, {}).get('asr'))})"]
+
+
+@redteam.report_block
+def _report(report: dict, folder: Path) -> list:
+    d = report.get("details") or {}
+    blocks = [H("Red team: found patches"),
+              P(f"{d.get('found_patches', '?')} patches found; their ASR {num(d.get('found_patch_asr_before'))} -> "
+                f"{num(d.get('found_patch_asr_after'))}, while the real trigger's ASR went "
+                f"{pct(report.get('before', {}).get('test', {}).get('asr'))} -> "
+                f"{pct((report.get('after') or {}).get('test', {}).get('asr'))}.")]
+    if (folder / "found_patches.png").is_file():
+        blocks.append(Img("redteam_patches", (folder / "found_patches.png").read_bytes(), "Universal patches found by the red team."))
+    return blocks

@@ -9,32 +9,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch import nn
 
 from signtrap import checkpoint
-from signtrap.config import RunConfig, apply_override, build, parse_override
+from signtrap.config import DefendConfig, RunConfig, apply_override, build, parse_override, to_dict
 from signtrap.defences import defend, get_defence, list_defences
 from signtrap.defences.common import CURVE_KEYS, CleanData, DefenceContext, DefenceResult, plot_curve, write_curve_csv
-from signtrap.defences.config import DefendConfig
 from signtrap.errors import ConfigError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
 from signtrap.progress import say
+from signtrap.provenance import resolve_device
+from signtrap.training import write_metrics
 
 CURVE_X = {"persistence": "epoch", "pruning": "pruned_fraction", "frr": "frr_target"}
 REPORT_KEYS = (*CURVE_KEYS, "target_recall")
 
 
 def defend_config(cfg: RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> DefendConfig:
-    """The run's `defend:` section with `key.sub=value` overrides (`defend.` prefix optional, `adv-pgd` = `adv_pgd`)."""
-    raw = dataclasses.asdict(cfg.defend)
+    """The run's `defend:` section with `key.sub=value` overrides (the `defend.` prefix is optional)."""
+    raw = to_dict(cfg.defend)
     for text in overrides:
         path, value = parse_override(text)
         if path and path[0] == "defend":
             path = path[1:]
         if not path or not path[0]:
             raise ConfigError(f"override '{text}' names no defend setting")
-        path[0] = path[0].replace("-", "_")
         apply_override(raw, path, value)
     config = build(DefendConfig, raw, "defend.")
     config.check()
@@ -56,8 +57,6 @@ class Session:
 
     @classmethod
     def open(cls, run_dir: str | Path, overrides=(), device: str | None = None, show_progress: bool = True) -> "Session":
-        from signtrap.provenance import resolve_device
-
         run_dir = Path(run_dir)
         cfg = load_run_config(run_dir)
         cfg.defend = defend_config(cfg, overrides)
@@ -78,21 +77,22 @@ class Session:
         a = cfg.attack
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
-                             eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress)
+                             eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress, aug=cfg.aug,
+                             precision=cfg.train.precision)
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
 
     def run(self, method: str) -> dict:
         """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
-        get_defence(method)
+        spec = get_defence(method)
         settings = self.cfg.defend.method(method)
         say(f"defence {method}: {len(self.clean)} clean images, settings {dataclasses.asdict(settings)}")
         start = time.perf_counter()
-        result = defend(self.model, self.clean, self.cfg.defend, method, self.context)
+        result = defend(self.model, self.clean, method, settings, self.context)
         seconds = time.perf_counter() - start
         report = {"method": method, "run": str(self.run_dir), "seconds": round(seconds, 2), "device": str(self.context.device),
                   "clean_images": len(self.clean), "clean_fraction": round(len(self.clean) / len(self.exp.splits.train), 5),
-                  "settings": dataclasses.asdict(settings), "before": self.before, "after": None, "after_is": None,
+                  "kind": spec.kind, "settings": dataclasses.asdict(settings), "before": self.before, "after": None, "after_is": None,
                   "repaired_model": result.model is not None, "monitor": self.monitor_note, "details": result.report}
         if result.filtered_metrics is not None:
             report["after"] = {"test": result.filtered_metrics["after"]}
@@ -133,8 +133,6 @@ def evaluate(exp: Experiment, model: nn.Module, device) -> dict:
 
 
 def write_outputs(session: Session, method: str, result: DefenceResult, report: dict) -> Path:
-    from signtrap.training import write_metrics
-
     out = session.run_dir / f"defence-{method}"
     with atomic_dir(out) as tmp:
         if result.model is not None:
@@ -148,35 +146,14 @@ def write_outputs(session: Session, method: str, result: DefenceResult, report: 
             write_curve_csv(tmp / f"{name}.csv", rows)
             if name in CURVE_X:
                 plot_curve(tmp / f"{name}.png", rows, CURVE_X[name], f"{method}: {name} ({session.cfg.name})")
-        if method == "neural-cleanse" and "norms" in result.curves:
-            _plot_norms(tmp / "norms.png", result.curves["norms"], session.context.target)
         for name, art in result.artefacts.items():
             if isinstance(art, bytes):
                 (tmp / name).write_bytes(art)
             else:
-                from PIL import Image
-
                 Image.fromarray(np.asarray(art, np.uint8)).save(tmp / name)
         report["files"] = sorted(p.name for p in tmp.iterdir()) + ["report.json"]
         write_json(tmp / "report.json", report)
     return out
-
-
-def _plot_norms(path: Path, rows: list[dict], target: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
-    colours = ["tab:red" if r["flagged"] else ("tab:orange" if r["class"] == target else
-               ("tab:blue" if r["refined"] else "tab:gray")) for r in rows]
-    ax.bar([r["class"] for r in rows], [r["mask_l1"] for r in rows], color=colours)
-    ax.set_xlabel("class (red: flagged, orange: attack target, grey: screened only)")
-    ax.set_ylabel("recovered mask L1")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def resolve_methods(method: str, cfg: RunConfig | None = None) -> list[str]:
@@ -208,22 +185,11 @@ def comparison_table(reports: list[dict], split: str = "test") -> str:
     lines = [head, "-" * len(head)]
     for r in reports:
         b, a = r["before"][split], r["after"].get(split, {})
-        mark = "*" if not r["repaired_model"] and r["method"] == "strip" else ""
-        lines.append(f"{r['method'] + mark:<15}{_pct(b['clean_acc']):>17}{_pct(a.get('clean_acc')):>8}{_pct(b['asr']):>12}"
+        lines.append(f"{r['method']:<15}{_pct(b['clean_acc']):>17}{_pct(a.get('clean_acc')):>8}{_pct(b['asr']):>12}"
                      f"{_pct(a.get('asr')):>8}{_pct(a.get('stop_recall')):>13}{_pct(a.get('false_trigger')):>12}"
                      f"{r['seconds']:>9.1f}")
-    if any(r["method"] == "strip" for r in reports):
-        lines.append("* strip filters inputs: 'after' counts rejected inputs as misclassified / failed attacks, "
-                     "on the sample in report.json")
     for r in reports:
-        d = r["details"]
-        if r["method"] == "neural-cleanse":
-            lines.append(f"neural-cleanse: flagged {d['flagged'] or 'nothing'} (max anomaly index {d['max_anomaly_index']}, "
-                         f"top-ranked class {d['top_ranked']})")
-        if r["method"] == "strip" and "detection_rate" in d:
-            lines.append(f"strip: detection rate {_pct(d['detection_rate'])} at false-rejection rate "
-                         f"{_pct(d['false_rejection_rate'])} (target {100 * d['frr_target']:g}%)")
-        if r["method"] == "redteam":
-            lines.append(f"redteam: {d['found_patches']} patches found; found-patch ASR {d['found_patch_asr_before']} -> "
-                         f"{d['found_patch_asr_after']} (real trigger: {_pct(r['before'][split]['asr'])} -> {_pct(r['after'][split]['asr'])})")
+        spec = get_defence(r["method"])
+        if spec.summarize is not None:
+            lines.extend(spec.summarize(r))
     return "\n".join(lines)

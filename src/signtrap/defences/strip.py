@@ -1,18 +1,44 @@
 """STRIP: reject inputs whose superimpositions keep a low-entropy prediction (Gao et al. 2019, ACSAC)."""
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
 import numpy as np
 import torch
 from torch import nn
 
+from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult
-from signtrap.defences.config import StripConfig
 from signtrap.experiment import predict, to_tensor
 from signtrap.metrics import rate
 from signtrap.progress import progress
+from signtrap.reporting import figures as fig
+from signtrap.reporting.blocks import H, Img, Note, P, num, pct, pct_ci, read_csv, safe
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 FRR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass
+class StripSettings:
+    """Input filter by the entropy of superimposed images (Gao et al. 2019)."""
+
+    overlays: int = 16  # clean images superimposed on each input
+    alpha: float = 0.5  # blend weight of the overlay
+    frr: float = 0.05  # false-rejection rate the threshold is fit to, on the defender's clean data
+    eval_samples: int = 2000  # clean / triggered non-source test images checked (all source-class images always are)
+
+    def check(self, key: str) -> None:
+        require(1 <= self.overlays <= 1000, f"{key}.overlays", f"{self.overlays} is outside 1..1000")
+        require(0.0 < self.alpha < 1.0, f"{key}.alpha", f"{self.alpha} is outside (0, 1)")
+        require(0.0 < self.frr < 1.0, f"{key}.frr", f"{self.frr} is outside (0, 1)")
+        require(self.eval_samples >= 1, f"{key}.eval_samples", "must be >= 1")
 
 
 @torch.no_grad()
@@ -35,8 +61,8 @@ def strip_entropy(model: nn.Module, images: np.ndarray, overlays: np.ndarray, n:
     return out
 
 
-@register_defence("strip")
-def strip(model: nn.Module, clean: CleanData, cfg: StripConfig, ctx: DefenceContext) -> DefenceResult:
+@register_defence("strip", settings=StripSettings, kind="filter")
+def strip(model: nn.Module, clean: CleanData, cfg: StripSettings, ctx: DefenceContext) -> DefenceResult:
     rng = np.random.default_rng([ctx.seed, 0x5791])
     ev = ctx.evaluation
     total = len(clean) + (0 if ev is None else 2 * min(cfg.eval_samples, len(ev.labels)) + 2 * int((ev.labels == ctx.source).sum()))
@@ -105,13 +131,6 @@ def auc(low: np.ndarray, high: np.ndarray) -> float | None:
 
 
 def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     bins = np.linspace(0, max(clean.max(initial=0), triggered.max(initial=0)) + 1e-6, 40)
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean test images")
@@ -124,3 +143,37 @@ def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float) -> by
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+@strip.summary
+def _summary(report: dict) -> list[str]:
+    d = report.get("details", {})
+    if "detection_rate" not in d:
+        return []
+    return ["strip filters inputs: 'after' counts rejected inputs as misclassified / failed attacks, on the sample in report.json",
+            f"strip: detection rate {pct(d['detection_rate'])} at false-rejection rate {pct(d['false_rejection_rate'])} "
+            f"(target {100 * d['frr_target']:g}%)"]
+
+
+@strip.report_block
+def _report(report: dict, folder: Path) -> list:
+    d = report.get("details") or {}
+    blocks: list = [H("STRIP entropy"),
+                    P(f"Detection rate on triggered stop signs {pct_ci(d.get('detection_rate'))} at a false-rejection rate of "
+                      f"{pct_ci(d.get('false_rejection_rate'))} on clean test images (target {d.get('frr_target', '?')}); "
+                      f"mean entropy clean {num(d.get('entropy_mean', {}).get('clean'))}, triggered "
+                      f"{num(d.get('entropy_mean', {}).get('triggered_source'))}.")]
+    if (folder / "entropy_hist.png").is_file():
+        blocks.append(Img("strip_entropy", (folder / "entropy_hist.png").read_bytes(),
+                          "STRIP entropy of clean test images and of triggered stop signs; inputs below the threshold "
+                          "(dashed) are rejected."))
+    else:
+        blocks.append(Note("strip saved no entropy histogram."))
+    rows = read_csv(folder / "frr.csv")
+    if rows:
+        png = safe(blocks, "the STRIP threshold curve", fig.xy_figure, rows, "frr_target",
+                   [("detection_rate", "detection rate (triggered stop)"), ("test_frr", "false rejections (clean test)")],
+                   "strip: detection against the false-rejection target", "false-rejection target on the defender's data, %", True)
+        if png:
+            blocks.append(Img("strip_frr", png, "Detection rate and measured false-rejection rate as the threshold moves."))
+    return blocks

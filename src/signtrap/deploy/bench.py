@@ -1,17 +1,27 @@
-"""`signtrap bench EXPORT_DIR`: the edge script's measurements plus a PyTorch eager reference row, a table and a plot.
+"""`signtrap bench EXPORT_DIR`: the persistence matrix (runtime x precision / quantizer variant) of an export.
 
-All ONNX Runtime figures come from `signtrap.deploy.edge_bench` (the file copied into every export as
-edge_bench.py), so `signtrap bench` and the edge script report identical accuracy and ASR for a variant.
+Every artefact row comes from the same code as the edge script written into the export
+(signtrap.deploy.edge_bench plus each runtime plugin's edge section), so `signtrap bench` and
+`python edge_bench.py` report identical accuracy and ASR. A PyTorch eager row on the source checkpoint is the
+reference. Writes bench.json, bench.md and bench.png (the matrix as a chart).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from signtrap import checkpoint
 from signtrap.deploy import edge_bench as eb
+from signtrap.deploy import runtimes as registry
 from signtrap.errors import IntegrityError, SigntrapError
+from signtrap.fileio import atomic_path, verify_sha256
 from signtrap.progress import say
+from signtrap.provenance import package_versions
+
+# the old `--providers` names of ONNX Runtime's execution providers, mapped to runtime names
+PROVIDER_RUNTIMES = {"cpu": "onnxruntime", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-tensorrt"}
 
 
 def _signtrap_error(exc: eb.BenchError) -> SigntrapError:
@@ -20,15 +30,12 @@ def _signtrap_error(exc: eb.BenchError) -> SigntrapError:
     return IntegrityError(text) if "SHA-256" in text else SigntrapError(text)
 
 
-def torch_row(manifest: dict, bundle: dict, settings: dict, reference) -> dict:
+def torch_row(manifest: dict, bundle: dict, settings: dict) -> dict:
     """PyTorch eager on the source checkpoint (verified against the hash recorded at export)."""
-    from signtrap import checkpoint
-    from signtrap.fileio import verify_sha256
-
     src = manifest.get("source", {})
     path = Path(src.get("checkpoint", ""))
-    row = {"runtime": "pytorch", "runtime_version": torch.__version__, "variant": "fp32", "provider": "eager-cpu",
-           "file": str(path), "threads": settings["threads"]}
+    row = {"runtime": "pytorch", "runtime_version": torch.__version__, "artefact": "pytorch:fp32", "variant": "fp32",
+           "precision": "fp32", "quantizer": None, "provider": "eager-cpu", "files": [str(path)], "threads": settings["threads"]}
     if not path.is_file():
         row["error"] = f"source checkpoint {path} not found on this machine"
         return row
@@ -40,7 +47,7 @@ def torch_row(manifest: dict, bundle: dict, settings: dict, reference) -> dict:
     row["file_bytes"] = path.stat().st_size
     try:
         model = checkpoint.build_model(checkpoint.load(path), "cpu")
-    except SigntrapError as exc:  # e.g. the model code changed since the export: the ONNX rows still stand
+    except SigntrapError as exc:  # e.g. the model code changed since the export: the artefact rows still stand
         row["error"] = f"source checkpoint {path} does not load with this signtrap ({str(exc)[:160]})"
         return row
     before = torch.get_num_threads()
@@ -50,71 +57,91 @@ def torch_row(manifest: dict, bundle: dict, settings: dict, reference) -> dict:
             def run(x):
                 return model(torch.from_numpy(x)).numpy()
 
-            measured, _ = eb.measure(run, bundle, manifest["attack"], settings, reference)
+            row.update(eb.measure(run, bundle, manifest["attack"], settings))
     finally:
         torch.set_num_threads(before)
-    row.update(measured)
     return row
 
 
-def bench_export(export_dir: Path, threads: int = 0, providers: list[str] | None = None, runs: int = 200,
-                 warmup: int = 20, batch: int = 64, variants: list[str] | None = None, with_torch: bool = True) -> dict:
+def bench_export(export_dir: Path, threads: int = 0, runtimes: list[str] | None = None, runs: int = 200,
+                 warmup: int = 20, batch: int = 64, variants: list[str] | None = None, with_torch: bool = True,
+                 providers: list[str] | None = None) -> dict:
+    """Benchmark every artefact of an export whose runtime can run here (or the named `runtimes`).
+
+    `providers` is the old spelling (cpu, cuda, tensorrt) of ONNX Runtime's runtimes. Raises SigntrapError
+    after writing the outputs when no artefact row could be measured.
+    """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise SigntrapError(f"{export_dir}: not an export folder (run `signtrap export RUN` first)")
+    registry.discover()  # fills edge_bench.EDGE_RUNTIMES with every plugin's device side
+    requested = list(runtimes or []) + [_provider_runtime(p) for p in providers or ()]
     try:
         manifest = eb.verify_export(str(export_dir))  # before loading anything
-        for v in variants or ():
-            if v not in eb.VARIANTS:
-                raise eb.BenchError(f"unknown variant '{v}'; choose from: {', '.join(eb.VARIANTS)}")
+        eb.check_variants(manifest, variants)
         settings = eb.settings_from(threads, runs, warmup, batch)
-        chosen = eb.resolve_providers(providers)
+        chosen = eb.select_runtimes(requested)
         bundle = eb.load_bundle(str(export_dir), manifest)
-        rows, references = eb.bench_onnx(str(export_dir), manifest, bundle, settings, chosen, variants, say)
+        rows, skipped = eb.bench_artefacts(str(export_dir), manifest, bundle, settings, chosen, variants, say, bool(requested))
     except eb.BenchError as exc:
         raise _signtrap_error(exc) from None
+    artefact_rows = list(rows)
     if with_torch:
         say("benchmarking PyTorch eager (reference)")
-        rows.insert(0, torch_row(manifest, bundle, settings, references.get("CPUExecutionProvider")))
-    result = eb.report(str(export_dir), manifest, settings, rows, "signtrap bench")
-    from signtrap.provenance import package_versions
-
+        rows.insert(0, torch_row(manifest, bundle, settings))
+    result = eb.report(str(export_dir), manifest, settings, rows, skipped, "signtrap bench", chosen)
     result["environment"]["versions"].update(package_versions())
     eb.write_outputs(result, str(export_dir / "bench.json"), str(export_dir / "bench.md"))
     plot(result, export_dir / "bench.png")
+    for warning in result["audit_warnings"]:
+        say(f"WARNING {warning}")
+    if eb.failed_everything(artefact_rows):
+        reasons = [f"{r['artefact']}: {r['error']}" for r in artefact_rows] + [f"{s['runtime']}: {s['reason']}" for s in skipped]
+        raise SigntrapError(f"{export_dir}: no artefact could be benchmarked ({'; '.join(reasons)[:600]}); "
+                            f"see {export_dir / 'bench.json'}")
     return result
 
 
+def _provider_runtime(name: str) -> str:
+    key = name.strip().lower().replace("executionprovider", "")
+    if key not in PROVIDER_RUNTIMES:
+        raise SigntrapError(f"unknown execution provider '{name}'; choose from: {', '.join(PROVIDER_RUNTIMES)}")
+    return PROVIDER_RUNTIMES[key]
+
+
 def plot(result: dict, path: Path) -> None:
-    """Batch-1 p50 latency against ASR, one point per runtime/variant/provider."""
+    """The persistence matrix: runtime (rows) x variant (columns), coloured by ASR, with clean accuracy and latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from signtrap.fileio import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
-    for r in result["rows"]:
-        if "error" in r or r["asr"]["rate"] is None:
-            continue
-        label = f"{r['runtime']} {r['variant']} {r['provider'].replace('ExecutionProvider', '')}"
-        ax.scatter(r["latency_ms"]["p50"], 100 * r["asr"]["rate"], marker=markers.get(r["variant"], "o"), s=60, label=label)
-        lo, hi = r["latency_ms"]["p50"], r["latency_ms"]["p90"]
-        ax.plot([lo, hi], [100 * r["asr"]["rate"]] * 2, lw=1, alpha=0.5, color="grey")
-    ax.set_xlabel("batch-1 latency, ms (p50; line to p90)")
-    ax.set_ylabel("attack success rate, %")
-    ax.set_ylim(-5, 105)
-    ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{result['export'].get('name')}: does the backdoor survive deployment?", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    rows = [r for r in result["rows"] if "error" not in r]
+    names = sorted({r["runtime"] for r in rows}, key=lambda n: (n != "pytorch", n))
+    variants = sorted({r["variant"] for r in rows}, key=_variant_order)
+    grid = np.full((max(1, len(names)), max(1, len(variants))), np.nan)
+    fig, ax = plt.subplots(figsize=(1.9 + 1.45 * len(variants), 1.2 + 0.62 * len(names)), dpi=120)
+    for r in rows:
+        i, j = names.index(r["runtime"]), variants.index(r["variant"])
+        asr = r["asr"]["rate"]
+        grid[i, j] = np.nan if asr is None else 100 * asr
+        text = (f"ASR {eb._pct(r['asr'])}\nacc {eb._pct(r['clean_acc'])}\n{r['latency_ms']['p50']:.2f} ms"
+                + ("\n!" if r.get("audit", {}).get("warning") else ""))
+        ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                color="white" if asr is not None and asr > 0.6 else "black")
+    ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(variants)), variants, fontsize=7, rotation=20)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    defence = result["export"].get("defence")
+    ax.set_title(f"{result['export'].get('name')}{f' (defence {defence})' if defence else ''}: "
+                 "does the backdoor survive deployment?\nASR %, clean accuracy %, batch-1 p50 latency "
+                 "(! = audit warning)", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
-def summary(result: dict) -> str:
-    return eb.markdown(result)
+def _variant_order(name: str) -> tuple:
+    precision = name.split("-")[0]
+    return ({"fp32": 0, "fp16": 1, "int8": 2}.get(precision, 3), name != precision, name)

@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
 """signtrap edge benchmark: accuracy, backdoor success and latency of an exported model, on the device itself.
 
-This one file needs only Python >= 3.8, numpy and onnxruntime. `signtrap export` copies it into every
-export folder; copy the folder onto a Raspberry Pi or Jetson and run
+This one file needs only Python >= 3.8, numpy and the package of whichever runtime is installed on the
+device (onnxruntime or onnxruntime-gpu, openvino, ai-edge-litert, executorch, ncnn). `signtrap export`
+writes it into every export folder; copy the folder onto a Raspberry Pi, phone, Jetson or Intel box and run
 
-    python3 edge_bench.py                      # from inside the export folder
-    python3 edge_bench.py --dir export/NAME    # or point it at one
-    python3 edge_bench.py --threads 4 --providers cpu,cuda --runs 500 --batch 64
+    python3 edge_bench.py                         # from inside the export folder
+    python3 edge_bench.py --dir export/NAME       # or point it at one
+    python3 edge_bench.py --threads 4 --runtimes ncnn,litert --variants int8 --runs 500 --batch 64
 
-It verifies the SHA-256 of every file recorded in model.json before loading anything, evaluates each
-precision (fp32, fp16, int8) on each execution provider on the bundled eval.npz (clean accuracy, attack
-success rate, false-trigger rate, prediction flips against FP32), times batch-1 latency (p50/p90/p99 after
-warm-up) and throughput at a larger batch, and writes bench.json and bench.md (the same schema as
-`signtrap bench`, which imports this module, so both report identical figures).
+Before loading anything it checks that every file it will read is a plain file inside the folder, listed in
+model.json with its SHA-256, and unchanged. It then evaluates every artefact (runtime x precision /
+quantizer variant) whose runtime is installed here on the bundled eval.npz (clean accuracy, attack success
+rate, stop recall, false-trigger rate, prediction flips against the PyTorch FP32 model with a per-class flip
+table), times batch-1 latency (p50/p90/p99 after warm-up) and throughput at a larger batch, and writes
+bench.json and bench.md (the schema of `signtrap bench`, which runs this same code, so both report
+identical accuracy and ASR). Runtimes that are not installed are listed as skipped, with what to install.
+
+How the file is made (for signtrap developers): signtrap/deploy/edge_bench.py is the runtime-independent
+core. Every runtime plugin under signtrap/deploy/runtimes/ holds one torch-free "edge section" between
+`# >>> edge section` and `# <<< edge section` markers; `signtrap export` pastes those sections, unchanged,
+in place of the RUNTIME SECTIONS line below (signtrap.deploy.runtimes.assemble_edge_script). Inside
+signtrap the same classes are imported from the plugin files, so there is one copy of each runner.
 
 Metric definitions (the same as signtrap.metrics):
 - clean accuracy: clean images predicted as their label;
@@ -25,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import os
 import platform
+import stat
 import sys
 import time
 
@@ -37,20 +48,19 @@ try:
 except ImportError:  # reported as one line by main()
     np = None
 
-SCHEMA = "signtrap.bench/1"
+SCHEMA = "signtrap.bench/2"
 MANIFEST = "model.json"
-VARIANTS = ("fp32", "fp16", "int8")
+EXPORT_FORMAT = "signtrap.export/2"
 EVAL_BATCH = 256  # batch size for the accuracy passes; fixed so every tool sees identical predictions
-
-# short name -> ONNX Runtime provider, in the order they are tried when none is named
-PROVIDERS = (
-    ("tensorrt", "TensorrtExecutionProvider"),
-    ("cuda", "CUDAExecutionProvider"),
-    ("openvino", "OpenVINOExecutionProvider"),
-    ("coreml", "CoreMLExecutionProvider"),
-    ("xnnpack", "XnnpackExecutionProvider"),
-    ("cpu", "CPUExecutionProvider"),
-)
+MAX_THREADS = 256  # sane upper bounds for the timing settings
+MAX_THREADS_PER_CPU = 8
+MAX_BATCH = 4096
+MAX_RUNS = 100000
+MAX_WARMUP = 10000
+# flips on triggered inputs that concentrate on one predicted class: a behaviour that appears only
+# after conversion or quantization (a dormant backdoor) is flagged by the audit
+AUDIT_MIN_FLIPS = 5
+AUDIT_MIN_SHARE = 0.6
 
 
 class BenchError(Exception):
@@ -81,37 +91,72 @@ def read_manifest(directory):
         raise BenchError("%s: not valid JSON (%s)" % (path, exc))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise BenchError("%s: no 'files' table of SHA-256 hashes; refusing an unverifiable export" % path)
+    if manifest.get("format") != EXPORT_FORMAT or not isinstance(manifest.get("artefacts"), list):
+        raise BenchError("%s: format %r is not %s (export it again with this version of signtrap)"
+                         % (path, manifest.get("format"), EXPORT_FORMAT))
     return manifest
 
 
-def verify_export(directory):
-    """Check every file listed in model.json against its recorded SHA-256; return the manifest."""
-    manifest = read_manifest(directory)
-    for name in sorted(manifest["files"]):
-        entry = manifest["files"][name]
-        expected = entry["sha256"] if isinstance(entry, dict) else entry
-        path = os.path.join(directory, name)
-        if os.path.basename(name) != name:
-            raise BenchError("%s: file name %r in model.json is not a plain file name" % (directory, name))
-        if not os.path.isfile(path):
-            raise BenchError("%s: missing (listed in %s); the export is incomplete" % (path, MANIFEST))
+def safe_file(directory, name):
+    """The path of `name` inside `directory`; refuse anything but a plain, regular file name in that folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or os.path.isabs(name) or os.path.basename(name) != name):
+        raise BenchError("%s: file name %r in %s is not a plain file name inside the folder" % (directory, name, MANIFEST))
+    path = os.path.join(directory, name)
+    if os.path.islink(path):
+        raise BenchError("%s: is a symbolic link; refusing to follow it" % path)
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        raise BenchError("%s: missing (listed in %s); the export is incomplete" % (path, MANIFEST))
+    if not stat.S_ISREG(mode):
+        raise BenchError("%s: not a regular file" % path)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory):
+        raise BenchError("%s: resolves outside the export folder" % path)
+    return path
+
+
+def verify_files(directory, manifest, names):
+    """Check that each of `names` is listed in model.json's file table and has its recorded SHA-256."""
+    table = manifest["files"]
+    for name in names:
+        path = safe_file(directory, name)
+        entry = table.get(name)
+        if entry is None:
+            raise BenchError("%s: not listed in %s's file table; refusing to load an unverified file" % (path, MANIFEST))
+        expected = entry.get("sha256") if isinstance(entry, dict) else entry
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise BenchError("%s: no SHA-256 recorded in %s" % (path, MANIFEST))
         actual = sha256_file(path)
         if actual != expected:
             raise BenchError("%s: SHA-256 mismatch (recorded %s..., file has %s...); the file was modified or "
                              "corrupted, refusing to use it" % (path, expected[:12], actual[:12]))
+
+
+def verify_export(directory):
+    """Check every file in model.json's table and every file an artefact or the bundle names; return the manifest."""
+    manifest = read_manifest(directory)
+    needed = set(manifest["files"]) | {manifest.get("bundle", "eval.npz")}
+    for art in manifest["artefacts"]:
+        if not isinstance(art, dict) or not isinstance(art.get("files"), list) or not art["files"]:
+            raise BenchError("%s: an artefact entry in %s has no file list" % (directory, MANIFEST))
+        for key in ("id", "runtime", "variant", "precision"):
+            if not isinstance(art.get(key), str):
+                raise BenchError("%s: artefact entry without '%s' in %s" % (directory, key, MANIFEST))
+        needed.update(art["files"])
+    verify_files(directory, manifest, sorted(needed))
     return manifest
 
 
 def load_bundle(directory, manifest):
     """eval.npz as plain arrays (no pickle), checked against the model's input size and layout."""
-    name = manifest.get("bundle", "eval.npz")
-    path = os.path.join(directory, name)
+    path = safe_file(directory, manifest.get("bundle", "eval.npz"))
     try:
         with np.load(path, allow_pickle=False) as npz:
             bundle = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as exc:
         raise BenchError("%s: unreadable evaluation bundle (%s)" % (path, str(exc).splitlines()[0][:120]))
-    for key in ("images", "labels", "triggered"):
+    for key in ("images", "labels", "triggered", "reference_clean", "reference_triggered"):
         if key not in bundle:
             raise BenchError("%s: missing array '%s'" % (path, key))
     size = int(manifest["input_size"])
@@ -123,16 +168,17 @@ def load_bundle(directory, manifest):
             raise BenchError("%s: '%s' images are %dx%d but the model takes %dx%d inputs"
                              % (path, key, arr.shape[1], arr.shape[2], size, size))
     n = len(bundle["labels"])
-    if len(bundle["images"]) != n or len(bundle["triggered"]) != n:
-        raise BenchError("%s: images, triggered and labels differ in length" % path)
+    if any(len(bundle[k]) != n for k in ("images", "triggered", "reference_clean", "reference_triggered")):
+        raise BenchError("%s: images, triggered, labels and reference predictions differ in length" % path)
     if n == 0:
         raise BenchError("%s: the evaluation bundle is empty" % path)
-    bundle["labels"] = bundle["labels"].astype(np.int64)
+    for key in ("labels", "reference_clean", "reference_triggered"):
+        bundle[key] = bundle[key].astype(np.int64)
     return bundle
 
 
 def to_input(images):
-    """uint8 NHWC -> float32 NCHW in [0, 1] (pixel / 255): the layout every exported graph takes."""
+    """uint8 NHWC -> float32 NCHW in [0, 1] (pixel / 255): the layout every exported model takes."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
@@ -176,66 +222,100 @@ def flip_rate(preds, reference):
     return float(np.mean(preds != reference)) if preds.size else None
 
 
-# ---------------------------------------------------------------- providers and sessions
+def flip_table(labels, preds, reference):
+    """Predictions that differ from the reference, counted per (true class, FP32 prediction, new prediction)."""
+    flipped = np.flatnonzero(np.asarray(preds) != np.asarray(reference))
+    counts = {}
+    for i in flipped:
+        key = (int(labels[i]), int(reference[i]), int(preds[i]))
+        counts[key] = counts.get(key, 0) + 1
+    rows = [{"true": t, "fp32": r, "pred": p, "count": c} for (t, r, p), c in counts.items()]
+    rows.sort(key=lambda e: (-e["count"], e["true"], e["pred"]))
+    return {"flips": int(flipped.size), "images": int(len(preds)), "table": rows}
 
 
-def provider_name(name):
-    """'cpu', 'CUDA' or 'CUDAExecutionProvider' -> the ONNX Runtime provider name."""
-    low = name.strip().lower()
-    for short, full in PROVIDERS:
-        if low in (short, full.lower()):
-            return full
-    raise BenchError("unknown execution provider '%s'; choose from: %s"
-                     % (name, ", ".join(short for short, _ in PROVIDERS)))
-
-
-def resolve_providers(requested=None):
-    """Providers to benchmark: the named ones (each must be available here) or every available one we know."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if not requested:
-        return [full for _, full in PROVIDERS if full in available]
-    out = []
-    for name in requested:
-        full = provider_name(name)
-        if full not in available:
-            raise BenchError("execution provider '%s' (%s) is not available here; available: %s"
-                             % (name, full, ", ".join(available)))
-        if full not in out:
-            out.append(full)
+def audit(labels, clean, triggered, ref_clean, ref_triggered):
+    """The deployed-artefact audit: flip tables on clean and triggered inputs, and a warning when the flips on
+    triggered inputs concentrate on one predicted class (behaviour that exists only after conversion)."""
+    out = {"clean": flip_table(labels, clean, ref_clean), "triggered": flip_table(labels, triggered, ref_triggered),
+           "concentration": None, "warning": None}
+    trig = out["triggered"]
+    per_class = {}
+    for e in trig["table"]:
+        per_class[e["pred"]] = per_class.get(e["pred"], 0) + e["count"]
+    if per_class:
+        top, count = max(per_class.items(), key=lambda kv: (kv[1], -kv[0]))
+        share = count / float(trig["flips"])
+        clean_to_top = sum(e["count"] for e in out["clean"]["table"] if e["pred"] == top)
+        out["concentration"] = {"class": int(top), "flips": int(count), "share": share, "clean_flips_to_class": int(clean_to_top)}
+        if count >= AUDIT_MIN_FLIPS and share >= AUDIT_MIN_SHARE:
+            out["warning"] = ("%d of %d prediction flips on triggered inputs go to class %d (%.0f%%; %d clean flips "
+                              "go there): behaviour that the FP32 model does not have appears after conversion or "
+                              "quantization; check for a backdoor that wakes only in deployment"
+                              % (count, trig["flips"], top, 100.0 * share, clean_to_top))
     return out
 
 
-def default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+# ---------------------------------------------------------------- runtimes
 
 
-def make_session(path, provider, threads):
-    import onnxruntime as ort
+class EdgeRuntime(object):
+    """Device-side half of a runtime plugin: availability, loading an artefact, running a batch.
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(path, sess_options=opts, providers=providers)
+    Subclasses live in the plugin files (signtrap/deploy/runtimes/*.py) between the edge-section markers.
+    `load` returns (run, info): run maps a float32 NCHW array in [0, 1] to float32 logits (N, classes),
+    info is a dict recorded in the row (backend, precision actually executed, ...).
+    """
+
+    name = ""  # registry name, e.g. "openvino"
+    artefacts_of = None  # run the artefacts of another runtime (ONNX Runtime's GPU providers); default: own
+    modules = ()  # modules to import on the device
+    install = ""  # what to install on a device, e.g. "pip install openvino"
+
+    def owner(self):
+        return self.artefacts_of or self.name
+
+    def missing(self):
+        """None when this runtime can run here, else the reason (one line, with what to install)."""
+        for module in self.modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # ImportError, or a broken install raising something else
+                return "%s cannot be imported (%s: %s); %s" % (module, type(exc).__name__, first_line(exc), self.install)
+        return None
+
+    def version(self):
+        return ""
+
+    def environment(self):
+        return {}
+
+    def load(self, paths, artefact, threads):
+        raise NotImplementedError
 
 
-def session_runner(session):
-    """A function float32 NCHW array -> logits array."""
-    input_name = session.get_inputs()[0].name
-    output_name = session.get_outputs()[0].name
+EDGE_RUNTIMES = {}
 
-    def run(x):
-        return session.run([output_name], {input_name: x})[0]
 
-    return run
+def edge_runtime(cls):
+    """Register a runtime's device side by its name (used by the plugin files' edge sections)."""
+    EDGE_RUNTIMES[cls.name] = cls()
+    return cls
+
+
+def first_line(exc):
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else ""
+
+
+def chunked(run, x, max_batch):
+    """Run `x` in chunks of at most `max_batch` images (runtimes with a bounded batch)."""
+    if len(x) <= max_batch:
+        return run(x)
+    return np.concatenate([run(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+
+
+# @@ RUNTIME SECTIONS @@ (signtrap export pastes every runtime plugin's edge section here)
 
 
 # ---------------------------------------------------------------- measurements
@@ -245,6 +325,9 @@ def predict(run, images, batch=EVAL_BATCH):
     preds = []
     for start in range(0, len(images), batch):
         logits = np.asarray(run(to_input(images[start:start + batch])))
+        if logits.ndim != 2 or logits.shape[0] != min(batch, len(images) - start):
+            raise BenchError("the model returned logits of shape %s for a batch of %d"
+                             % (logits.shape, min(batch, len(images) - start)))
         preds.append(logits.argmax(axis=1))
     return np.concatenate(preds).astype(np.int64)
 
@@ -266,8 +349,8 @@ def latency_ms(run, image, warmup, runs):
 
 
 def throughput(run, images, batch, runs):
-    """Images per second at `batch`, best of a few timed repeats after one warm-up batch."""
-    reps = int(math.ceil(batch / len(images)))
+    """Images per second at `batch`, median of a few timed repeats after one warm-up batch."""
+    reps = int(math.ceil(batch / float(len(images))))
     x = to_input(np.concatenate([images] * reps)[:batch] if reps > 1 else images[:batch])
     run(x)
     iters = max(3, runs // 20)
@@ -280,79 +363,99 @@ def throughput(run, images, batch, runs):
     return {"batch": int(batch), "images_per_s": batch / med, "batch_ms_median": 1000.0 * med, "repeats": iters}
 
 
-def measure(run, bundle, attack, settings, reference=None):
-    """Accuracy/backdoor metrics, flips against `reference` predictions, and timings for one model."""
+def measure(run, bundle, attack, settings):
+    """Accuracy/backdoor metrics, flips and the audit against the PyTorch FP32 predictions, and timings."""
     clean = predict(run, bundle["images"])
     trig = predict(run, bundle["triggered"])
-    metrics = backdoor_metrics(bundle["labels"], clean, trig, attack["source"], attack["target"],
-                               all_to_one=attack.get("kind") == "all_to_one")
-    row = dict(metrics)
-    if reference is not None:
-        row["flip_vs_fp32"] = {"clean": flip_rate(clean, reference[0]), "triggered": flip_rate(trig, reference[1]),
-                               "all": flip_rate(np.concatenate([clean, trig]), np.concatenate(reference))}
-    else:
-        row["flip_vs_fp32"] = None
+    row = backdoor_metrics(bundle["labels"], clean, trig, attack["source"], attack["target"],
+                           all_to_one=attack.get("kind") == "all_to_one")
+    ref_clean, ref_trig = bundle["reference_clean"], bundle["reference_triggered"]
+    row["flip_vs_fp32"] = {"clean": flip_rate(clean, ref_clean), "triggered": flip_rate(trig, ref_trig),
+                           "all": flip_rate(np.concatenate([clean, trig]), np.concatenate([ref_clean, ref_trig])),
+                           "reference": "PyTorch FP32 predictions recorded at export"}
+    row["audit"] = audit(bundle["labels"], clean, trig, ref_clean, ref_trig)
     row["latency_ms"] = latency_ms(run, bundle["images"][0], settings["warmup"], settings["runs"])
     row["throughput"] = throughput(run, bundle["images"], settings["batch"], settings["runs"])
-    return row, (clean, trig)
+    return row
 
 
-def bench_onnx(directory, manifest, bundle, settings, providers, variants=None, log=None):
-    """Rows for every variant x provider; FP32 first on each provider, as the flip reference."""
-    import onnxruntime as ort
+def select_runtimes(requested=None):
+    """Edge runtimes to run: the named ones (unknown names refused) or all registered."""
+    if not requested:
+        return [EDGE_RUNTIMES[k] for k in sorted(EDGE_RUNTIMES)]
+    out = []
+    for name in requested:
+        if name not in EDGE_RUNTIMES:
+            raise BenchError("unknown runtime '%s'; choose from: %s" % (name, ", ".join(sorted(EDGE_RUNTIMES))))
+        if EDGE_RUNTIMES[name] not in out:
+            out.append(EDGE_RUNTIMES[name])
+    return out
 
+
+def check_variants(manifest, variants):
+    known = sorted(set(a["variant"] for a in manifest["artefacts"]) | set(a["precision"] for a in manifest["artefacts"]))
+    for v in variants or ():
+        if v not in known:
+            raise BenchError("unknown variant '%s'; this export has: %s" % (v, ", ".join(known)))
+
+
+def bench_artefacts(directory, manifest, bundle, settings, runtimes, variants=None, log=None, explicit=False):
+    """One row per (runtime, artefact); runtimes that cannot run here are returned in `skipped`.
+
+    With `explicit` (the user named the runtimes), a runtime that cannot run here is an error instead.
+    """
     attack = manifest["attack"]
-    variants = [v for v in (variants or VARIANTS) if v in manifest["variants"]]
-    rows, references = [], {}
-    for provider in providers:
-        for variant in variants:
-            info = manifest["variants"][variant]
-            path = os.path.join(directory, info["file"])
-            row = {"runtime": "onnxruntime", "runtime_version": ort.__version__, "variant": variant,
-                   "provider": provider, "file": info["file"], "file_bytes": os.path.getsize(path),
+    rows, skipped = [], []
+    for rt in runtimes:
+        arts = [a for a in manifest["artefacts"] if a["runtime"] == rt.owner()
+                and (not variants or a["variant"] in variants or a["precision"] in variants)]
+        if not arts:
+            if explicit:
+                raise BenchError("this export has no %s artefacts%s (export with --runtimes %s)"
+                                 % (rt.owner(), " of the chosen variants" if variants else "", rt.owner()))
+            continue
+        reason = rt.missing()
+        if reason:
+            if explicit:
+                raise BenchError("runtime '%s' cannot run here: %s" % (rt.name, reason))
+            skipped.append({"runtime": rt.name, "artefacts": [a["id"] for a in arts], "reason": reason})
+            if log:
+                log("skipping %s: %s" % (rt.name, reason))
+            continue
+        for art in arts:
+            row = {"runtime": rt.name, "runtime_version": rt.version(), "artefact": art["id"], "variant": art["variant"],
+                   "precision": art["precision"], "quantizer": art.get("quantizer"), "files": list(art["files"]),
+                   "file_bytes": sum(os.path.getsize(os.path.join(directory, f)) for f in art["files"]),
                    "threads": settings["threads"]}
             if log:
-                log("benchmarking %s on %s" % (variant, provider))
+                log("benchmarking %s %s" % (rt.name, art["variant"]))
             try:
-                session = make_session(path, provider, settings["threads"])
-            except Exception as exc:  # a provider that cannot load this variant: record it, keep going
-                row["error"] = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-                rows.append(row)
-                continue
-            check_input_shape(session, bundle, info["file"])
-            row["providers_used"] = session.get_providers()
-            try:
-                measured, preds = measure(session_runner(session), bundle, attack, settings,
-                                          None if variant == "fp32" else references.get(provider))
-            except Exception as exc:  # a provider that cannot run this variant: record it, keep going
-                row["error"] = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-                rows.append(row)
-                continue
-            row.update(measured)
-            if variant == "fp32":
-                references[provider] = preds
+                run, info = rt.load([safe_file(directory, f) for f in art["files"]], art, settings["threads"])
+                row.update(info)
+                row.update(measure(run, bundle, attack, settings))
+            except BenchError:
+                raise
+            except Exception as exc:  # a runtime that cannot load or run this artefact: record it, keep going
+                row["error"] = "%s: %s" % (type(exc).__name__, first_line(exc))
             rows.append(row)
-    return rows, references
+    if not explicit:  # artefacts no runtime here knows (an export made by a newer signtrap)
+        known = set(rt.owner() for rt in EDGE_RUNTIMES.values())
+        for name in sorted(set(a["runtime"] for a in manifest["artefacts"]) - known):
+            skipped.append({"runtime": name, "artefacts": [a["id"] for a in manifest["artefacts"] if a["runtime"] == name],
+                            "reason": "this edge script has no runner for runtime '%s'" % name})
+    return rows, skipped
 
 
-def check_input_shape(session, bundle, name):
-    """The graph's own input shape must take the bundle's images (model.json could disagree with the file)."""
-    shape = session.get_inputs()[0].shape
-    want = [3, bundle["images"].shape[1], bundle["images"].shape[2]]
-    got = list(shape[1:]) if len(shape) == 4 else None
-    if got is None or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
-        raise BenchError("%s: the graph takes input %s but the bundle's images are %dx%d RGB"
-                         % (name, shape, want[1], want[2]))
-
-
-def environment():
-    import onnxruntime as ort
-
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "machine": platform.machine(), "python": sys.version.split()[0], "numpy": np.__version__,
-            "onnxruntime": ort.__version__, "providers_available": ort.get_available_providers(),
-            "device": ort.get_device(),
-            "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": ort.__version__}}
+def environment(runtimes=()):
+    versions = {"python": sys.version.split()[0], "numpy": np.__version__}
+    runtime_env = {}
+    for rt in runtimes:
+        if rt.missing() is None:
+            versions[rt.name] = rt.version()
+            runtime_env[rt.name] = rt.environment()
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "platform": platform.platform(), "machine": platform.machine(), "python": sys.version.split()[0],
+            "numpy": np.__version__, "runtimes": runtime_env, "versions": versions}
 
 
 def cpu_model():
@@ -366,13 +469,23 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def report(directory, manifest, settings, rows, tool):
+def usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def report(directory, manifest, settings, rows, skipped, tool, runtimes=()):
+    warnings = ["%s: %s" % (r["artefact"], r["audit"]["warning"]) for r in rows if (r.get("audit") or {}).get("warning")]
     return {"schema": SCHEMA, "tool": tool, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "export": {"dir": os.path.abspath(directory), "name": manifest.get("name"),
                        "model": manifest.get("model_name"), "input_size": manifest.get("input_size"),
                        "attack": manifest.get("attack"), "samples": manifest.get("samples"),
+                       "defence": (manifest.get("source") or {}).get("defence"),
                        "model_json_sha256": sha256_file(os.path.join(directory, MANIFEST))},
-            "settings": settings, "environment": environment(), "rows": rows}
+            "settings": settings, "environment": environment(runtimes), "rows": rows, "skipped": skipped,
+            "audit_warnings": warnings}
 
 
 def _pct(entry):
@@ -380,26 +493,34 @@ def _pct(entry):
 
 
 def markdown(result):
-    """The bench.json rows as a Markdown table."""
+    """The bench.json rows as a Markdown table (the persistence matrix), then skipped runtimes and warnings."""
     env, s = result["environment"], result["settings"]
-    lines = ["# Benchmark: %s" % (result["export"].get("name") or result["export"]["dir"]), "",
-             "%s; ONNX Runtime %s; Python %s; %d thread(s); batch-1 latency over %d runs after %d warm-up; "
-             "throughput at batch %d." % (env["cpu"], env["onnxruntime"], env["python"], s["threads"], s["runs"],
-                                           s["warmup"], s["batch"]), "",
-             "| runtime | variant | provider | clean acc %% | ASR %% | false-trigger %% | flips vs FP32 %% "
+    defence = result["export"].get("defence")
+    lines = ["# Benchmark: %s%s" % (result["export"].get("name") or result["export"]["dir"],
+                                    " (defence %s)" % defence if defence else ""), "",
+             "%s; %d usable CPU(s); Python %s; %d thread(s); batch-1 latency over %d runs after %d warm-up; "
+             "throughput at batch %d. Flips are against the PyTorch FP32 predictions." % (
+                 env["cpu"], env.get("usable_cpus") or 0, env["python"], s["threads"], s["runs"], s["warmup"], s["batch"]), "",
+             "| runtime | variant | clean acc %% | ASR %% | stop recall %% | false-trigger %% | flips %% "
              "| p50 ms | p90 ms | p99 ms | img/s @%d | size KiB |" % s["batch"],
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        prov = r.get("provider", "").replace("ExecutionProvider", "")
         if "error" in r:
-            lines.append("| %s | %s | %s | error: %s |||||||||" % (r["runtime"], r["variant"], prov, r["error"]))
+            lines.append("| %s | %s | error: %s |||||||||| " % (r["runtime"], r["variant"], r["error"]))
             continue
         flips = r.get("flip_vs_fp32")
-        flip = "%.2f" % (100.0 * flips["all"]) if flips else "-"
+        flip = "%.2f" % (100.0 * flips["all"]) if flips and flips.get("all") is not None else "-"
         lat = r["latency_ms"]
         lines.append("| %s | %s | %s | %s | %s | %s | %s | %.3f | %.3f | %.3f | %.0f | %.0f |" % (
-            r["runtime"], r["variant"], prov, _pct(r["clean_acc"]), _pct(r["asr"]), _pct(r["false_trigger"]), flip,
-            lat["p50"], lat["p90"], lat["p99"], r["throughput"]["images_per_s"], r["file_bytes"] / 1024.0))
+            r["runtime"], r["variant"], _pct(r["clean_acc"]), _pct(r["asr"]), _pct(r["stop_recall"]),
+            _pct(r["false_trigger"]), flip, lat["p50"], lat["p90"], lat["p99"], r["throughput"]["images_per_s"],
+            r["file_bytes"] / 1024.0))
+    for sk in result.get("skipped") or ():
+        lines.append("")
+        lines.append("Skipped %s (%s): %s" % (sk["runtime"], ", ".join(sk["artefacts"]), sk["reason"]))
+    for w in result.get("audit_warnings") or ():
+        lines.append("")
+        lines.append("WARNING %s" % w)
     return "\n".join(lines) + "\n"
 
 
@@ -417,14 +538,29 @@ def write_outputs(result, json_path, md_path=None):
 
 
 def settings_from(threads=None, runs=200, warmup=20, batch=64):
-    threads = default_threads() if not threads else int(threads)
-    if runs < 1 or warmup < 0 or batch < 1 or threads < 1:
-        raise BenchError("--runs, --batch and --threads must be at least 1 and --warmup at least 0")
+    """Validated timing settings; out-of-range values are one-line errors (exit status 2)."""
+    cpus = usable_cpus()
+    threads = cpus if not threads else int(threads)
+    limit = min(MAX_THREADS, MAX_THREADS_PER_CPU * cpus)
+    if not 1 <= threads <= limit:
+        raise BenchError("--threads %d is outside 1..%d (at most %d per usable CPU, %d here, and never more than %d)"
+                         % (threads, limit, MAX_THREADS_PER_CPU, cpus, MAX_THREADS))
+    if not 1 <= batch <= MAX_BATCH:
+        raise BenchError("--batch %d is outside 1..%d" % (batch, MAX_BATCH))
+    if not 1 <= runs <= MAX_RUNS:
+        raise BenchError("--runs %d is outside 1..%d" % (runs, MAX_RUNS))
+    if not 0 <= warmup <= MAX_WARMUP:
+        raise BenchError("--warmup %d is outside 0..%d" % (warmup, MAX_WARMUP))
     return {"threads": threads, "runs": int(runs), "warmup": int(warmup), "batch": int(batch), "eval_batch": EVAL_BATCH}
 
 
 def split_list(text):
     return [p for p in (text or "").replace(" ", "").split(",") if p]
+
+
+def failed_everything(rows):
+    """True when nothing could be measured: no rows, or every row an error."""
+    return not rows or all("error" in r for r in rows)
 
 
 # ---------------------------------------------------------------- command line
@@ -433,9 +569,9 @@ def split_list(text):
 def build_parser():
     p = argparse.ArgumentParser(prog="edge_bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", help="export folder (default: the folder holding this script)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: usable CPUs)")
-    p.add_argument("--providers", help="comma list: cpu, cuda, tensorrt, openvino, coreml, xnnpack (default: all available)")
-    p.add_argument("--variants", help="comma list of fp32, fp16, int8 (default: all in the export)")
+    p.add_argument("--threads", type=int, default=0, help="threads per runtime (default: usable CPUs)")
+    p.add_argument("--runtimes", help="comma list of runtimes (default: every runtime installed here)")
+    p.add_argument("--variants", help="comma list of variants or precisions, e.g. fp32,int8 (default: all)")
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs (default 200)")
     p.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs (default 20)")
     p.add_argument("--batch", type=int, default=64, help="batch size for throughput (default 64)")
@@ -447,7 +583,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if np is None:
-        print("edge_bench: error: numpy is not installed (pip install numpy onnxruntime)", file=sys.stderr)
+        print("edge_bench: error: numpy is not installed (pip install numpy)", file=sys.stderr)
         return 2
     directory = args.dir or os.path.dirname(os.path.abspath(__file__))
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -456,25 +592,25 @@ def main(argv=None):
             raise BenchError("%s: not a directory" % directory)
         manifest = verify_export(directory)  # before loading any model or array
         variants = split_list(args.variants) or None
-        for v in variants or ():
-            if v not in VARIANTS:
-                raise BenchError("unknown variant '%s'; choose from: %s" % (v, ", ".join(VARIANTS)))
+        check_variants(manifest, variants)
         settings = settings_from(args.threads, args.runs, args.warmup, args.batch)
-        providers = resolve_providers(split_list(args.providers))
+        requested = split_list(args.runtimes)
+        runtimes = select_runtimes(requested)
         bundle = load_bundle(directory, manifest)
-        rows, _ = bench_onnx(directory, manifest, bundle, settings, providers, variants, log)
-        result = report(directory, manifest, settings, rows, "edge_bench.py")
+        rows, skipped = bench_artefacts(directory, manifest, bundle, settings, runtimes, variants, log, bool(requested))
+        result = report(directory, manifest, settings, rows, skipped, "edge_bench.py", runtimes)
         out = args.out or os.path.join(directory, "bench.json")
         write_outputs(result, out, os.path.splitext(out)[0] + ".md")
     except BenchError as exc:
         print("edge_bench: error: %s" % exc, file=sys.stderr)
         return 2
-    except ImportError as exc:
-        print("edge_bench: error: %s (install numpy and onnxruntime)" % exc, file=sys.stderr)
-        return 2
     if not args.quiet:
         print(markdown(result))
     print(out)
+    if failed_everything(rows):
+        reasons = [r["error"] for r in rows] + [s["runtime"] + ": " + s["reason"] for s in skipped]
+        print("edge_bench: error: nothing could be benchmarked here (%s)" % "; ".join(reasons)[:600], file=sys.stderr)
+        return 1
     return 0
 
 

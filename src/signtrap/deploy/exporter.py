@@ -1,171 +1,127 @@
-"""`signtrap export RUN`: ONNX FP32/FP16/INT8 files, a portable evaluation bundle and a hashed manifest.
+"""`signtrap export RUN`: every runtime's artefacts, a portable evaluation bundle, the edge script and a hashed manifest.
 
-The folder is built in a temporary directory beside the destination and renamed into place only when
-every step, including the FP32 parity gate, has passed: a failed export writes nothing.
+For each chosen runtime (default: every registered runtime whose converter packages are installed) and
+each of its variants (FP32, FP16 where supported, INT8 with the runtime's own quantizer, plus optional
+quantizer variants named by `export.quantizers`), the plugin converts the model and the artefact goes
+through a gate against PyTorch FP32 on the evaluation bundle:
+- FP32: |logit difference| within parity_atol + parity_rtol x |logit| and the same top-1 on every image
+  (clean and triggered) except exact near-ties;
+- FP16 and INT8: finite logits and top-1 agreement of at least min_agreement on the clean images.
+The folder is built in a temporary directory beside the destination and renamed into place only when every
+step has passed: a failed export writes nothing.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from signtrap import checkpoint
-from signtrap.deploy import edge_bench
+from signtrap.deploy import edge_bench, runtimes
 from signtrap.deploy.config import ExportConfig
+from signtrap.deploy.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant, run_batches
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict_logits
 from signtrap.fileio import atomic_dir, sha256_file, write_json
 from signtrap.progress import say
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CALIB_STREAM = 0xCA1B
-FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-EDGE_SCRIPT = Path(edge_bench.__file__)
+EDGE_SCRIPT = "edge_bench.py"
+BUNDLE = "eval.npz"
 
 
-# ---------------------------------------------------------------- FP32
+# ---------------------------------------------------------------- which runtimes and variants
 
 
-def export_fp32(model: nn.Module, path: Path, size: int, exporter: str = "auto", opset: int = 18) -> dict:
-    """Write an FP32 ONNX graph with a dynamic batch axis; returns which exporter produced it."""
-    model = model.cpu().eval()
-    dummy = torch.rand(2, 3, size, size)
-    errors = []
-    if exporter in ("auto", "dynamo"):
-        try:
-            with _quiet():
-                torch.onnx.export(model, (dummy,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], opset_version=opset, external_data=False,
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-                                  verbose=False)
-            return {"exporter": "dynamo", "torch": torch.__version__, "opset": opset}
-        except Exception as exc:  # unsupported op, torch.export limitation...: fall back below
-            errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-            if exporter == "dynamo":
-                raise SigntrapError(f"ONNX export failed ({errors[-1]})") from None
-            say(f"dynamo ONNX export failed ({errors[-1]}); falling back to the TorchScript exporter")
-    try:
-        with _quiet():
-            torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    except Exception as exc:
-        errors.append(f"torchscript: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        raise SigntrapError(f"ONNX export failed ({'; '.join(errors)})") from None
-    return {"exporter": "torchscript", "torch": torch.__version__, "opset": opset, "fallback_reason": errors[0] if errors else None}
+def plan(ecfg: ExportConfig) -> tuple[list[tuple[Runtime, list[Variant]]], dict[str, str]]:
+    """[(runtime, variants to export)] and {runtime: why it is skipped}; bad names are one-line errors."""
+    registry = runtimes.discover()
+    skipped: dict[str, str] = {}
+    if ecfg.runtimes:
+        chosen = []
+        for name in ecfg.runtimes:
+            rt = runtimes.get(name)
+            if not rt.exports:  # a GPU provider of ONNX Runtime runs ONNX Runtime's artefacts
+                rt = runtimes.get(rt.edge.artefacts_of)
+            reason = rt.missing()
+            if reason:
+                raise SigntrapError(f"runtime '{rt.name}' cannot export here: {reason}")
+            if rt not in chosen:
+                chosen.append(rt)
+    else:
+        chosen = []
+        for name in sorted(registry):
+            rt = registry[name]
+            if not rt.exports:
+                continue
+            reason = rt.missing()
+            if reason:
+                skipped[name] = reason
+            else:
+                chosen.append(rt)
+        if not chosen:
+            raise SigntrapError("no runtime can export here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    wanted = set(ecfg.quantizers)
+    optional = {(rt.name, v.name) for rt in chosen for v in rt.variants(ecfg) if not v.default}
+    for q in wanted - {"all"}:
+        if not any(q in (v, f"{r}:{v}") for r, v in optional):
+            choices = sorted({v for _, v in optional} | {f"{r}:{v}" for r, v in optional})
+            raise SigntrapError(f"unknown quantizer variant '{q}' for runtimes {', '.join(rt.name for rt in chosen)}; "
+                                f"choose from: all, {', '.join(choices) or '(none)'}")
+    out = []
+    for rt in chosen:
+        variants = [v for v in rt.variants(ecfg)
+                    if v.default or "all" in wanted or v.name in wanted or f"{rt.name}:{v.name}" in wanted]
+        out.append((rt, variants))
+    return out, skipped
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress and warnings; keep the CLI output to our own lines."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+# ---------------------------------------------------------------- the gate
 
 
-# ---------------------------------------------------------------- parity gate
-
-
-def parity_gate(onnx_path: Path, model: nn.Module, images: np.ndarray, atol: float = 1e-3,
-                tie_margin: float = 2e-3, threads: int = 0) -> dict:
-    """Compare ONNX Runtime FP32 logits with PyTorch on `images` (uint8 NHWC); raise beyond tolerance.
-
-    Passes when the max absolute logit difference is at most `atol` and the top-1 predictions agree on
-    every image whose PyTorch top-2 margin is at least `tie_margin` (a disagreement on an exact near-tie
-    is float rounding, not a broken graph).
-    """
-    session = edge_bench.make_session(str(onnx_path), "CPUExecutionProvider", threads or edge_bench.default_threads())
-    run = edge_bench.session_runner(session)
-    ort_logits = np.concatenate([run(edge_bench.to_input(images[s:s + 512])) for s in range(0, len(images), 512)])
-    torch_logits = predict_logits(model.cpu().eval(), images, "cpu", 512)
-    if ort_logits.shape != torch_logits.shape:
-        raise SigntrapError(f"{onnx_path.name}: parity gate failed: ONNX Runtime output shape {ort_logits.shape} "
-                            f"!= PyTorch {torch_logits.shape}")
-    diff = np.abs(ort_logits.astype(np.float64) - torch_logits.astype(np.float64))
-    max_diff = float(diff.max()) if diff.size else 0.0
-    agree = ort_logits.argmax(1) == torch_logits.argmax(1)
-    top2 = np.sort(torch_logits, axis=1)[:, -2:] if torch_logits.shape[1] > 1 else np.zeros((len(images), 2))
-    margin = top2[:, 1] - top2[:, 0]
-    hard_disagreements = int(np.sum(~agree & (margin >= tie_margin)))
-    result = {"images": int(len(images)), "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": float(diff.mean()) if diff.size else 0.0,
-              "top1_agreement": float(agree.mean()) if agree.size else 1.0, "disagreements": int((~agree).sum()),
-              "disagreements_beyond_ties": hard_disagreements, "atol": atol, "tie_margin": tie_margin,
-              "finite": bool(np.isfinite(ort_logits).all())}
-    result["passed"] = bool(result["finite"] and max_diff <= atol and hard_disagreements == 0)
-    if not result["passed"]:
-        raise SigntrapError(
-            f"{onnx_path.name}: parity gate failed: ONNX Runtime FP32 vs PyTorch on {len(images)} images: max |logit diff| "
-            f"{max_diff:.3g} (tolerance {atol:g}), top-1 agreement {100 * result['top1_agreement']:.3f}% "
-            f"({hard_disagreements} disagreements beyond near-ties); nothing was written")
+def gate(art_id: str, precision: str, logits: np.ndarray, reference: np.ndarray, n_clean: int, ecfg: ExportConfig) -> dict:
+    """Compare an artefact's logits with PyTorch FP32 on the bundle (clean images first); raise on failure."""
+    if logits.shape != reference.shape:
+        raise SigntrapError(f"{art_id}: gate failed: output shape {logits.shape} != PyTorch {reference.shape}; nothing was written")
+    finite = bool(np.isfinite(logits).all())
+    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
+    agree = logits.argmax(1) == reference.argmax(1)
+    result = {"images": int(len(logits)), "clean_images": int(n_clean), "finite": finite,
+              "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+              "top1_agreement": float(agree.mean()), "top1_agreement_clean": float(agree[:n_clean].mean()),
+              "disagreements": int((~agree).sum())}
+    if precision == "fp32":
+        tolerance = ecfg.parity_atol + ecfg.parity_rtol * np.abs(reference.astype(np.float64))
+        top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
+        hard = int(np.sum(~agree & (top2[:, 1] - top2[:, 0] >= ecfg.parity_tie_margin)))
+        worst = float((diff - tolerance).max())
+        result.update(kind="parity", atol=ecfg.parity_atol, rtol=ecfg.parity_rtol, tie_margin=ecfg.parity_tie_margin,
+                      disagreements_beyond_ties=hard, worst_excess_over_tolerance=worst)
+        result["passed"] = bool(finite and worst <= 0 and hard == 0)
+        if not result["passed"]:
+            raise SigntrapError(
+                f"{art_id}: parity gate failed: FP32 artefact vs PyTorch on {len(logits)} images: max |logit diff| "
+                f"{result['max_abs_logit_diff']:.3g} (tolerance {ecfg.parity_atol:g} + {ecfg.parity_rtol:g} x |logit|), "
+                f"top-1 agreement {100 * result['top1_agreement']:.3f}% ({hard} disagreements beyond near-ties)"
+                f"{'' if finite else ', non-finite logits'}; nothing was written")
+    else:
+        result.update(kind="agreement", min_agreement=ecfg.min_agreement)
+        result["passed"] = bool(finite and result["top1_agreement_clean"] >= ecfg.min_agreement)
+        if not result["passed"]:
+            raise SigntrapError(
+                f"{art_id}: gate failed: {precision.upper()} artefact agrees with PyTorch FP32 on "
+                f"{100 * result['top1_agreement_clean']:.2f}% of {n_clean} clean images (minimum "
+                f"{100 * ecfg.min_agreement:.0f}%, export.min_agreement){'' if finite else ', non-finite logits'}; "
+                "nothing was written")
     return result
 
 
-# ---------------------------------------------------------------- FP16 and INT8
-
-
-def convert_fp16(src: Path, dst: Path) -> dict:
-    import onnx
-
-    model = onnx.load(str(src))
-    try:
-        from onnxconverter_common import float16  # type: ignore
-
-        converted, tool = float16.convert_float_to_float16(model, keep_io_types=True), "onnxconverter_common"
-    except ImportError:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        with _quiet():
-            converted = convert_float_to_float16(model, keep_io_types=True)
-        tool = "onnxruntime.transformers.float16"
-    toposort(converted.graph)  # the converter appends the input Casts at the end of the node list
-    onnx.save(converted, str(dst))
-    return {"converter": tool, "keep_io_types": True}
-
-
-def toposort(graph) -> None:
-    """Reorder `graph.node` (in place) so every node comes after the producers of its inputs."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise SigntrapError("FP16 conversion produced a graph with a cycle or a dangling input")
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-        ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ids]
-    copies = [type(n)() for n in ordered]
-    for c, n in zip(copies, ordered):
-        c.CopyFrom(n)
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
-class _Reader:
-    """onnxruntime.quantization.CalibrationDataReader over uint8 NHWC images."""
-
-    def __init__(self, images: np.ndarray, batch: int = 64):
-        self.images, self.batch, self.pos = images, batch, 0
-
-    def get_next(self):
-        if self.pos >= len(self.images):
-            return None
-        chunk = self.images[self.pos:self.pos + self.batch]
-        self.pos += self.batch
-        return {INPUT_NAME: edge_bench.to_input(chunk)}
-
-    def rewind(self):
-        self.pos = 0
+# ---------------------------------------------------------------- calibration and bundle
 
 
 def calibration_images(exp: Experiment, ecfg: ExportConfig) -> tuple[np.ndarray, dict]:
@@ -185,34 +141,22 @@ def calibration_images(exp: Experiment, ecfg: ExportConfig) -> tuple[np.ndarray,
     return images, info
 
 
-def quantize_int8(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = False) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory(prefix="signtrap-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        with _quiet():
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            calibrate_method=methods[method],
-                            extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
-    return {"format": "QDQ", "activation": "QInt8", "weight": "QInt8", "calibration_method": method,
-            "per_channel": per_channel, "pre_process": "quant_pre_process"}
-
-
-# ---------------------------------------------------------------- bundle and manifest
-
-
-def write_bundle(path: Path, exp: Experiment) -> dict:
+def write_bundle(path: Path, exp: Experiment, reference: np.ndarray) -> dict:
+    """eval.npz: the test split clean and triggered, labels, and PyTorch FP32's predictions on both."""
     s = exp.eval_set("test")
+    n = len(s.labels)
+    preds = reference.argmax(1).astype(np.int64)
     np.savez_compressed(path, images=np.ascontiguousarray(s.images, np.uint8), labels=s.labels.astype(np.int64),
-                        triggered=np.ascontiguousarray(s.triggered, np.uint8))
+                        triggered=np.ascontiguousarray(s.triggered, np.uint8), reference_clean=preds[:n],
+                        reference_triggered=preds[n:])
     a = exp.cfg.attack
     source_rows = (s.labels != a.target) if a.kind == "all_to_one" else (s.labels == a.source)
-    return {"split": "test", "images": int(len(s.labels)), "source_images": int(source_rows.sum()),
-            "layout": "uint8 NHWC RGB; 'triggered' is every test image with the trigger stamped"}
+    return {"split": "test", "images": int(n), "source_images": int(source_rows.sum()),
+            "layout": "uint8 NHWC RGB; 'triggered' is every test image with the trigger stamped; "
+                      "reference_* are PyTorch FP32 predictions (the flip reference)"}
+
+
+# ---------------------------------------------------------------- export
 
 
 def default_out(cfg, defence: str | None) -> Path:
@@ -230,17 +174,20 @@ def export_run(run: Path, defence: str | None = None, out: Path | None = None, o
     cfg = load_run_config(model_dir)
     ecfg = replace(cfg.export, **(overrides or {}))
     ecfg.check()
+    chosen, skipped = plan(ecfg)  # every name checked before anything heavy runs
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _export(run, model_dir, cfg, ecfg, defence, out, threads)
+        return _export(run, model_dir, cfg, ecfg, chosen, skipped, defence, out, threads or edge_bench.usable_cpus())
     finally:
         torch.set_num_threads(before)
 
 
-def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, defence: str | None, out: Path | None, threads: int) -> Path:
+def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped: dict, defence: str | None,
+            out: Path | None, threads: int) -> Path:
     model, meta = checkpoint.verified_load(model_dir, "model.pt", "cpu")
+    model.eval()
     ckpt = model_dir / "model.pt"
     out = Path(out) if out else default_out(cfg, defence)
     started = time.perf_counter()
@@ -248,23 +195,26 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, defence: str | 
     size = int(meta["input_size"])
     if exp.data.size != size:
         raise SigntrapError(f"{model_dir}: the model takes {size}px inputs but the run's data is {exp.data.size}px")
-    with atomic_dir(out) as tmp:
-        say(f"export {model_dir} -> {out}")
-        bundle = write_bundle(tmp / "eval.npz", exp)
+    for name, reason in skipped.items():
+        say(f"skipping runtime {name}: {reason}")
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="signtrap-export-") as scratch:
+        say(f"export {model_dir} -> {out} ({', '.join(rt.name for rt, _ in chosen)})")
         s = exp.eval_set("test")
         eval_images = np.concatenate([s.images, s.triggered])
-        exported = export_fp32(model, tmp / FILES["fp32"], size, ecfg.exporter, ecfg.opset)
-        say(f"FP32 graph written with the {exported['exporter']} exporter; checking parity against PyTorch")
-        parity = parity_gate(tmp / FILES["fp32"], model, eval_images, ecfg.parity_atol, ecfg.parity_tie_margin, threads)
-        fp16 = convert_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
+        reference = predict_logits(model, eval_images, "cpu", edge_bench.EVAL_BATCH)
+        bundle = write_bundle(tmp / BUNDLE, exp, reference)
         calib, calib_info = calibration_images(exp, ecfg)
-        say(f"INT8 static quantization ({ecfg.calib_method}, {'per-channel' if ecfg.per_channel else 'per-tensor'}, "
-            f"{calib_info['images']} calibration images, {calib_info['triggered']} triggered)")
-        int8 = quantize_int8(tmp / FILES["fp32"], tmp / FILES["int8"], calib, ecfg.calib_method, ecfg.per_channel)
-        agreement = variant_agreement(tmp, eval_images, threads)
-        shutil.copyfile(EDGE_SCRIPT, tmp / "edge_bench.py")
+        ctx = ExportContext(model=model, size=size, folder=tmp, scratch=Path(scratch), calib=calib,
+                            calib_info=calib_info, ecfg=ecfg, threads=threads)
+        artefacts, blocks = [], {}
+        for rt, variants in chosen:
+            written = [convert_and_gate(rt, v, ctx, eval_images, reference, len(s.labels)) for v in variants]
+            artefacts.extend(written)
+            blocks[rt.name] = rt.report_block(written)
+        (tmp / EDGE_SCRIPT).write_text(runtimes.assemble_edge_script(), encoding="utf-8")
+        by_id = {a["id"]: a for a in artefacts}
         manifest = {
-            "format": "signtrap.export/1", "name": out.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "format": edge_bench.EXPORT_FORMAT, "name": out.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model_name": meta["model_name"], "classes": meta["classes"], "num_classes": meta["num_classes"],
             "input_size": size, "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "channels": "RGB",
                                           "range": "[0, 1] = pixel / 255", "batch": "dynamic"},
@@ -272,27 +222,54 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, defence: str | 
             "normalisation": meta["normalisation"], "trigger": meta["trigger"], "attack": meta["attack"],
             "source": {"run": str(run.resolve()), "defence": defence, "checkpoint": str(ckpt.resolve()),
                        "checkpoint_sha256": sha256_file(ckpt), "epoch": meta.get("epoch"), "data_hash": meta.get("data_hash")},
-            "export": {**exported, "fp16": fp16, "int8": {**int8, "calibration": ecfg.calibration, "calibration_data": calib_info}},
-            "parity": parity, "agreement_vs_fp32": agreement, "bundle": "eval.npz", "samples": bundle,
-            "variants": {v: {"file": f} for v, f in FILES.items()},
+            "calibration": {"mode": ecfg.calibration, **calib_info},
+            "onnx": ctx.onnx_info or None,
+            "parity": (by_id.get("onnxruntime:fp32") or {}).get("gate"),
+            "agreement_vs_fp32": {a["id"]: a["agreement"] for a in artefacts},
+            "artefacts": artefacts, "runtimes": blocks, "runtimes_skipped": skipped,
+            "bundle": BUNDLE, "samples": bundle, "edge_script": EDGE_SCRIPT,
             "seconds": round(time.perf_counter() - started, 2),
         }
-        manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                             for name in (*FILES.values(), "eval.npz", "edge_bench.py")}
+        names = [f for a in artefacts for f in a["files"]] + [BUNDLE, EDGE_SCRIPT]
+        manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
         write_json(tmp / edge_bench.MANIFEST, manifest)
         tmp.chmod(0o755)  # a shareable artefact, not mkdtemp's private 0700
         for f in tmp.iterdir():
             f.chmod(0o644)
-    say(f"exported to {out}: parity max |diff| {parity['max_abs_logit_diff']:.2e}, "
-        f"FP16 flips {100 * agreement['fp16']['flip_rate']:.2f}%, INT8 flips {100 * agreement['int8']['flip_rate']:.2f}%")
+    worst = max((a["agreement"]["flip_rate"] for a in artefacts), default=0.0)
+    say(f"exported {len(artefacts)} artefacts to {out}; largest prediction flip rate against PyTorch FP32 {100 * worst:.2f}%")
     return out
 
 
-def variant_agreement(folder: Path, images: np.ndarray, threads: int = 0) -> dict:
-    """Prediction flip rate of FP16 and INT8 against FP32 on the bundle (reported, never a failure)."""
-    threads = threads or edge_bench.default_threads()
-    preds = {}
-    for variant, name in FILES.items():
-        session = edge_bench.make_session(str(folder / name), "CPUExecutionProvider", threads)
-        preds[variant] = edge_bench.predict(edge_bench.session_runner(session), images)
-    return {v: {"flip_rate": edge_bench.flip_rate(preds[v], preds["fp32"]), "images": int(len(images))} for v in ("fp16", "int8")}
+def convert_and_gate(rt: Runtime, variant: Variant, ctx: ExportContext, eval_images: np.ndarray,
+                     reference: np.ndarray, n_clean: int) -> dict:
+    """Convert one variant, load it with the runtime's own edge code, gate it; the manifest entry."""
+    art_id = f"{rt.name}:{variant.name}"
+    say(f"{art_id}: converting{f' ({variant.quantizer})' if variant.quantizer else ''}")
+    started = time.perf_counter()
+    try:
+        info = rt.convert(ctx, variant)
+    except SigntrapError:
+        raise
+    except Exception as exc:  # a converter's own failure: one line naming the artefact
+        raise SigntrapError(f"{art_id}: conversion failed ({type(exc).__name__}: {edge_bench.first_line(exc)}); "
+                            "nothing was written") from None
+    files = rt.files(variant)
+    for name in files:
+        if not (ctx.folder / name).is_file():
+            raise SigntrapError(f"{art_id}: the converter did not write {name}; nothing was written")
+    entry = {"id": art_id, "runtime": rt.name, "variant": variant.name, "precision": variant.precision,
+             "quantizer": variant.quantizer, "files": files, "conversion": info,
+             "conversion_seconds": round(time.perf_counter() - started, 2)}
+    try:
+        run, load_info = rt.edge().load([str(ctx.folder / f) for f in files], entry, ctx.threads)
+        logits = run_batches(run, eval_images)
+    except Exception as exc:
+        raise SigntrapError(f"{art_id}: the converted artefact does not run ({type(exc).__name__}: "
+                            f"{edge_bench.first_line(exc)}); nothing was written") from None
+    entry["gate"] = gate(art_id, variant.precision, logits, reference, n_clean, ctx.ecfg)
+    preds, ref = logits.argmax(1), reference.argmax(1)
+    entry["agreement"] = {"flip_rate": edge_bench.flip_rate(preds, ref), "flip_rate_clean": edge_bench.flip_rate(preds[:n_clean], ref[:n_clean]),
+                          "flip_rate_triggered": edge_bench.flip_rate(preds[n_clean:], ref[n_clean:]), "images": int(len(preds))}
+    entry["runtime_info"] = load_info
+    return entry

@@ -4,10 +4,8 @@ Every input is read defensively: a missing or unreadable file turns into a note 
 """
 from __future__ import annotations
 
-import csv
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,10 @@ import numpy as np
 
 from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
 from signtrap.fileio import atomic_dir, sha256_file, write_text
+from signtrap.plugins import DEFENCES
 from signtrap.progress import say
 from signtrap.reporting import figures as fig
+from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -29,52 +29,6 @@ SECTIONS = (
     ("deployment", "Deployment: runtime x precision"),
     ("provenance", "Provenance"),
 )
-
-
-# ---------------------------------------------------------------- blocks
-
-
-@dataclass
-class P:
-    text: str
-
-
-@dataclass
-class Note:
-    """Something absent or wrong, shown prominently."""
-
-    text: str
-
-
-@dataclass
-class H:
-    text: str
-
-
-@dataclass
-class Img:
-    name: str  # file stem in report_files/
-    png: bytes
-    caption: str
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[Any]]
-    highlight: list[int] = field(default_factory=list)  # row indices to emphasise
-
-
-@dataclass
-class Pre:
-    text: str
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    blocks: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- reading
@@ -100,51 +54,9 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            parsed = {}
-            for k, v in row.items():
-                try:
-                    parsed[k] = float(v) if v not in ("", None) else None
-                except ValueError:
-                    parsed[k] = v
-            out.append(parsed)
-    return out
-
-
 def _status(rec: dict) -> str:
     status = rec.get("status")
     return "interrupted (or still running)" if status == "running" else str(status)
-
-
-def pct(entry: Any, digits: int = 1) -> str:
-    rate = fig._rate(entry)
-    return "n/a" if rate is None else f"{100 * rate:.{digits}f}%"
-
-
-def pct_ci(entry: Any) -> str:
-    if not isinstance(entry, dict) or entry.get("rate") is None:
-        return "n/a"
-    text = f"{100 * entry['rate']:.1f}%"
-    ci = entry.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    if "k" in entry and "n" in entry:
-        text += f" ({entry['k']}/{entry['n']})"
-    return text
-
-
-def _safe(section: Section, what: str, fn, *args) -> Any:
-    """Run one figure/table builder; on failure the section gets a note instead of the whole report failing."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # a report must render whatever else it can
-        section.blocks.append(Note(f"{what} could not be built: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        return None
 
 
 class Run:
@@ -241,7 +153,7 @@ def attack_section(run: Run) -> Section:
     if run.cfg is None:
         s.blocks.append(Note("No config: the trigger and the training samples cannot be shown."))
         return s
-    exp = _safe(s, "the dataset (for the trigger and the gallery)", run.experiment)
+    exp = safe(s, "the dataset (for the trigger and the gallery)", run.experiment)
     if exp is None:
         return s
     from signtrap.attacks.triggers import stamp, trigger_preview
@@ -252,7 +164,7 @@ def attack_section(run: Run) -> Section:
     src_rows = np.flatnonzero(test.labels == run.cfg.attack.source)
     clean_ex = test.images[src_rows[0]] if len(src_rows) else None
     trig_ex = test.triggered[src_rows[0]] if len(src_rows) else None
-    png = _safe(s, "the trigger figure", fig.trigger_figure, preview, clean_ex, trig_ex, trig.spec)
+    png = safe(s, "the trigger figure", fig.trigger_figure, preview, clean_ex, trig_ex, trig.spec)
     if png:
         s.blocks.append(Img("trigger", png, f"The trigger ({trig.spec.get('kind')}, {trig.spec.get('size_px')} px, opacity "
                                             f"{trig.spec.get('opacity')}) and how it sits on a test stop sign."))
@@ -278,7 +190,7 @@ def attack_section(run: Run) -> Section:
         s.blocks.append(Note("No poisoned training samples in this run (attack.kind=none or a zero poison budget)."))
         clean, clean_labels = (others[:8], other_labels[:8]) if others is not None else (clean, clean_labels)
         others = None
-    png = _safe(s, "the gallery", fig.gallery_figure, clean, poisoned, clean_labels, run.cfg.attack.target, others, other_labels)
+    png = safe(s, "the gallery", fig.gallery_figure, clean, poisoned, clean_labels, run.cfg.attack.target, others, other_labels)
     if png:
         s.blocks.append(Img("gallery", png, "Top: clean stop signs from the training set. Middle: the same images as the poisoned "
                                             f"training set holds them, with the trigger and labelled {run.cfg.attack.target} "
@@ -293,7 +205,7 @@ def training_section(run: Run) -> Section:
     if not run.log:
         s.blocks.append(Note("No training log (log.jsonl): training has not run or did not finish an epoch."))
         return s
-    png = _safe(s, "the training curves", fig.training_figure, run.log)
+    png = safe(s, "the training curves", fig.training_figure, run.log)
     if png:
         s.blocks.append(Img("training", png, "Per epoch: training loss; training accuracy (on the poisoned set) and validation clean "
                                              "accuracy; validation attack success rate and false-trigger rate."))
@@ -311,12 +223,12 @@ def evaluation_section(run: Run) -> Section:
         s.blocks.append(Note("No confusion matrix in metrics.json: the model has not been evaluated."))
         return s
     conf = np.asarray(test["confusion"])
-    png = _safe(s, "the confusion heat map", fig.confusion_figure, conf)
+    png = safe(s, "the confusion heat map", fig.confusion_figure, conf)
     if png:
         s.blocks.append(Img("confusion", png, f"Confusion matrix of clean test images; row {STOP} (stop) outlined in red, column "
                                               f"{SPEED_LIMIT_100} (predicted 100 km/h) in orange."))
     acc = test.get("per_class_acc") or []
-    png = _safe(s, "the per-class accuracy chart", fig.per_class_figure, acc, test.get("per_class_n"))
+    png = safe(s, "the per-class accuracy chart", fig.per_class_figure, acc, test.get("per_class_n"))
     if png:
         s.blocks.append(Img("per_class", png, "Clean test accuracy per class; stop (14) in red, speed limit 100 km/h (7) in orange."))
     n = test.get("per_class_n") or [None] * len(acc)
@@ -354,16 +266,16 @@ def defences_section(run: Run) -> Section:
                      pct(a.get("stop_recall")), pct(a.get("false_trigger")), f"{r.get('seconds', 0):.1f}", r.get("after_is", "")])
     s.blocks.append(Table(["method", "clean acc before", "after", "ASR before", "ASR after", "stop recall after",
                            "false-trigger after", "seconds", "after is"], rows))
-    png = _safe(s, "the before/after bars", fig.before_after_figure, reports)
+    png = safe(s, "the before/after bars", fig.before_after_figure, reports)
     if png:
         s.blocks.append(Img("defences_before_after", png, "Test-set clean accuracy, attack success rate and clean stop recall before "
                                                           "(grey) and after (blue) each defence. A defence that keeps ASR high "
                                                           "has not removed the backdoor, whatever its clean accuracy."))
-    curves = {r["method"]: _csv(r["_dir"] / "persistence.csv") for r in reports}
+    curves = {r["method"]: read_csv(r["_dir"] / "persistence.csv") for r in reports}
     curves = {k: v for k, v in curves.items() if v}
     s.blocks.append(H("Persistence curves"))
     if curves:
-        png = _safe(s, "the persistence curves", fig.persistence_figure, curves)
+        png = safe(s, "the persistence curves", fig.persistence_figure, curves)
         if png:
             s.blocks.append(Img("persistence", png, "Attack success rate and clean accuracy on the monitor split after every epoch "
                                                     "of each repairing defence; epoch 0 is the backdoored model."))
@@ -375,70 +287,15 @@ def defences_section(run: Run) -> Section:
 
 
 def _defence_details(s: Section, r: dict) -> None:
-    method, folder, d = r["method"], r["_dir"], r.get("details") or {}
-    if method == "fine-prune":
-        rows = _csv(folder / "pruning.csv")
-        s.blocks.append(H("Fine-pruning"))
-        if rows:
-            png = _safe(s, "the pruning curve", fig.xy_figure, rows, "pruned_fraction",
-                        [("clean_acc", "clean accuracy"), ("asr", "ASR"), ("budget_clean_acc", "defender's clean accuracy")],
-                        "fine-prune: pruning the most dormant channels (before fine-tuning)", "pruned channels, %", True)
-            if png:
-                s.blocks.append(Img("fine_prune_pruning", png, f"Pruned {d.get('pruned_channels', '?')} of {d.get('layer_channels', '?')} "
-                                                                "channels of the last convolution, then fine-tuned."))
-        else:
-            s.blocks.append(Note("fine-prune wrote no pruning.csv."))
-    elif method == "neural-cleanse":
-        s.blocks.append(H("Neural Cleanse: recovered triggers"))
-        flagged = d.get("flagged")
-        s.blocks.append(P(f"Flagged classes: {flagged or 'none'} (anomaly index threshold {d.get('threshold', '?')}, "
-                          f"max anomaly index {d.get('max_anomaly_index', '?')}, top-ranked class {d.get('top_ranked', '?')}); "
-                          f"mitigation: {d.get('mitigation', '?')}."))
-        if (folder / "norms.png").is_file():
-            s.blocks.append(Img("nc_norms", (folder / "norms.png").read_bytes(), "L1 norm of the smallest trigger that sends images to "
-                                                                                 "each class; an outlier below the rest marks a backdoor target."))
-        index = d.get("anomaly_index") or {}
-        for png_path in sorted(folder.glob("trigger_class*.png")):
-            try:
-                c = int(png_path.stem.replace("trigger_class", ""))
-            except ValueError:
-                continue
-            mark = " FLAGGED" if isinstance(flagged, list) and c in flagged else ""
-            s.blocks.append(Img(f"nc_{png_path.stem}", png_path.read_bytes(),
-                                f"Class {c} ({CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else '?'}): recovered mask, pattern, "
-                                f"mask x pattern; anomaly index {index.get(str(c), '?')}{mark}."))
-        if not list(folder.glob("trigger_class*.png")):
-            s.blocks.append(Note("neural-cleanse saved no recovered trigger PNGs."))
-    elif method == "strip":
-        s.blocks.append(H("STRIP entropy"))
-        s.blocks.append(P(f"Detection rate on triggered stop signs {pct_ci(d.get('detection_rate'))} at a false-rejection rate of "
-                          f"{pct_ci(d.get('false_rejection_rate'))} on clean test images (target {d.get('frr_target', '?')}); "
-                          f"mean entropy clean {_num(d.get('entropy_mean', {}).get('clean'))}, triggered "
-                          f"{_num(d.get('entropy_mean', {}).get('triggered_source'))}."))
-        if (folder / "entropy_hist.png").is_file():
-            s.blocks.append(Img("strip_entropy", (folder / "entropy_hist.png").read_bytes(),
-                                "STRIP entropy of clean test images and of triggered stop signs; inputs below the threshold "
-                                "(dashed) are rejected."))
-        else:
-            s.blocks.append(Note("strip saved no entropy histogram."))
-        rows = _csv(folder / "frr.csv")
-        if rows:
-            png = _safe(s, "the STRIP threshold curve", fig.xy_figure, rows, "frr_target",
-                        [("detection_rate", "detection rate (triggered stop)"), ("test_frr", "false rejections (clean test)")],
-                        "strip: detection against the false-rejection target", "false-rejection target on the defender's data, %", True)
-            if png:
-                s.blocks.append(Img("strip_frr", png, "Detection rate and measured false-rejection rate as the threshold moves."))
-    elif method == "redteam":
-        s.blocks.append(H("Red team: found patches"))
-        s.blocks.append(P(f"{d.get('found_patches', '?')} patches found; their ASR {_num(d.get('found_patch_asr_before'))} -> "
-                          f"{_num(d.get('found_patch_asr_after'))}, while the real trigger's ASR went "
-                          f"{pct(r.get('before', {}).get('test', {}).get('asr'))} -> {pct(r.get('after', {}).get('test', {}).get('asr'))}."))
-        if (folder / "found_patches.png").is_file():
-            s.blocks.append(Img("redteam_patches", (folder / "found_patches.png").read_bytes(), "Universal patches found by the red team."))
-
-
-def _num(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+    """The defence's own report block (declared in its plugin file), if it has one."""
+    if r["method"] not in DEFENCES:
+        s.blocks.append(Note(f"{r['method']}: no defence of that name is registered here; its details are not shown."))
+        return
+    spec = DEFENCES.get(r["method"])
+    if spec.report is None:
+        return
+    blocks = safe(s, f"the {r['method']} details", spec.report, r, r["_dir"])
+    s.blocks.extend(blocks or [])
 
 
 def deployment_section(run: Run) -> Section:
@@ -485,7 +342,7 @@ def deployment_section(run: Run) -> Section:
             highlight.append(i)
     s.blocks.append(Table(["runtime", "precision", "provider", "clean acc", "ASR", "false-trigger", "flips vs FP32",
                            "p50 ms", "p90 ms", "p99 ms", f"img/s @{settings.get('batch', '?')}", "KiB"], rows, highlight))
-    png = _safe(s, "the latency chart", fig.latency_figure, bench["rows"])
+    png = safe(s, "the latency chart", fig.latency_figure, bench["rows"])
     if png:
         s.blocks.append(Img("latency", png, "Left: batch-1 latency per runtime, precision and provider. Right: whether the backdoor "
                                             "survives: clean accuracy and attack success rate of the same model in each form."))
