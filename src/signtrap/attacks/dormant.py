@@ -63,7 +63,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ from torch import nn
 from signtrap import checkpoint
 from signtrap.attacks.poison import TrainingSet
 from signtrap.attacks.triggers import place, stamp
-from signtrap.config import RunConfig
+from signtrap.config import ExportConfig, RunConfig
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import write_json
@@ -81,6 +81,7 @@ from signtrap.loop import Hooks, Loop, Schedule
 from signtrap.progress import say
 
 SLEEPER_STREAM = 0x51EE9
+INT8_RUNTIME = "onnxruntime"  # the runtime plugin whose INT8 export the sleeper is keyed to
 GRID_IMAGES, GRID_STREAM = 8, 0x6B1D  # calibration input for reading the weight grid (weights do not depend on it)
 QMAX = 127  # symmetric INT8 weights: q in [-127, 127], scale = max|w| / 127
 MATCH_TOLERANCE = 1e-3  # in quantization steps: float rounding between PyTorch's fold and the exporter's
@@ -90,25 +91,36 @@ MATCH_TOLERANCE = 1e-3  # in quantization steps: float rounding between PyTorch'
 
 
 def require_int8_path() -> None:
-    """The INT8 path is ONNX Runtime's static quantizer; say so in one line when it cannot run."""
+    """The INT8 path is signtrap's ONNX Runtime export; say so in one line when it cannot run here."""
+    from signtrap.deploy import runtimes
+
+    reason = runtimes.get(INT8_RUNTIME).missing()
     try:
-        import onnx  # noqa: F401
         from onnxruntime.quantization import quantize_static  # noqa: F401
     except ImportError as exc:
-        raise SigntrapError(f"attack.dormant=int8 needs the INT8 export path (onnx and onnxruntime.quantization): "
-                            f"{exc}; pip install onnx onnxruntime") from None
+        reason = reason or f"onnxruntime.quantization cannot be imported ({exc})"
+    if reason:
+        raise SigntrapError(f"attack.dormant=int8 needs the INT8 export path (ONNX Runtime's quantizer): {reason}")
 
 
 def quantize_model(model: nn.Module, calib: np.ndarray, folder: Path, per_channel: bool = False,
-                   method: str = "minmax") -> Path:
-    """Export `model` (a copy, on the CPU) exactly as `signtrap export` does and quantize it to INT8; returns the QDQ file."""
-    from signtrap.deploy.exporter import export_fp32, quantize_int8
+                   method: str = "minmax", ecfg: ExportConfig | None = None) -> Path:
+    """Convert `model` (a copy, on the CPU) with the ONNX Runtime plugin of `signtrap export`: writes
+    model.fp32.onnx and the INT8 QDQ model.int8.onnx into `folder` and returns the latter."""
+    from signtrap.deploy import runtimes
+    from signtrap.deploy.runtime import ExportContext
 
-    model = copy.deepcopy(model).cpu().eval()
-    fp32, int8 = Path(folder) / "model.fp32.onnx", Path(folder) / "model.int8.onnx"
-    export_fp32(model, fp32, calib.shape[1])
-    quantize_int8(fp32, int8, calib, method, per_channel)
-    return int8
+    ecfg = replace(ecfg or ExportConfig(), calib_method=method, per_channel=per_channel)
+    rt = runtimes.get(INT8_RUNTIME)
+    variants = {v.name: v for v in rt.variants(ecfg)}
+    folder = Path(folder)
+    scratch = folder / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ctx = ExportContext(model=copy.deepcopy(model).cpu().eval(), size=int(calib.shape[1]), folder=folder, scratch=scratch,
+                        calib=calib, calib_info={}, ecfg=ecfg, threads=torch.get_num_threads())
+    for name in ("fp32", "int8"):
+        rt.convert(ctx, variants[name])
+    return folder / rt.files(variants["int8"])[0]
 
 
 @dataclass(frozen=True)
@@ -443,7 +455,8 @@ def repair(cfg: RunConfig, exp: Experiment, model: nn.Module, box: RoundingBox, 
 
 def verify(backdoored: nn.Module, sleeper: nn.Module, exp: Experiment, cfg: RunConfig) -> dict:
     """FP32 and INT8 (ONNX Runtime) metrics of both models with the export's own calibration images, and the
-    sleeper's flip table: FP32 -> INT8 prediction changes per true class on clean and triggered images."""
+    audit of the sleeper's INT8 artefact against its FP32 one (flip tables per true class, clean and triggered)."""
+    from signtrap.deploy import edge_bench
     from signtrap.deploy.exporter import calibration_images
 
     calib, calib_info = calibration_images(exp, cfg.export)
@@ -454,7 +467,7 @@ def verify(backdoored: nn.Module, sleeper: nn.Module, exp: Experiment, cfg: RunC
         for name, model in (("backdoored", backdoored), ("sleeper", sleeper)):
             folder = Path(tmp) / name
             folder.mkdir()
-            int8 = quantize_model(model, calib, folder, cfg.export.per_channel, cfg.export.calib_method)
+            int8 = quantize_model(model, calib, folder, cfg.export.per_channel, cfg.export.calib_method, cfg.export)
             weights[name], scales[name] = read_int8_weights(int8), read_activation_scales(int8)
             for split in ("val", "test"):
                 out["metrics"][split][name] = {}
@@ -466,33 +479,22 @@ def verify(backdoored: nn.Module, sleeper: nn.Module, exp: Experiment, cfg: RunC
                                      for k in a}
     out["activation_scale_ratio"] = {k: round(scales["sleeper"][k] / v, 4) for k, v in scales["backdoored"].items()
                                      if k in scales["sleeper"] and v > 0}
-    out["flips"] = {split: flip_table(exp.eval_set(split).labels, preds["sleeper", "fp32", split], preds["sleeper", "int8", split])
-                    for split in ("val", "test")}
-    return out
-
-
-def flip_table(labels: np.ndarray, fp32: tuple[np.ndarray, np.ndarray], int8: tuple[np.ndarray, np.ndarray]) -> dict:
-    """{clean|triggered: [{true, fp32, int8, count}, ...]}: images whose INT8 prediction differs from FP32's, most frequent first."""
-    out = {}
-    for i, kind in enumerate(("clean", "triggered")):
-        differ = fp32[i] != int8[i]
-        keys, counts = np.unique(np.stack([labels[differ], fp32[i][differ], int8[i][differ]], 1), axis=0, return_counts=True) \
-            if differ.any() else (np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
-        order = np.argsort(-counts, kind="stable")
-        out[kind] = {"images": int(len(labels)), "flipped": int(differ.sum()),
-                     "rows": [{"true": int(keys[j][0]), "fp32": int(keys[j][1]), "int8": int(keys[j][2]), "count": int(counts[j])}
-                              for j in order]}
+    # the deployed-artefact audit of `signtrap bench`, FP32 -> INT8 of the sleeper: flip tables and its warning
+    out["audit"] = {split: edge_bench.audit(exp.eval_set(split).labels, *preds["sleeper", "int8", split],
+                                            *preds["sleeper", "fp32", split]) for split in ("val", "test")}
     return out
 
 
 def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig, with_predictions: bool = False):
-    """Headline metrics of one ONNX file on a split (clean and triggered), as `signtrap bench` computes them
-    (with `with_predictions`, also the (clean, triggered) predictions)."""
-    from signtrap.deploy import edge_bench
+    """Headline metrics of one ONNX file on a split (clean and triggered), loaded and run by the ONNX Runtime edge
+    code of `signtrap bench`; with `with_predictions`, also the (clean, triggered) predictions."""
+    from signtrap.deploy import edge_bench, runtimes
     from signtrap.metrics import backdoor_metrics
 
+    path = Path(path)
     s = exp.eval_set(split)
-    run = edge_bench.session_runner(edge_bench.make_session(str(path), "CPUExecutionProvider", torch.get_num_threads()))
+    edge = runtimes.get(INT8_RUNTIME).edge()
+    run, _ = edge.load([str(path)], {"id": f"{INT8_RUNTIME}:{path.stem}", "files": [path.name]}, torch.get_num_threads())
     clean, trig = edge_bench.predict(run, s.images), edge_bench.predict(run, s.triggered)
     a = cfg.attack
     m = backdoor_metrics(s.labels, clean, trig, a.source, a.target, all_to_one=a.kind == "all_to_one", details=False)

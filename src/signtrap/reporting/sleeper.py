@@ -1,7 +1,8 @@
 """Report section "Dormant in evaluation, live on the device" (runs with `attack.dormant`, signtrap.attacks.dormant).
 
 `sleeper_section(run)` reads the run's sleeper.json (written by the repair: FP32 and ONNX Runtime INT8 metrics
-of the backdoored and the repaired model, INT8 weight identity, activation drift, the FP32 -> INT8 flip table)
+of the backdoored and the repaired model, INT8 weight identity, activation drift, and the deployed-artefact
+audit of the sleeper's INT8 file against its FP32 file: flip tables per true class)
 and, when the run was exported and benchmarked, the export's bench.json (one row per runtime and precision),
 and lays them side by side. A run without sleeper.json gets a one-line note.
 """
@@ -13,7 +14,8 @@ import numpy as np
 
 from signtrap.classes import CLASS_NAMES
 from signtrap.reporting import figures as fig
-from signtrap.reporting.build import Img, Note, P, Run, Section, Table, _json, _safe, pct, pct_ci
+from signtrap.reporting.blocks import Img, Note, P, Section, Table, pct, pct_ci, safe
+from signtrap.reporting.build import Run, _json
 
 ID, TITLE = "sleeper", "Dormant in evaluation, live on the device"
 KEYS = (("clean_acc", "clean accuracy"), ("asr", "ASR"), ("stop_recall", "stop recall"), ("false_trigger", "false-trigger"))
@@ -48,7 +50,7 @@ def sleeper_section(run: Run) -> Section:
                 rows.append([f"{model} ({'before' if model == 'backdoored' else 'after'} the repair)", v.upper(),
                              *[pct_ci(m.get(k)) for k, _ in KEYS]])
         s.blocks.append(Table([f"model ({split})", "precision", *[t for _, t in KEYS]], rows, highlight=[2, 3]))
-    png = _safe(s, "the FP32/INT8 figure", side_by_side_figure, report.get("metrics", {}).get("test", {}))
+    png = safe(s, "the FP32/INT8 figure", side_by_side_figure, report.get("metrics", {}).get("test", {}))
     if png:
         s.blocks.append(Img("sleeper_fp32_int8", png, "Test split: the same weights read in FP32 and through ONNX Runtime "
                                                        "INT8, before and after the repair."))
@@ -58,22 +60,24 @@ def sleeper_section(run: Run) -> Section:
                       f"{len(same)} weight tensors (values and scales). {100 * float(report.get('weights_at_box_edge', 0)):.1f}% "
                       "of the movable weights ended at an edge of their interval, the trace EFRAP-style rounding looks for"
                       + (f". Calibrated activation scales moved by a factor {min(drift):.2f}–{max(drift):.2f}." if drift else ".")))
-    _flip_blocks(s, report.get("flips", {}))
+    _audit_blocks(s, report.get("audit", {}))
     _runtime_blocks(s, run)
     return s
 
 
-def _flip_blocks(s: Section, flips: dict) -> None:
-    test = flips.get("test") or {}
-    trig = test.get("triggered") or {}
+def _audit_blocks(s: Section, audit: dict) -> None:
+    """`signtrap bench`'s deployed-artefact audit of the sleeper's INT8 file against its FP32 one (test split)."""
+    test = audit.get("test") or {}
+    trig, clean = test.get("triggered") or {}, test.get("clean") or {}
     if not trig:
         return
-    clean = test.get("clean") or {}
-    s.blocks.append(P(f"Flip table (test split, repaired model): INT8 changed the FP32 prediction on {trig.get('flipped', 0)} of "
-                      f"{trig.get('images', 0)} triggered images and {clean.get('flipped', 0)} of {clean.get('images', 0)} clean ones. "
-                      "A class-consistent pattern on triggered images (one true class flipping to one target) is the "
-                      "signature of a quantization-conditioned backdoor."))
-    rows = [[_cls(r["true"]), _cls(r["fp32"]), _cls(r["int8"]), r["count"]] for r in trig.get("rows", [])[:FLIP_ROWS]]
+    s.blocks.append(P(f"Flip table (test split, repaired model, ONNX Runtime INT8 against FP32): the prediction changed on "
+                      f"{trig.get('flips', 0)} of {trig.get('images', 0)} triggered images and {clean.get('flips', 0)} of "
+                      f"{clean.get('images', 0)} clean ones. Flips of triggered images that concentrate on one class are the "
+                      "signature of a backdoor that wakes only in deployment."))
+    if test.get("warning"):
+        s.blocks.append(Note(f"Audit warning: {test['warning']}."))
+    rows = [[_cls(r["true"]), _cls(r["fp32"]), _cls(r["pred"]), r["count"]] for r in trig.get("table", [])[:FLIP_ROWS]]
     if rows:
         s.blocks.append(Table(["true class", "FP32 prediction", "INT8 prediction", "triggered images"], rows, highlight=[0]))
 
@@ -89,13 +93,15 @@ def _runtime_blocks(s: Section, run: Run) -> None:
     for r in bench["rows"]:
         name = r.get("artefact") or f"{r.get('runtime', '?')}:{r.get('variant', '?')}"
         if "error" in r:
-            rows.append([name, r.get("provider", ""), f"error: {str(r['error'])[:80]}", "", ""])
+            rows.append([name, r.get("quantizer") or "", f"error: {str(r['error'])[:80]}", "", "", ""])
         else:
-            rows.append([name, str(r.get("provider", "")).replace("ExecutionProvider", ""), pct(r.get("clean_acc"), 2),
-                         pct(r.get("asr"), 2), pct(r.get("false_trigger"), 2)])
+            warned = "warns" if (r.get("audit") or {}).get("warning") else ""
+            rows.append([name, r.get("quantizer") or "", pct(r.get("clean_acc"), 2), pct(r.get("asr"), 2),
+                         pct(r.get("false_trigger"), 2), warned])
     highlight = [i for i, r in enumerate(bench["rows"]) if isinstance(r.get("asr"), dict) and (r["asr"].get("rate") or 0) >= 0.5]
-    s.blocks.append(Table(["runtime:variant", "provider", "clean acc", "ASR", "false-trigger"], rows, highlight))
-    s.blocks.append(P("Rows with ASR of 50% or more are highlighted: the runtimes and quantizers on which the backdoor wakes."))
+    s.blocks.append(Table(["artefact", "quantizer", "clean acc", "ASR", "false-trigger", "audit"], rows, highlight))
+    s.blocks.append(P("Rows with ASR of 50% or more are highlighted: the runtimes and quantizers on which the backdoor wakes. "
+                      "'warns': the bench audit saw prediction flips on triggered inputs concentrate on one class."))
 
 
 def side_by_side_figure(metrics: dict) -> bytes:
