@@ -15,6 +15,9 @@ backdoored model's; how far the calibrated activation ranges moved; the training
 --zero-poison   also trains the same config with attack.kind=none per seed (the FP32 ASR baseline).
 --quantizers    the ASR matrix per ONNX Runtime quantizer: MinMax/Entropy/Percentile calibration x per-tensor/
                 per-channel weights, and MinMax with part of the calibration images triggered.
+--runtimes      the ASR matrix per runtime x quantizer through `signtrap export --quantizers all` and `signtrap bench`
+                for the sleeper and for the backdoored model (exported from a temporary copy of the run holding
+                backdoored.pt as its model); every runtime installed here, each with its own quantizer.
 --efrap         the deployment-time defence (signtrap.deploy.requant): INT8 ASR and clean accuracy after EFRAP
                 rounding, learned on 512 of the defender's clean images (defend.clean_fraction of the training split).
 """
@@ -43,6 +46,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     parser.add_argument("--zero-poison", action="store_true", help="also train attack.kind=none per seed")
     parser.add_argument("--quantizers", action="store_true", help="ASR per ONNX Runtime quantizer setting")
+    parser.add_argument("--runtimes", action="store_true", help="ASR per runtime x quantizer via signtrap export/bench")
     parser.add_argument("--efrap", action="store_true", help="INT8 after the EFRAP deployment-time defence")
     parser.add_argument("--threads", type=int, default=0, help="threads for the ONNX Runtime measurements (default: all)")
     parser.add_argument("overrides", nargs="*")
@@ -115,6 +119,8 @@ def main() -> int:
 
     if args.quantizers:
         quantizer_matrix(sleepers)
+    if args.runtimes:
+        runtime_matrix(sleepers, runs_dir)
     if args.efrap:
         efrap_table(sleepers)
     return 0
@@ -145,6 +151,54 @@ def quantizer_matrix(sleepers) -> None:
                             accs.append(m["clean_acc"])
         print(f"  {method:<11} {'per-channel' if per_channel else 'per-tensor':<11} {calibration:<7}"
               + "".join(f"{pct(pool(cells[n])):>22}" for n in ("backdoored", "sleeper")) + f"{pct(pool(accs)):>22}")
+
+
+def runtime_matrix(sleepers, runs_dir: Path) -> None:
+    """Export both models with every installed runtime and quantizer variant, bench them, print ASR per artefact."""
+    from signtrap.deploy.bench import bench_export
+    from signtrap.deploy.exporter import export_run
+
+    cells: dict = {}
+    for seed, cfg, report, metrics, seconds in sleepers:
+        for name, run in (("sleeper", cfg.run_dir), ("backdoored", backdoored_run(cfg))):
+            out = runs_dir / "exports" / f"{cfg.name}-{name}"
+            if not (out / "bench.json").is_file():
+                export_run(run, out=out, overrides={"quantizers": ["all"]})
+                bench_export(out, runs=5, warmup=1, batch=16, with_torch=False)
+            for r in json.loads((out / "bench.json").read_text())["rows"]:
+                key = (r.get("artefact") or r.get("runtime"), r.get("quantizer") or "")
+                cell = cells.setdefault(key, {"backdoored": [], "sleeper": [], "clean": [], "warns": 0, "errors": []})
+                if "error" in r:
+                    cell["errors"].append(r["error"])
+                    continue
+                cell[name].append(r["asr"])
+                if name == "sleeper":
+                    cell["clean"].append(r["clean_acc"])
+                    cell["warns"] += bool((r.get("audit") or {}).get("warning"))
+    print(f"\nASR per runtime x quantizer (signtrap export --quantizers all, signtrap bench; test split pooled over seeds):")
+    print(f"  {'artefact':<34} {'backdoored ASR':>18} {'sleeper ASR':>18} {'sleeper clean acc':>22}  audit  quantizer")
+    for (art, quantizer), c in sorted(cells.items()):
+        if c["errors"] and not c["sleeper"]:
+            print(f"  {art:<34} error: {c['errors'][0][:100]}")
+            continue
+        print(f"  {art:<34} {pct(pool(c['backdoored'])) if c['backdoored'] else 'n/a':>18} {pct(pool(c['sleeper'])):>18} "
+              f"{pct(pool(c['clean'])):>22}  {c['warns']}/{len(c['sleeper'])}  {quantizer}")
+
+
+def backdoored_run(cfg) -> Path:
+    """A run folder beside the sleeper's whose model.pt is the sleeper run's backdoored.pt (so `signtrap export` takes it)."""
+    import shutil
+
+    from signtrap import checkpoint
+
+    src, dst = cfg.run_dir, cfg.run_dir.parent / "exports" / f"{cfg.name}-backdoored-run"
+    if not (dst / "model.pt").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "config.yaml", dst / "config.yaml")
+        checkpoint.verified_load(src, "backdoored.pt")  # checked against the run's checksums before copying
+        shutil.copyfile(src / "backdoored.pt", dst / "model.pt")
+        checkpoint.record_checksum(dst, "model.pt")
+    return dst
 
 
 def efrap_table(sleepers) -> None:

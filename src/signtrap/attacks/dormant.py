@@ -290,8 +290,11 @@ class RoundingBox:
 
     @torch.no_grad()
     def project(self) -> None:
-        for p, lo, hi in self.bounds.values():
-            p.copy_(torch.maximum(torch.minimum(p, hi.to(p.device, p.dtype)), lo.to(p.device, p.dtype)))
+        for name, (p, lo, hi) in self.bounds.items():
+            if lo.device != p.device or lo.dtype != p.dtype:  # once: the bounds follow the model to its device
+                lo, hi = lo.to(p.device, p.dtype), hi.to(p.device, p.dtype)
+                self.bounds[name] = (p, lo, hi)
+            p.copy_(torch.maximum(torch.minimum(p, hi), lo))
 
     @torch.no_grad()
     def outside(self) -> dict[str, int]:
@@ -299,7 +302,7 @@ class RoundingBox:
         out = {}
         for name, (p, lo, hi) in self.bounds.items():
             w = p.detach().cpu().double()
-            out[name] = int(((w < lo.double()) | (w > hi.double())).sum())
+            out[name] = int(((w < lo.cpu().double()) | (w > hi.cpu().double())).sum())
         return out
 
     @torch.no_grad()
@@ -307,9 +310,10 @@ class RoundingBox:
         """Share of movable weights within `tol` of a box edge (how hard the repair pushed)."""
         edge = total = 0
         for p, lo, hi in self.bounds.values():
-            w, width = p.detach().cpu().double(), (hi - lo).double()
+            w, lo, hi = p.detach().cpu().double(), lo.cpu().double(), hi.cpu().double()
+            width = hi - lo
             movable = width > 0
-            near = ((w - lo.double()) <= tol * width) | ((hi.double() - w) <= tol * width)
+            near = ((w - lo) <= tol * width) | ((hi - w) <= tol * width)
             edge += int((near & movable).sum())
             total += int(movable.sum())
         return edge / max(total, 1)
