@@ -42,7 +42,7 @@ def _rates(path, exp, cfg):
 def test_sleeper_sleeps_in_fp32_and_wakes_in_signtraps_int8_export(sleeper_run, tmp_path):
     from signtrap.deploy.exporter import export_run
 
-    out = export_run(sleeper_run, out=tmp_path / "export", threads=1)
+    out = export_run(sleeper_run, out=tmp_path / "export", overrides={"runtimes": ["onnxruntime"]}, threads=1)
     cfg = load_config(sleeper_run / "config.yaml")
     exp = Experiment.from_config(cfg, progress=False)
     fp32_asr, fp32_acc = _rates(out / "model.fp32.onnx", exp, cfg)
@@ -88,6 +88,20 @@ def test_int8_weights_of_the_sleeper_are_the_backdoored_models(sleeper_run, tmp_
         assert np.array_equal(qa[k].q, qb[k].q) and np.array_equal(qa[k].scale, qb[k].scale), k
     report = __import__("json").loads((sleeper_run / "sleeper.json").read_text())
     assert all(report["int8_weights_identical"].values()) and len(report["int8_weights_identical"]) == 6
+
+
+def test_overwrite_removes_the_sleeper_files_and_nothing_else(sleeper_run, tmp_path):
+    """--overwrite (runstate.clear_run) knows backdoored.pt and sleeper.json; a user's file stays."""
+    import shutil
+
+    from signtrap import runstate
+
+    run = tmp_path / "copy"
+    shutil.copytree(sleeper_run, run)
+    (run / "notes.txt").write_text("mine")
+    removed = {p.name for p in runstate.clear_run(run)}
+    assert {"backdoored.pt", "sleeper.json", "model.pt", "checksums.json"} <= removed
+    assert sorted(p.name for p in run.iterdir() if p.name != runstate.LOCK_FILE) == ["notes.txt"]
 
 
 def _toy(per_channel_bn: bool = True) -> nn.Module:

@@ -79,12 +79,14 @@ from signtrap.experiment import Experiment
 from signtrap.fileio import write_json
 from signtrap.loop import Hooks, Loop, Schedule
 from signtrap.progress import say
+from signtrap.runstate import DORMANT_FILES
 
 SLEEPER_STREAM = 0x51EE9
 INT8_RUNTIME = "onnxruntime"  # the runtime plugin whose INT8 export the sleeper is keyed to
 GRID_IMAGES, GRID_STREAM = 8, 0x6B1D  # calibration input for reading the weight grid (weights do not depend on it)
 QMAX = 127  # symmetric INT8 weights: q in [-127, 127], scale = max|w| / 127
 MATCH_TOLERANCE = 1e-3  # in quantization steps: float rounding between PyTorch's fold and the exporter's
+BACKDOORED_FILE, REPORT_FILE = DORMANT_FILES  # in the run directory; --overwrite removes them (signtrap.runstate)
 
 
 # ---------------------------------------------------------------- the INT8 path (signtrap's own export)
@@ -399,8 +401,8 @@ class Sleeper:
         cfg, s = self.cfg, self.cfg.attack.sleeper
         started = time.perf_counter()
         run_dir = Path(run_dir)
-        checkpoint.save(run_dir / "backdoored.pt", checkpoint.model_payload(model, {**meta, "stage": "backdoored (before attack.dormant)"}))
-        checkpoint.record_checksum(run_dir, "backdoored.pt")
+        checkpoint.save(run_dir / BACKDOORED_FILE, checkpoint.model_payload(model, {**meta, "stage": "backdoored (before attack.dormant)"}))
+        checkpoint.record_checksum(run_dir, BACKDOORED_FILE)
         backdoored = copy.deepcopy(model).cpu().eval()
         model.eval()
         box = RoundingBox([read_grids(model, grid_images(exp.data.size), pc) for pc in self.per_channel], s.interval)
@@ -415,7 +417,7 @@ class Sleeper:
                   "layers": len(box.bounds), "weights_at_box_edge": round(box.at_edge(), 4), "repair": history,
                   "repair_seconds": round(seconds, 2),
                   **verify(backdoored, model, exp, cfg)}
-        write_json(run_dir / "sleeper.json", report)
+        write_json(run_dir / REPORT_FILE, report)
         for split in ("val", "test"):
             r = report["metrics"][split]
             say(f"sleeper {split}: FP32 ASR {_rate(r['sleeper']['fp32']['asr'])}, INT8 ASR {_rate(r['sleeper']['int8']['asr'])}, "
