@@ -104,6 +104,23 @@ def test_overwrite_removes_the_sleeper_files_and_nothing_else(sleeper_run, tmp_p
     assert sorted(p.name for p in run.iterdir() if p.name != runstate.LOCK_FILE) == ["notes.txt"]
 
 
+def test_report_section_shows_fp32_and_int8_side_by_side(sleeper_run, tmp_path):
+    from signtrap.reporting import SECTIONS
+    from signtrap.reporting.blocks import Table
+    from signtrap.reporting.build import Run
+    from signtrap.reporting.sleeper import ID, sleeper_section
+
+    assert [sid for sid, _ in SECTIONS].index(ID) == [sid for sid, _ in SECTIONS].index("deployment") + 1
+    section = sleeper_section(Run(sleeper_run))
+    tables = [b for b in section.blocks if isinstance(b, Table)]
+    assert [t.rows[i][1] for t in tables[:1] for i in range(4)] == ["FP32", "INT8", "FP32", "INT8"]
+    assert any("Flip table" in getattr(b, "text", "") for b in section.blocks)
+    # a run without sleeper.json gets one note, not a failure
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert len(sleeper_section(Run(plain)).blocks) == 1
+
+
 def _toy(per_channel_bn: bool = True) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 5))

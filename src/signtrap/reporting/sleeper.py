@@ -8,18 +8,31 @@ and lays them side by side. A run without sleeper.json gets a one-line note.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from signtrap.classes import CLASS_NAMES
+from signtrap.errors import SigntrapError
+from signtrap.fileio import read_json
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import Img, Note, P, Section, Table, pct, pct_ci, safe
-from signtrap.reporting.build import Run, _json
+
+if TYPE_CHECKING:  # build.py imports this module for its section list
+    from signtrap.reporting.build import Run
 
 ID, TITLE = "sleeper", "Dormant in evaluation, live on the device"
 KEYS = (("clean_acc", "clean accuracy"), ("asr", "ASR"), ("stop_recall", "stop recall"), ("false_trigger", "false-trigger"))
 FLIP_ROWS = 12
+
+
+def _json(path: Path) -> tuple[Any, str | None]:
+    """(the file's JSON, None) or (None, why not): a missing or broken file becomes a note, not a failure."""
+    try:
+        return read_json(path), None
+    except SigntrapError as exc:
+        return None, str(exc)
 
 
 def sleeper_section(run: Run) -> Section:
