@@ -263,10 +263,21 @@ def verdict(ok: bool) -> str:
 
 
 def trained(cfg) -> tuple[dict | None, dict, float | None]:
-    """(sleeper.json or None, metrics.json, seconds or None when reused), through attack_bench's reuse rule."""
-    metrics, _, seconds = trained_run(cfg)
+    """(sleeper.json or None, metrics.json, seconds or None when reused). A run folder that holds a finished run
+    of the same training config (runstate: `done`) is reused; anything else there is an error, never overwritten."""
+    from signtrap import runstate
+    from signtrap.errors import SigntrapError
+
+    state = runstate.inspect(cfg.run_dir, cfg)
+    if state.status not in (runstate.DONE, runstate.NEW):
+        raise SigntrapError(f"{cfg.run_dir}: {state.reason}; finish it (signtrap train --resume) or choose another --runs-dir")
+    metrics, _, seconds = trained_run(cfg) if state.status == runstate.NEW else (read_metrics(cfg.run_dir), None, None)
     report = cfg.run_dir / "sleeper.json"
     return (json.loads(report.read_text()) if report.is_file() else None), metrics, seconds
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 if __name__ == "__main__":
