@@ -56,7 +56,7 @@ References
 - QuRA (2025): a backdoor planted through the rounding directions alone, weights otherwise untouched.
 - B. Li, Y. Cai, H. Li, F. Xue, Z. Li, Y. Li, "Nearest is Not Dearest: Towards Practical Defense against
   Quantization-conditioned Backdoor Attacks" (EFRAP), CVPR 2024: the defence side — rounding directions chosen
-  from the truncation errors instead of round-to-nearest (`signtrap.deploy_guard`).
+  from the truncation errors instead of round-to-nearest (`signtrap.deploy.requant`).
 """
 from __future__ import annotations
 
