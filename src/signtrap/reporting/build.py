@@ -23,6 +23,7 @@ from signtrap.experiment import Experiment, load_run_config
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
 from signtrap.reporting.render import render_html, render_markdown
+from signtrap.reporting.sleeper import ID as SLEEPER_ID, TITLE as SLEEPER_TITLE, sleeper_section
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -33,6 +34,7 @@ SECTIONS = (
     ("evaluation", "Evaluation: confusion matrix and per-class accuracy"),
     ("defences", "Defences: does the backdoor persist?"),
     ("deployment", "Deployment: runtime x precision"),
+    (SLEEPER_ID, SLEEPER_TITLE),
     ("provenance", "Provenance"),
 )
 
@@ -427,7 +429,7 @@ def _file_hashes(run: Run, stages: dict) -> list[list]:
 
 
 BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section,
-            deployment_section, provenance_section)
+            deployment_section, sleeper_section, provenance_section)
 
 
 def collect_sections(run_dir: Path) -> list[Section]:
