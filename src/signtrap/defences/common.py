@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from signtrap.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
 from signtrap.experiment import EvalSet, predict
@@ -182,8 +183,9 @@ SELECT_STREAM = 0x5E1EC7
 SWEEPS = ("until-kept", "full")
 SELECTION_RULE = ("split the clean budget by whole tracks, drawn at random, into a fit part and a held-out part "
                   "({holdout:.0%} of the tracks); run the defence on the fit part at each {knob} of the grid, strongest "
-                  "first; keep the strongest {knob} whose held-out clean accuracy is at most {tolerance:.1%} below the "
-                  "unrepaired model's (no test image, ASR or trigger enters the choice)")
+                  "first; keep the strongest {knob} whose clean accuracy on {views} augmented views of every held-out "
+                  "image is at most {tolerance:.1%} below the unrepaired model's (no test image, ASR or trigger enters "
+                  "the choice)")
 
 
 @dataclass
@@ -201,6 +203,7 @@ class TunedSettings(TrainSettings):
     grid: list[float] = field(default_factory=list)  # candidate knob values, weakest first
     holdout: float = 1 / 3  # share of the budget's tracks held out to score the candidates
     tolerance: float = 0.01  # allowed drop of held-out clean accuracy below the unrepaired model's
+    views: int = 4  # augmented views of each held-out image scored (the run's aug magnitudes); 0: the images as they are
     sweep: str = "until-kept"  # until-kept: stop at the first (strongest) value that keeps the model; full: try all
 
     def check(self, key: str) -> None:
@@ -213,10 +216,11 @@ class TunedSettings(TrainSettings):
                 f"needs at least one value (or fix {key}.{self.KNOB})")
         require(0.0 < self.holdout < 1.0, f"{key}.holdout", f"{self.holdout} is outside (0, 1)")
         require(0.0 <= self.tolerance < 1.0, f"{key}.tolerance", f"{self.tolerance} is outside [0, 1)")
+        require(0 <= self.views <= 64, f"{key}.views", f"{self.views} is outside 0..64")
         require(self.sweep in SWEEPS, f"{key}.sweep", f"'{self.sweep}' is not one of {', '.join(SWEEPS)}")
 
     def rule(self) -> str:
-        return SELECTION_RULE.format(holdout=self.holdout, knob=self.KNOB, tolerance=self.tolerance)
+        return SELECTION_RULE.format(holdout=self.holdout, knob=self.KNOB, tolerance=self.tolerance, views=self.views)
 
 
 @dataclass
@@ -247,6 +251,19 @@ def split_budget(clean: CleanData, holdout: float, seed: int) -> tuple[CleanData
     return clean.subset(~held), clean.subset(held)
 
 
+def held_out_views(held: CleanData, aug: AugConfig, views: int, seed: int) -> CleanData:
+    """`views` seeded augmented copies of every held-out image (the run's aug magnitudes, switched on).
+
+    The budget comes from the training split, so the model has memorised these very images: as they are,
+    they hide the forgetting that costs accuracy on new images; under augmentation they show it.
+    """
+    if views == 0:
+        return held
+    images = [augment_batch(held.images, build_augmentation(dataclasses.replace(aug, enabled=True), seed=seed * 1000 + v))
+              for v in range(views)]
+    return CleanData(np.concatenate(images), np.tile(held.labels, views), None, np.tile(held.track_ids, views))
+
+
 def accuracy_on(model: nn.Module, data: CleanData, ctx: DefenceContext) -> tuple[float, int]:
     """(clean accuracy, correct count) of `model` on the defender's images."""
     correct = int((predict(model, data.images, ctx.device, ctx.eval_batch_size) == data.labels).sum())
@@ -271,7 +288,8 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
                                       "rule": f"{key}.{knob}={fixed:g} fixed by the config: no selection, the whole budget used"}
         return result
     fit_part, held = split_budget(clean, settings.holdout, ctx.seed)
-    base, base_k = accuracy_on(model, held, ctx)
+    scored = held_out_views(held, ctx.aug, settings.views, ctx.seed)
+    base, base_k = accuracy_on(model, scored, ctx)
     rows = [{"knob": knob, "value": None, "candidate": "unrepaired", "heldout_clean_acc": round(base, 5),
              "heldout_drop": 0.0, "tolerance": settings.tolerance, "kept": None, "chosen": None, "seconds": 0.0,
              **ctx.measure(model)}]
@@ -281,7 +299,7 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
     for value in reversed(settings.grid):  # strongest first
         start = time.perf_counter()
         result = repair(copy.deepcopy(model), value)
-        acc, k = accuracy_on(result.model, held, ctx)
+        acc, k = accuracy_on(result.model, scored, ctx)
         kept = base - acc <= settings.tolerance + 1e-12
         rows.append({"knob": knob, "value": value, "candidate": f"{knob}={value:g}", "heldout_clean_acc": round(acc, 5),
                      "heldout_drop": round(base - acc, 5), "kept": kept, "chosen": False,
@@ -300,7 +318,7 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
         "knob": knob, "value": value, "fixed": False, "within_tolerance": within, "rule": settings.rule(),
         "grid": list(settings.grid), "tried": [r["value"] for r in rows[1:]], "tolerance": settings.tolerance,
         "fit_images": len(fit_part), "fit_tracks": int(len(np.unique(fit_part.track_ids))),
-        "heldout_images": len(held), "heldout_tracks": int(len(np.unique(held.track_ids))),
+        "heldout_images": len(held), "heldout_tracks": int(len(np.unique(held.track_ids))), "heldout_views": settings.views,
         "heldout_classes_unseen_by_fit": int(len(np.setdiff1d(np.unique(held.labels), np.unique(fit_part.labels)))),
         "heldout_acc_unrepaired": round(base, 5), "heldout_correct_unrepaired": base_k,
         "heldout_acc_chosen": next(r["heldout_clean_acc"] for r in rows[1:] if r["chosen"])}

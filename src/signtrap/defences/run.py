@@ -214,4 +214,5 @@ def selection_line(report: dict) -> str | None:
     tried = ", ".join(f"{v:g}" for v in sel.get("tried", []))
     return (f"{report['method']}: {sel['knob']}={sel['value']:g} chosen by the held-out rule{kept}; tried {tried}; held-out "
             f"clean accuracy {100 * sel['heldout_acc_chosen']:.1f}% vs {100 * sel['heldout_acc_unrepaired']:.1f}% unrepaired "
-            f"({sel['heldout_images']} images, {sel['heldout_tracks']} tracks; tolerance {100 * sel['tolerance']:.1f} pt)")
+            f"({sel['heldout_images']} images of {sel['heldout_tracks']} tracks, {sel.get('heldout_views', 0)} augmented views each; "
+            f"tolerance {100 * sel['tolerance']:.1f} pt)")
