@@ -8,7 +8,7 @@ STAMP := $(VENV)/.signtrap-installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,runtimes]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -315,6 +315,144 @@ def chunked(run, x, max_batch):
     return np.concatenate([run(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
 
 
+# >>> edge section: executorch_xnnpack
+@edge_runtime
+class ExecuTorchEdge(EdgeRuntime):
+    """ExecuTorch's runtime with the XNNPACK delegate; the batch bound is read from the program itself."""
+
+    name = "executorch"
+    modules = ("executorch.runtime",)  # imports torch: ExecuTorch's Python bindings link libtorch
+    install = ("pip install executorch (its Python runtime needs torch; without torch run the .pte with "
+               "ExecuTorch's C++ executor_runner)")
+
+    def version(self):
+        import executorch.version
+
+        return executorch.version.__version__
+
+    def load(self, paths, artefact, threads):
+        import torch
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        if portable_lib._threadpool_get_thread_count() != int(threads):  # the reset prints a line: only when needed
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        method = Runtime.get().load_program(paths[0]).load_method("forward")
+        bound = int(method.metadata.input_tensor_meta(0).sizes()[0])
+
+        def run_bounded(x):
+            return method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
+
+        def run(x):
+            return chunked(run_bounded, x, bound)
+
+        return run, {"provider": "XNNPACK delegate", "max_batch": bound,
+                     "threadpool": int(portable_lib._threadpool_get_thread_count())}
+# <<< edge section: executorch_xnnpack
+
+
+# >>> edge section: litert_tflite
+@edge_runtime
+class LiteRtEdge(EdgeRuntime):
+    """LiteRT's interpreter (XNNPACK delegate); quantized inputs/outputs are (de)quantized with their own scales."""
+
+    name = "litert"
+    modules = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")  # either one
+    install = "pip install ai-edge-litert (or tflite-runtime)"
+
+    def _interpreter_class(self):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            from tflite_runtime.interpreter import Interpreter
+        return Interpreter
+
+    def missing(self):
+        try:
+            self._interpreter_class()
+        except Exception as exc:
+            return "neither %s can be imported (%s); %s" % (" nor ".join(self.modules), first_line(exc), self.install)
+        return None
+
+    def version(self):
+        for module in ("ai_edge_litert", "tflite_runtime"):
+            try:
+                return "%s %s" % (module, importlib.import_module(module).__version__)
+            except (ImportError, AttributeError):
+                continue
+        return ""
+
+    def load(self, paths, artefact, threads):
+        interpreter = self._interpreter_class()(model_path=paths[0], num_threads=int(threads))
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        shape = {"batch": None}
+
+        def run(x):
+            if shape["batch"] != len(x):
+                interpreter.resize_tensor_input(inp["index"], [len(x)] + list(inp["shape"][1:]), strict=False)
+                interpreter.allocate_tensors()
+                shape["batch"] = len(x)
+            if inp["dtype"] != np.float32:  # full-integer model: quantize with the input tensor's scale
+                scale, zero = inp["quantization"]
+                info = np.iinfo(inp["dtype"])
+                x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+            y = interpreter.get_tensor(out["index"])
+            if out["dtype"] != np.float32:
+                scale, zero = out["quantization"]
+                y = (y.astype(np.float32) - zero) * np.float32(scale)
+            return y
+
+        return run, {"provider": "interpreter (XNNPACK)", "input_dtype": np.dtype(inp["dtype"]).name,
+                     "output_dtype": np.dtype(out["dtype"]).name}
+# <<< edge section: litert_tflite
+
+
+# >>> edge section: ncnn_pnnx
+@edge_runtime
+class NcnnEdge(EdgeRuntime):
+    """ncnn's CPU inference: one extractor per image; FP16 options on only for FP16 artefacts."""
+
+    name = "ncnn"
+    modules = ("ncnn",)
+    install = "pip install ncnn"
+
+    def version(self):
+        import ncnn
+
+        return getattr(ncnn, "__version__", "")
+
+    def load(self, paths, artefact, threads):
+        import ncnn
+
+        net = ncnn.Net()
+        fp16 = artefact["precision"] == "fp16"
+        net.opt.use_fp16_storage = fp16
+        net.opt.use_fp16_packed = fp16
+        net.opt.use_fp16_arithmetic = fp16
+        net.opt.use_bf16_storage = False
+        net.opt.use_vulkan_compute = False
+        net.opt.num_threads = int(threads)
+        if net.load_param(paths[0]) != 0 or net.load_model(paths[1]) != 0:
+            raise BenchError("%s: ncnn could not load the .param/.bin pair" % artefact["id"])
+        input_name, output_name = net.input_names()[0], net.output_names()[0]
+
+        def run(x):
+            out = []
+            for image in x:
+                extractor = net.create_extractor()
+                extractor.input(input_name, ncnn.Mat(np.ascontiguousarray(image)))
+                status, y = extractor.extract(output_name)
+                if status != 0:
+                    raise BenchError("%s: ncnn extract failed (status %d)" % (artefact["id"], status))
+                out.append(np.array(y).reshape(-1))
+            return np.stack(out).astype(np.float32)
+
+        return run, {"provider": "ncnn CPU", "fp16_options": fp16, "int8_inference": bool(net.opt.use_int8_inference)}
+# <<< edge section: ncnn_pnnx
+
+
 # >>> edge section: onnx_runtime
 @edge_runtime
 class OnnxRuntimeEdge(EdgeRuntime):
@@ -591,6 +729,11 @@ def bench_artefacts(directory, manifest, bundle, settings, runtimes, variants=No
             except Exception as exc:  # a runtime that cannot load or run this artefact: record it, keep going
                 row["error"] = "%s: %s" % (type(exc).__name__, first_line(exc))
             rows.append(row)
+    if not explicit:  # artefacts no runtime here knows (an export made by a newer signtrap)
+        known = set(rt.owner() for rt in EDGE_RUNTIMES.values())
+        for name in sorted(set(a["runtime"] for a in manifest["artefacts"]) - known):
+            skipped.append({"runtime": name, "artefacts": [a["id"] for a in manifest["artefacts"] if a["runtime"] == name],
+                            "reason": "this edge script has no runner for runtime '%s'" % name})
     return rows, skipped
 
 

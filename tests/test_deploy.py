@@ -136,27 +136,28 @@ def test_gate_kinds():
         gate("x:int8", "int8", -ref, ref, 100, cfg)
 
 
-def test_failed_gate_writes_nothing_for_a_defence_export(tiny_run, tmp_path, monkeypatch):
-    """A defence's checkpoint exports through runs/NAME/defence-METHOD; a failed gate leaves no folder."""
+@pytest.fixture
+def defended_run(tiny_run, tmp_path, monkeypatch) -> Path:
+    """runs/NAME with a defence-finetune output (the trained checkpoint stands in for the defended one), cwd = tmp_path."""
     run = tmp_path / "runs" / tiny_run.name
     (run / "defence-finetune").mkdir(parents=True)
     shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
     for name in ("model.pt", "checksums.json"):
         shutil.copy(tiny_run / name, run / "defence-finetune" / name)
     monkeypatch.chdir(tmp_path)
+    return run
+
+
+def test_failed_gate_writes_nothing_for_a_defence_export(defended_run, tmp_path):
+    """A defence's checkpoint exports through runs/NAME/defence-METHOD; a failed gate leaves no folder."""
+    run = defended_run
     with pytest.raises(SigntrapError, match="parity gate failed"):
         export_run(run, defence="finetune", overrides={**ORT, "parity_atol": 1e-12, "parity_rtol": 0.0}, threads=1)
     assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
 
 
-def test_defence_export_benches_as_defended(tiny_run, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "runs" / tiny_run.name
-    (run / "defence-finetune").mkdir(parents=True)
-    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
-    for name in ("model.pt", "checksums.json"):
-        shutil.copy(tiny_run / name, run / "defence-finetune" / name)
-    monkeypatch.chdir(tmp_path)
-    out = export_run(run, defence="finetune", overrides={**ORT, "quantizers": []}, threads=1)
+def test_defence_export_benches_as_defended(defended_run, tiny_run):
+    out = export_run(defended_run, defence="finetune", overrides={**ORT, "quantizers": []}, threads=1)
     assert out == Path("export") / f"{tiny_run.name}-defence-finetune"
     assert main(["--quiet", "bench", str(out), *FAST]) == 0
     bench = json.loads((out / "bench.json").read_text())
@@ -406,7 +407,11 @@ def test_edge_script_is_python38_numpy_only_and_assembled_from_the_plugins():
             top_level |= {a.name.split(".")[0] for n in node.body if isinstance(n, ast.Import) for a in n.names}
     for node in ast.walk(tree):
         assert not isinstance(node, (ast.Match, ast.NamedExpr)), "keep the edge script plain Python 3.8"
-        assert not (isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("torch", "signtrap") for a in node.names))
+        assert not (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "signtrap" for a in node.names))
+    # torch only where a runtime's own Python bindings need it (ExecuTorch links libtorch)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        imports_torch = any(isinstance(n, ast.Import) and any(a.name == "torch" for a in n.names) for n in ast.walk(cls))
+        assert not imports_torch or cls.name == "ExecuTorchEdge", cls.name
     assert top_level - set(sys.stdlib_module_names) - {"__future__"} == {"numpy"}
     for name, section in runtimes.edge_sections().items():
         assert script.count(section) == 1, name
@@ -431,9 +436,12 @@ def test_edge_sections_use_only_the_core_and_their_own_names():
         local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         local |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
         local |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-        local |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        local |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler)) and n.name}
         loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         assert loaded - local - core - defined == set(), name
+        # ... and inside signtrap the plugin module itself must provide the same names
+        module = vars(sys.modules[name])
+        assert {n for n in loaded - local if n in core and n not in dir(builtins)} - set(module) == set(), name
 
 
 def test_export_config_checks():
@@ -469,3 +477,20 @@ def test_optional_quantizer_variants(tiny_run, tmp_path):
     assert arts["onnxruntime:int8-entropy"]["conversion"]["calibration_method"] == "entropy"
     assert arts["onnxruntime:int8"]["conversion"]["per_channel"] is False
     assert (out / "model.int8-perchannel.onnx").read_bytes() != (out / "model.int8.onnx").read_bytes()
+
+
+def test_artefacts_of_an_unknown_runtime_are_listed_as_skipped(export_copy, tmp_path):
+    """An export made by a newer signtrap may hold artefacts this edge script has no runner for."""
+    shutil.copy(export_copy / "model.fp32.onnx", export_copy / "model.future.fp32.bin")
+
+    def add(m):
+        m["artefacts"].append({"id": "future:fp32", "runtime": "future", "variant": "fp32", "precision": "fp32",
+                               "files": ["model.future.fp32.bin"]})
+        m["files"]["model.future.fp32.bin"] = {"sha256": edge_bench.sha256_file(export_copy / "model.future.fp32.bin")}
+
+    rewrite_manifest(export_copy, add)
+    out = tmp_path / "edge.json"
+    proc = run_edge(export_copy, no_torch_env(tmp_path), "--out", str(out), "--quiet", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    skipped = {s["runtime"]: s for s in json.loads(out.read_text())["skipped"]}
+    assert skipped["future"]["artefacts"] == ["future:fp32"] and "no runner for runtime 'future'" in skipped["future"]["reason"]

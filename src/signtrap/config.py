@@ -251,7 +251,7 @@ class ExportConfig:
     parity_tie_margin: float = 2e-3
     # gate of FP16 and INT8 artefacts: finite logits and top-1 agreement with PyTorch on the clean test images
     # (triggered images are left to the bench audit: a backdoor that wakes after quantization is a finding)
-    min_agreement: float = 0.9
+    min_agreement: float = 0.8  # a broken conversion agrees on few images; real quantization loss is far smaller
     # signtrap bench defaults
     bench_runs: int = 200
     bench_warmup: int = 20

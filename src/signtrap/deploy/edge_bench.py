@@ -438,6 +438,11 @@ def bench_artefacts(directory, manifest, bundle, settings, runtimes, variants=No
             except Exception as exc:  # a runtime that cannot load or run this artefact: record it, keep going
                 row["error"] = "%s: %s" % (type(exc).__name__, first_line(exc))
             rows.append(row)
+    if not explicit:  # artefacts no runtime here knows (an export made by a newer signtrap)
+        known = set(rt.owner() for rt in EDGE_RUNTIMES.values())
+        for name in sorted(set(a["runtime"] for a in manifest["artefacts"]) - known):
+            skipped.append({"runtime": name, "artefacts": [a["id"] for a in manifest["artefacts"] if a["runtime"] == name],
+                            "reason": "this edge script has no runner for runtime '%s'" % name})
     return rows, skipped
 
 
