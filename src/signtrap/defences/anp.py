@@ -120,8 +120,10 @@ def anp(model: nn.Module, clean: CleanData, s: ANPSettings, ctx: DefenceContext)
     """Train neuron masks against adversarial neuron perturbations on clean data, then prune by mask.
 
     The masks are trained through the one loop (the masks are its only parameters; the loss hook runs the
-    perturbation's ascent step; after each step the masks are clipped to [0, 1]), with BatchNorm statistics
-    frozen. Selection rule (main knob: the pruning threshold, `grid` 0.05..0.9): the budget is split by
+    perturbation's ascent step; after each step the masks are clipped to [0, 1]); BatchNorm normalises with
+    each batch's statistics as in the paper's code (the next layer's normalisation absorbs a perturbation's
+    overall scale, so perturbations do not compound through a plain chain of layers), its running statistics
+    left unchanged. Selection rule (main knob: the pruning threshold, `grid` 0.05..0.9): the budget is split by
     whole tracks, drawn at random, into a fit part (the masks are trained on it) and a held-out third; every
     threshold is tried and the largest one whose held-out clean accuracy is at most `tolerance` (1 point)
     below the backdoored model's is kept. (The paper's code keeps the threshold with the lowest test ASR
@@ -133,6 +135,9 @@ def anp(model: nn.Module, clean: CleanData, s: ANPSettings, ctx: DefenceContext)
         work = copy.deepcopy(model).to(ctx.device)
         for p in work.parameters():
             p.requires_grad_(False)
+        for m in work.modules():  # normalise with each batch's statistics, as the paper's code, but keep the running ones
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
         nm = NeuronMasks(work)
 
         def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,7 @@ def anp(model: nn.Module, clean: CleanData, s: ANPSettings, ctx: DefenceContext)
 
         schedule = Schedule(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, optimizer="sgd", momentum=0.9,
                             weight_decay=s.weight_decay, lr_key="defend.anp.lr")
-        curve = fit(work, data, ctx, method="anp", schedule=schedule, augment=s.augment, frozen_bn=True, params=nm.masks,
+        curve = fit(work, data, ctx, method="anp", schedule=schedule, augment=s.augment, params=nm.masks,
                     hooks=Hooks(loss=loss_fn, after_step=nm.clip), measure_every=max(1, s.epochs // 8))
         masks = nm.values()
         nm.remove()
