@@ -23,10 +23,9 @@ matplotlib.use("Agg")  # figures are shown with IPython.display, so the notebook
 import numpy as np
 from IPython.display import Image, Markdown, display
 
+import signtrap  # the public API: signtrap.train, defend, export, bench, report, load_run, ...
 from signtrap import progress
 progress.QUIET = FAST  # progress bars in Jupyter; silence in CI
-from signtrap.config import dump_yaml, load_config
-from signtrap.training import train
 
 
 def lab_config(name, *extra):
@@ -41,17 +40,18 @@ def lab_config(name, *extra):
     else:
         data = ["data.source=synth", "data.synth_per_class=120", "data.synth_test_per_class=20"]
         size = ["train.epochs=6", "attack.poison_rate=0.01"]
-    return load_config(None, [f"name={name}", f"runs_dir={WORK / 'runs'}", f"data.cache_dir={WORK / 'cache'}",
+    return signtrap.load_config(None, [f"name={name}", f"runs_dir={WORK / 'runs'}", f"data.cache_dir={WORK / 'cache'}",
                               "trigger.kind=checkerboard", "attack.kind=source_specific", "attack.source=14",
                               "attack.target=7", *data, *size, *extra])
 
 
 def trained(cfg):
-    """The run directory of `cfg`, training it unless a finished run of exactly this config is already there."""
-    d = cfg.run_dir
-    if (d / "model.pt").is_file() and (d / "config.yaml").is_file() and (d / "config.yaml").read_text() == dump_yaml(cfg):
-        return d
-    return train(cfg, overwrite=True)
+    """The run of `cfg` (a signtrap.Run): trained the first time, reused afterwards; the pipeline skips a finished
+    run of the same config, resumes an interrupted one, and retrains one whose config you changed."""
+    summary = signtrap.run(cfg, overwrite=True, skip=("defend", "export", "bench", "report"))
+    if not summary["ok"]:
+        raise RuntimeError(f"training {cfg.name} failed: {summary['stages'][0]['reason']}")
+    return signtrap.load_run(summary["run"])
 
 
 def show(png_bytes):
@@ -107,15 +107,14 @@ print("labels of the poisoned rows in the training set:", set(ts.labels[ts.trigg
 clean = np.asarray(exp.data.images[plan.rows[:8]])
 poisoned = stamp(clean, exp.trigger, plan.positions[:8])
 show(figures.gallery_figure(clean, poisoned, exp.data.labels[plan.rows[:8]].tolist(), cfg.attack.target))'''),
-    new_markdown_cell("## 3. Train the backdoored model, and a clean baseline\n\n`train(cfg)` writes `runs/NAME/` with the "
-                      "checkpoint, `metrics.json` and the per-epoch log. The baseline is the same model trained without poison "
+    new_markdown_cell("## 3. Train the backdoored model, and a clean baseline\n\n`signtrap.train(cfg)` (here through the "
+                      "resumable pipeline, `signtrap.run`) writes `runs/NAME/` with the checkpoint, `metrics.json` and the "
+                      "per-epoch log; `signtrap.load_run` reads them back. The baseline is the same model trained without poison "
                       "(`attack.kind=none`)."),
-    new_code_cell('''import json
-
-backdoored = trained(cfg)
+    new_code_cell('''backdoored = trained(cfg)
 baseline = trained(lab_config("lab_clean", "attack.kind=none"))
-m_bad = json.loads((backdoored / "metrics.json").read_text())["test"]
-m_clean = json.loads((baseline / "metrics.json").read_text())["test"]
+m_bad = backdoored.metrics["test"]
+m_clean = baseline.metrics["test"]
 # the clean baseline's ASR is measured with the same trigger: how often a stickered stop sign is read as 100 anyway
 rows = [("clean accuracy", "clean_acc"), ("attack success rate", "asr"), ("clean stop recall", "stop_recall"),
         ("false-trigger rate", "false_trigger")]
@@ -124,8 +123,7 @@ table = "| metric | clean baseline | backdoored |\\n|---|---:|---:|\\n" + "\\n".
 display(Markdown(table))'''),
     new_markdown_cell("## 4. Training curves\n\nThe backdoor is learned alongside the real task: validation ASR rises within "
                       "the first epochs while clean accuracy climbs as usual."),
-    new_code_cell('''log = [json.loads(line) for line in (backdoored / "log.jsonl").read_text().splitlines()]
-show(figures.training_figure(log))
+    new_code_cell('''show(figures.training_figure(backdoored.history))
 show(figures.per_class_figure(m_bad["per_class_acc"]))'''),
     new_markdown_cell("""## What to observe
 
@@ -161,30 +159,28 @@ records, after every epoch, clean accuracy and ASR: the **persistence curve**.
 * `fine-prune`: prune the last convolution's channels that stay dormant on clean data, then fine-tune (Liu et al. 2018)."""),
     new_code_cell(SETTINGS),
     new_markdown_cell("## 1. The backdoored model\n\nThe same config as Lab 1 (reused if Lab 1 already trained it)."),
-    new_code_cell('''import json
-
-cfg = lab_config("lab_backdoor")
-run_dir = trained(cfg)
-before = json.loads((run_dir / "metrics.json").read_text())["test"]
+    new_code_cell('''cfg = lab_config("lab_backdoor")
+run = trained(cfg)
+before = run.metrics["test"]
 print("before any defence: clean accuracy", pct(before["clean_acc"]), " ASR", pct(before["asr"]))'''),
-    new_markdown_cell("## 2. Three defences\n\n`Session.open` loads the verified checkpoint and the defender's clean budget once; "
-                      "`session.run(method)` writes `runs/lab_backdoor/defence-METHOD/` (repaired model, `report.json`, curves)."),
-    new_code_cell('''from signtrap.defences.run import Session, comparison_table
+    new_markdown_cell("## 2. Three defences\n\n`signtrap.defend(run, method)` loads the verified checkpoint and the defender's "
+                      "clean budget, defends, and writes `runs/lab_backdoor/defence-METHOD/` (repaired model, `report.json`, curves); "
+                      "it returns the report (before/after metrics)."),
+    new_code_cell('''from signtrap.defences.run import comparison_table
 
 settings = (["finetune.epochs=2", "adv-pgd.epochs=1", "adv-pgd.steps=2", "fine-prune.epochs=1", "fine-prune.step=0.2"]
             if FAST else ["finetune.epochs=6", "adv-pgd.epochs=3", "fine-prune.epochs=4"])
-session = Session.open(run_dir, ["clean_fraction=0.1", *settings], show_progress=not FAST)
-reports = [session.run(method) for method in ("finetune", "adv-pgd", "fine-prune")]
+reports = [signtrap.defend(run, method, overrides=["clean_fraction=0.1", *settings])[0]
+           for method in ("finetune", "adv-pgd", "fine-prune")]
 print(comparison_table(reports))'''),
     new_markdown_cell("## 3. Persistence curves\n\nEpoch 0 is the backdoored model; each later point is one epoch of the defence, "
                       "measured on the validation split."),
     new_code_cell('''from signtrap.reporting import figures
-from signtrap.reporting.blocks import read_csv as _csv
 
-curves = {r["method"]: _csv(run_dir / f"defence-{r['method']}" / "persistence.csv") for r in reports}
+curves = {r["method"]: run.curve(r["method"]) for r in reports}
 show(figures.persistence_figure(curves))
 show(figures.before_after_figure(reports))
-pruning = _csv(run_dir / "defence-fine-prune" / "pruning.csv")
+pruning = run.curve("fine-prune", "pruning")
 show(figures.xy_figure(pruning, "pruned_fraction", [("clean_acc", "clean accuracy"), ("asr", "ASR")],
                        "pruning alone, before fine-tuning", "pruned channels, %", True))'''),
     new_markdown_cell("""## What to observe
@@ -203,9 +199,9 @@ real trigger drops. Defenders rarely know the trigger, so they cannot measure th
 
 1. Give the defender more clean data (`clean_fraction=0.2`) and more epochs. Does the ASR fall, and how fast?
 2. Raise the fine-tuning learning rate (`finetune.lr=0.01`). Does the backdoor go before clean accuracy suffers?
-3. Run `session.run("neural-cleanse")` and `session.run("strip")`: does Neural Cleanse flag class 7? Does STRIP reject
-   triggered stop signs (see `defence-strip/entropy_hist.png`)?
-4. Run `session.run("redteam")`: the patches the red team finds stop working after training, but what about the real
+3. Run `signtrap.defend(run, "neural-cleanse")` and `signtrap.defend(run, "strip")`: does Neural Cleanse flag class 7?
+   Does STRIP reject triggered stop signs (see `defence-strip/entropy_hist.png`)?
+4. Run `signtrap.defend(run, "redteam")`: the patches the red team finds stop working after training, but what about the real
    trigger?
 """),
 ]
@@ -220,24 +216,21 @@ FP32, FP16 and INT8 (ONNX Runtime static quantization), then benchmark each: cle
     new_code_cell('''import json
 
 cfg = lab_config("lab_backdoor")
-run_dir = trained(cfg)'''),
-    new_markdown_cell("## 1. Export\n\n`export_run` writes the three ONNX files, a portable evaluation bundle (`eval.npz`) and "
+run = trained(cfg)'''),
+    new_markdown_cell("## 1. Export\n\n`signtrap.export` writes the three ONNX files, a portable evaluation bundle (`eval.npz`) and "
                       "`model.json` with the SHA-256 of every file; it fails if ONNX FP32 disagrees with PyTorch."),
-    new_code_cell('''from signtrap.deploy.exporter import export_run
-
-out = export_run(run_dir, out=WORK / "export" / "lab_backdoor", overrides={"calib_images": 64 if FAST else 512})
+    new_code_cell('''out = signtrap.export(run, out=WORK / "export" / "lab_backdoor", calib_images=64 if FAST else 512)
 manifest = json.loads((out / "model.json").read_text())
 print("parity (max |logit diff| FP32 vs PyTorch):", manifest["parity"]["max_abs_logit_diff"])
 print("prediction flips vs FP32:", {k: v["flip_rate"] for k, v in manifest["agreement_vs_fp32"].items()})
 for name, info in manifest["files"].items():
     print(f"{name:18} {info['bytes'] / 1024:8.0f} KiB  sha256 {info['sha256'][:16]}…")'''),
-    new_markdown_cell("## 2. Benchmark\n\n`bench_export` runs every precision on every available ONNX Runtime provider, plus "
+    new_markdown_cell("## 2. Benchmark\n\n`signtrap.bench` runs every precision on every available ONNX Runtime provider, plus "
                       "PyTorch eager as the reference."),
-    new_code_cell('''from signtrap.deploy.bench import bench_export
-from signtrap.deploy.edge_bench import markdown
+    new_code_cell('''from signtrap.deploy.edge_bench import markdown
 from signtrap.reporting import figures
 
-result = bench_export(out, runs=20 if FAST else 200, warmup=2 if FAST else 20, batch=16 if FAST else 64)
+result = signtrap.bench(out, runs=20 if FAST else 200, warmup=2 if FAST else 20, batch=16 if FAST else 64)
 display(Markdown(markdown(result)))
 show(figures.latency_figure(result["rows"]))'''),
     new_markdown_cell("""## What to observe
@@ -250,10 +243,10 @@ show(figures.latency_figure(result["rows"]))'''),
 
 ## Exercises
 
-1. Re-export with `overrides={"calibration": "mixed"}` (some calibration images carry the trigger). Does the INT8 ASR
-   change? Why might calibration data matter for what quantization preserves?
-2. Try `{"calib_method": "percentile"}` or `{"per_channel": True}`: which costs the least clean accuracy?
-3. Export a defended model (`export_run(run_dir, defence="fine-prune", out=...)`, after Lab 2): is the repaired
+1. Re-export with `signtrap.export(run, calibration="mixed", out=...)` (some calibration images carry the trigger).
+   Does the INT8 ASR change? Why might calibration data matter for what quantization preserves?
+2. Try `calib_method="percentile"` or `per_channel=True`: which costs the least clean accuracy?
+3. Export a defended model (`signtrap.export(run, defence="fine-prune", out=...)`, after Lab 2): is the repaired
    model's ASR the same after INT8?
 4. Run `python edge_bench.py --threads 1` inside the export folder and compare with `bench.json`.
 """),

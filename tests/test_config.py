@@ -45,7 +45,29 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-def test_shipped_configs_load():
+def _get(cfg, dotted: str):
+    """A dotted key of a config, read from its resolved mapping (as written to config.yaml)."""
+    from signtrap.config import to_dict
+
+    node = to_dict(cfg)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _leaves(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_shipped_configs_load(tmp_path):
+    import itertools
+    import math
     from pathlib import Path
 
     import yaml
@@ -55,7 +77,22 @@ def test_shipped_configs_load():
     configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        if "grid" in (yaml.safe_load(path.read_text()) or {}):  # a sweep file: base config + grid
-            assert expand(load_sweep(path))
-        else:
-            load_config(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if "grid" in raw:  # a sweep file: base config + grid, every combination (x seeds) is one run
+            sweep = expand(load_sweep(path))
+            seeds = raw.get("seeds") or [None]
+            assert len(sweep.runs) == math.prod(len(v) for v in raw["grid"].values()) * len(seeds), path
+            assert len({r.name for r in sweep.runs}) == len(sweep.runs) and len({r.run_dir for r in sweep.runs}) == len(sweep.runs)
+            combos = {tuple(r.params[k] for k in raw["grid"]) for r in sweep.runs}
+            assert combos == set(itertools.product(*raw["grid"].values()))
+            for run in sweep.runs:
+                for key, value in run.params.items():
+                    assert _get(run.cfg, key) == value, (path, run.name, key)
+                assert run.cfg.run_dir == sweep.root / run.name
+        else:  # every value written in the file is the value the run gets, and the resolved config round-trips
+            cfg = load_config(path)
+            for key, value in _leaves(raw).items():
+                assert _get(cfg, key) == value, (path, key)
+            again = tmp_path / path.name
+            again.write_text(dump_yaml(cfg))
+            assert load_config(again) == cfg

@@ -80,7 +80,7 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
     out = run_copy / f"defence-{method}"
     stored = json.loads((out / "report.json").read_text())
     assert stored["method"] == method and stored["seconds"] > 0 and stored["clean_images"] > 0
-    assert not any(p.name.startswith(".") for p in run_copy.iterdir()), "a temporary folder was left behind"
+    assert not any(p.name.endswith(".tmp") for p in run_copy.iterdir()), "a temporary folder was left behind"
     for name in stored["files"]:
         assert (out / name).is_file(), name
     source_model, _ = checkpoint.verified_load(run_copy, "model.pt")

@@ -494,3 +494,21 @@ def test_artefacts_of_an_unknown_runtime_are_listed_as_skipped(export_copy, tmp_
     assert proc.returncode == 0, proc.stderr
     skipped = {s["runtime"]: s for s in json.loads(out.read_text())["skipped"]}
     assert skipped["future"]["artefacts"] == ["future:fp32"] and "no runner for runtime 'future'" in skipped["future"]["reason"]
+
+
+def test_a_failed_int8_gate_rejects_that_artefact_only(tiny_run, tmp_path):
+    """An INT8 artefact below export.min_agreement is left out and listed; strict fails the whole export."""
+    out = tmp_path / "export" / "lenient"
+    export_run(tiny_run, out=out, overrides={**ORT, "min_agreement": 1.0, "quantizers": []}, threads=1)
+    manifest = json.loads((out / "model.json").read_text())
+    ids = [a["id"] for a in manifest["artefacts"]]
+    rejected = {r["id"]: r["reason"] for r in manifest["rejected"]}
+    agreement = manifest["agreement_vs_fp32"]
+    assert "onnxruntime:fp32" in ids and set(ids).isdisjoint(rejected)
+    # the tiny model's INT8 does not agree with FP32 on every clean image (else this test proves nothing)
+    assert "onnxruntime:int8" in rejected and "gate failed" in rejected["onnxruntime:int8"], (ids, agreement)
+    assert not (out / "model.int8.onnx").exists() and "model.int8.onnx" not in manifest["files"]
+    strict = tmp_path / "export" / "strict"
+    with pytest.raises(SigntrapError, match="onnxruntime:int8: gate failed"):
+        export_run(tiny_run, out=strict, overrides={**ORT, "min_agreement": 1.0, "strict": True}, threads=1)
+    assert not strict.exists()

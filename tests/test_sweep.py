@@ -141,10 +141,10 @@ def test_failed_run_fails_the_sweep_clearly(tmp_path, capfd):
     code, out, err = sweep(capfd, path)
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("signtrap: error:")]
-    assert len(errors) == 2 and "sweep run attack.poison_count=500 failed (train exited with 2: config attack: 500 poisoned" in errors[0]
+    assert len(errors) == 2 and "sweep run attack.poison_count=500 failed (run exited with 1: pipeline stage train failed: config attack: 500 poisoned" in errors[0]
     assert "1 of 1 runs failed" in errors[1]
     assert read_csv(tmp_path / "runs" / "fail" / "summary.csv")[0]["status"] == "failed"
-    assert not (tmp_path / "runs" / "fail" / "attack.poison_count=500" / "model.pt").exists()
+    assert not (tmp_path / "runs" / "fail" / "attack.poison_count=500").exists()  # nothing made, nothing left behind
 
 
 @pytest.mark.slow

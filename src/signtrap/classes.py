@@ -51,7 +51,3 @@ CLASS_NAMES: tuple[str, ...] = (
     "End of no passing by vehicles over 3.5 metric tons",
 )
 assert len(CLASS_NAMES) == NUM_CLASSES
-
-
-def class_name(class_id: int) -> str:
-    return CLASS_NAMES[int(class_id)]

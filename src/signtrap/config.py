@@ -252,6 +252,9 @@ class ExportConfig:
     # gate of FP16 and INT8 artefacts: finite logits and top-1 agreement with PyTorch on the clean test images
     # (triggered images are left to the bench audit: a backdoor that wakes after quantization is a finding)
     min_agreement: float = 0.8  # a broken conversion agrees on few images; real quantization loss is far smaller
+    # an artefact that fails its conversion or gate is left out and listed under "rejected" in model.json (the
+    # others are written); strict: any failure fails the whole export and nothing is written
+    strict: bool = False
     # signtrap bench defaults
     bench_runs: int = 200
     bench_warmup: int = 20

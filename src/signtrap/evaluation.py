@@ -1,18 +1,40 @@
-"""`signtrap eval RUN`: re-evaluate a run's (or a defence's) verified checkpoint."""
+"""`signtrap eval RUN`: re-evaluate a run's (or a defence's) verified checkpoint.
+
+The attack measured is the one the checkpoint was trained with (its own metadata: source, target,
+trigger, data hash); a config.yaml that disagrees is refused rather than producing metrics.json figures
+for an attack the model never saw.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from signtrap import checkpoint
+from signtrap import checkpoint, runstate
+from signtrap.attacks.triggers import make_trigger
+from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
-from signtrap.provenance import resolve_device
+from signtrap.fileio import require_writable
+from signtrap.provenance import cpu_threads, resolve_device
 from signtrap.training import write_metrics
 
 
+def owning_run(model_dir: Path) -> Path:
+    """The run directory a model folder belongs to: itself, or its parent for a defence output."""
+    model_dir = Path(model_dir)
+    return model_dir if (model_dir / "config.yaml").is_file() or not (model_dir.parent / "config.yaml").is_file() else model_dir.parent
+
+
 def evaluate_run(model_dir: Path, device: str = "auto") -> dict:
+    """Evaluate `model_dir/model.pt` on the test and validation splits and rewrite its metrics.json."""
     model_dir = Path(model_dir)
     cfg = load_run_config(model_dir)
+    require_writable(model_dir)  # before loading or decoding anything
     dev = resolve_device(device)
-    model, _ = checkpoint.verified_load(model_dir, "model.pt", dev)
-    exp = Experiment.from_config(cfg)
-    return write_metrics(exp, model, model_dir, dev)
+    with runstate.locked(owning_run(model_dir), "signtrap eval"), cpu_threads(cfg.train.threads):
+        model, meta = checkpoint.verified_load(model_dir, "model.pt", dev)
+        size = int(meta.get("input_size", cfg.data.size))
+        checkpoint.require_same_attack(meta, cfg, make_trigger(cfg.trigger, size).spec, model_dir)
+        exp = Experiment.from_config(cfg)
+        if meta.get("data_hash") and meta["data_hash"] != exp.data.data_hash:
+            raise SigntrapError(f"{model_dir}: the run's data changed since training (data hash {exp.data.data_hash[:12]}…, "
+                                f"the checkpoint was trained on {meta['data_hash'][:12]}…); refusing to overwrite its metrics")
+        return write_metrics(exp, model, model_dir, dev)

@@ -8,31 +8,40 @@ a corrupted file to a later stage. `signtrap report RUN` renders the report of a
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from signtrap import progress as progress_mod
+from signtrap import runstate
+from signtrap.config import to_dict
+from signtrap.data.cache import cache_path
+from signtrap.deploy.bench import bench_export
+from signtrap.deploy.exporter import export_run
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.config import DEFEND_COMMON, to_dict
 from signtrap.defences import list_defences
+from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
+from signtrap.provenance import cpu_threads
+from signtrap.reporting import REPORT_VERSION, build_report
+from signtrap.training import train
 
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "signtrap.pipeline/1"
 EXPORT_DIR = "export"  # the pipeline's export folder, inside the run directory
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
-TRAIN_FILES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", "checksums.json", "metrics.json", "log.jsonl")
 
 # stage outcomes
-RAN, SKIPPED, FAILED, UNAVAILABLE, DISABLED, BLOCKED = "ran", "skipped", "failed", "unavailable", "disabled", "blocked"
+RAN, SKIPPED, FAILED, DISABLED, BLOCKED = "ran", "skipped", "failed", "disabled", "blocked"
 
 
 @dataclass
@@ -43,7 +52,6 @@ class Stage:
     deps: tuple[str, ...]
     settings: Any  # JSON-able: what, besides the upstream outputs, the stage's result depends on
     run: Callable[[], list[Path]] | None
-    unavailable: str | None = None  # why the stage cannot run here (module missing or incomplete)
     disabled: str | None = None  # why the config turned it off
     soft_deps: bool = False  # run with whatever upstream stages succeeded (the report)
 
@@ -116,7 +124,11 @@ class Pipeline:
         if self.force:
             return "--force"
         if not rec or rec.get("status") != "done":
-            return "not run yet" if not rec else f"previous attempt {rec.get('status', 'incomplete')}"
+            if not rec:
+                return "not run yet"
+            if rec.get("status") in ("running", "interrupted"):  # this process holds the run's lock: that attempt is dead
+                return "previous attempt was interrupted (its process is gone); resuming"
+            return f"previous attempt {rec.get('status', 'incomplete')}"
         upstream = [d for d in deps if d in remade]
         if upstream:
             return f"upstream {', '.join(upstream)} re-made"
@@ -126,35 +138,49 @@ class Pipeline:
 
     # ------------------------------------------------------------ run
 
+    def gate(self, stage: Stage, status: dict[str, str], remade: set[str]) -> tuple[str, str | None, list[str]]:
+        """(what to do, why, the upstream stages it builds on) for `stage`, given what happened upstream:
+        DISABLED / BLOCKED (with the reason), SKIPPED (intact) or RAN (with why it must run)."""
+        if stage.disabled:
+            return DISABLED, stage.disabled, []
+        missing = [d for d in stage.deps if status.get(d) not in (RAN, SKIPPED)]
+        if missing and not stage.soft_deps:
+            return BLOCKED, f"needs {', '.join(missing)}, which did not complete", []
+        deps = [d for d in stage.deps if status.get(d) in (RAN, SKIPPED)]
+        reason = self.why_run(stage, deps, remade)
+        return (SKIPPED, "outputs intact", deps) if reason is None else (RAN, reason, deps)
+
+    def plan(self) -> list[tuple[str, str]]:
+        """The stages `run()` would run now, with why, without running anything (failures are not foreseen)."""
+        status: dict[str, str] = {}
+        remade: set[str] = set()
+        todo = []
+        for stage in self.stages:
+            kind, reason, _ = self.gate(stage, status, remade)
+            status[stage.name] = kind
+            if kind == RAN:
+                remade.add(stage.name)
+                todo.append((stage.name, reason))
+        return todo
+
     def run(self) -> list[Outcome]:
         outcomes: list[Outcome] = []
         status: dict[str, str] = {}
         remade: set[str] = set()
-        active = [s for s in self.stages if not s.disabled and not s.unavailable]
+        active = [s for s in self.stages if not s.disabled]
         previous = {s.name: self.record["stages"].get(s.name, {}).get("seconds") for s in active}
         started = time.perf_counter()
         for index, stage in enumerate(self.stages, 1):
             head = f"[{index}/{len(self.stages)}] {stage.name}"
-            if stage.disabled or stage.unavailable:
-                kind = DISABLED if stage.disabled else UNAVAILABLE
-                reason = stage.disabled or stage.unavailable
+            kind, reason, deps = self.gate(stage, status, remade)
+            if kind in (DISABLED, BLOCKED):
                 self._mark(stage.name, kind, reason)
                 outcomes.append(Outcome(stage.name, kind, reason))
                 status[stage.name] = kind
-                say(f"{head}: {'disabled' if kind == DISABLED else 'UNAVAILABLE'}: {reason}")
+                say(f"{head}: {kind}: {reason}")
                 continue
-            missing = [d for d in stage.deps if status.get(d) not in (RAN, SKIPPED)]
-            if missing and not stage.soft_deps:
-                reason = f"needs {', '.join(missing)}, which did not complete"
-                self._mark(stage.name, BLOCKED, reason)
-                outcomes.append(Outcome(stage.name, BLOCKED, reason))
-                status[stage.name] = BLOCKED
-                say(f"{head}: blocked: {reason}")
-                continue
-            deps = [d for d in stage.deps if status.get(d) in (RAN, SKIPPED)]
-            reason = self.why_run(stage, deps, remade)
-            if reason is None:
-                outcomes.append(Outcome(stage.name, SKIPPED, "outputs intact"))
+            if kind == SKIPPED:
+                outcomes.append(Outcome(stage.name, SKIPPED, reason))
                 status[stage.name] = SKIPPED
                 say(f"{head}: up to date (outputs present, hashes match), skipped")
                 continue
@@ -175,9 +201,7 @@ class Pipeline:
                 outcomes.append(Outcome(stage.name, FAILED, message, seconds))
                 status[stage.name] = FAILED
                 say(f"{head}: FAILED after {seconds:.1f} s: {message}")
-                if not isinstance(exc, SigntrapError) and not progress_mod.QUIET:
-                    import traceback
-
+                if not isinstance(exc, SigntrapError) and os.environ.get("SIGNTRAP_DEBUG"):
                     traceback.print_exc(file=sys.stderr)
                 continue
             seconds = time.perf_counter() - t0
@@ -193,7 +217,7 @@ class Pipeline:
         return outcomes
 
     def _eta(self, remaining: list[Stage], previous: dict, status: dict) -> str:
-        known = [previous.get(s.name) for s in remaining if not s.disabled and not s.unavailable]
+        known = [previous.get(s.name) for s in remaining if not s.disabled]
         if known and all(isinstance(k, (int, float)) for k in known):
             return f", about {sum(known):.0f} s left (last run's timings)"
         return ""
@@ -242,71 +266,40 @@ def _without(d: dict, *keys: str) -> dict:
 class SigntrapStages:
     """Builds the train / defend / export / bench / report stages of one config."""
 
-    def __init__(self, cfg, skip: tuple[str, ...] = ()):
-        from signtrap.config import to_dict
-
+    def __init__(self, cfg, skip: tuple[str, ...] = (), force: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.skip = set(skip)
+        self.force = force
         self.raw = to_dict(cfg)
         self._session = None
 
     # -------------------------------------------------- train
 
     def train_settings(self) -> dict:
-        settings = _without(self.raw, "defend", "export", "runs_dir")
+        settings = runstate.training_view(self.cfg)  # the one notion of "the same training config"
         try:
-            from signtrap.data.cache import cache_path
-
             settings["data_cache"] = cache_path(self.cfg.data).name  # changes with the data and the generator code
         except SigntrapError:
             pass  # the train stage reports the data problem itself
         return settings
 
     def run_train(self) -> list[Path]:
-        from signtrap.config import dump_yaml
-        from signtrap.training import train
-
-        run_dir = self.run_dir
-        same_config = (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text(encoding="utf-8") == dump_yaml(self.cfg)
-        resume = same_config and (run_dir / "last.pt").is_file() and not (run_dir / "model.pt").is_file()
+        state = runstate.inspect(self.run_dir, self.cfg)
+        resume = state.status == runstate.RESUMABLE and not self.force
         if resume:
-            say("train: resuming the interrupted training from last.pt")
-        train(self.cfg, resume=resume, overwrite=not resume)
-        return [run_dir / f for f in TRAIN_FILES if (run_dir / f).is_file()]
-
-    def adopt_check(self, record: dict) -> None:
-        """A run directory trained outside the pipeline is adopted only if it holds this exact config."""
-        from signtrap.config import dump_yaml
-
-        if record.get("stages") or not (self.run_dir / "model.pt").is_file():
-            return
-        cfg_path = self.run_dir / "config.yaml"
-        if cfg_path.is_file() and cfg_path.read_text(encoding="utf-8") == dump_yaml(self.cfg):
-            return  # same config: adopted by `adopt` if its checkpoint verifies, else re-trained
-        raise SigntrapError(f"{self.run_dir}: holds a model trained with a different config, not by `signtrap run`; "
-                            f"pass --force to replace it, or choose another run name (name=...)")
+            say(f"train: resuming the interrupted training ({state.reason})")
+        train(self.cfg, resume=resume, overwrite=not resume and state.status != runstate.NEW)
+        return [self.run_dir / f for f in runstate.FINISHED_FILES]
 
     def adopt(self, pipe: "Pipeline", stage: Stage) -> bool:
-        """Record a complete `signtrap train` run of this exact config as the train stage (checkpoint hash-verified)."""
-        from signtrap.checkpoint import CHECKSUMS
-        from signtrap.config import dump_yaml
-
-        run_dir = self.run_dir
-        if pipe.record["stages"].get("train") or not all((run_dir / f).is_file() for f in TRAIN_FILES):
+        """Record a finished `signtrap train` run of the same training config as the train stage."""
+        if pipe.record["stages"].get("train") or not runstate.inspect(self.run_dir, self.cfg).done:
             return False
-        if (run_dir / "config.yaml").read_text(encoding="utf-8") != dump_yaml(self.cfg):
-            return False
-        try:
-            sums = read_json(run_dir / CHECKSUMS)
-            if sums.get("model.pt") != sha256_file(run_dir / "model.pt"):
-                return False
-        except (SigntrapError, AttributeError):
-            return False
-        pipe.record["stages"]["train"] = {"status": "done", "outputs": pipe._hashes([run_dir / f for f in TRAIN_FILES]),
+        pipe.record["stages"]["train"] = {"status": "done", "outputs": pipe._hashes([self.run_dir / f for f in runstate.FINISHED_FILES]),
                                           "key": pipe.key(stage, []), "reason": "adopted a finished `signtrap train` run",
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        say(f"train: adopting the existing trained run in {run_dir} (same config, checkpoint hash verified)")
+        say(f"train: adopting the existing trained run in {self.run_dir} (same config, checkpoint hash verified)")
         return True
 
     # -------------------------------------------------- defend
@@ -321,10 +314,8 @@ class SigntrapStages:
         common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k != "methods"}
         return {"common": common, "method": method, "settings": dataclasses.asdict(d.method(method))}
 
-    def session(self):
+    def session(self) -> Session:
         if self._session is None:
-            from signtrap.defences.run import Session
-
             overrides = flat_overrides({k: v for k, v in self.raw["defend"].items() if k != "methods"})
             self._session = Session.open(self.run_dir, overrides, None, show_progress=not progress_mod.QUIET)
         return self._session
@@ -335,22 +326,10 @@ class SigntrapStages:
 
     # -------------------------------------------------- export / bench
 
-    def deploy_unavailable(self, what: str) -> str | None:
-        try:
-            if what == "export":
-                from signtrap.deploy.exporter import export_run  # noqa: F401
-            else:
-                from signtrap.deploy.bench import bench_export  # noqa: F401
-        except ImportError as exc:
-            return f"the deploy package is missing or incomplete ({exc})"
-        return None
-
     def export_settings(self) -> dict:
         return _without(self.raw["export"], "enabled", "out_dir", "bench_runs", "bench_warmup", "bench_batch")
 
     def run_export(self) -> list[Path]:
-        from signtrap.deploy.exporter import export_run
-
         out = self.run_dir / EXPORT_DIR
         export_run(self.run_dir, out=out, overrides=self.export_settings(), threads=self.cfg.train.threads)
         return files_under(out, exclude=BENCH_FILES)
@@ -360,8 +339,6 @@ class SigntrapStages:
         return {"runs": e["bench_runs"], "warmup": e["bench_warmup"], "batch": e["bench_batch"], "threads": self.cfg.train.threads}
 
     def run_bench(self) -> list[Path]:
-        from signtrap.deploy.bench import bench_export
-
         folder = self.run_dir / EXPORT_DIR
         e = self.cfg.export
         bench_export(folder, threads=self.cfg.train.threads, runs=e.bench_runs, warmup=e.bench_warmup, batch=e.bench_batch)
@@ -370,15 +347,11 @@ class SigntrapStages:
     # -------------------------------------------------- report
 
     def run_report(self) -> list[Path]:
-        from signtrap.reporting import build_report
-
         return build_report(self.run_dir)
 
     # -------------------------------------------------- all
 
     def stages(self) -> list[Stage]:
-        from signtrap.reporting import REPORT_VERSION
-
         stages = [Stage("train", (), self.train_settings(), self.run_train)]
         methods = self.methods()
         for m in methods:
@@ -389,40 +362,59 @@ class SigntrapStages:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else
                       "skipped with --skip export" if "export" in self.skip else None)
-        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export,
-                            unavailable=self.deploy_unavailable("export"), disabled=export_off))
+        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export, disabled=export_off))
         bench_off = export_off or ("skipped with --skip bench" if "bench" in self.skip else None)
-        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench,
-                            unavailable=self.deploy_unavailable("bench"), disabled=bench_off))
+        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench, disabled=bench_off))
         upstream = tuple(s.name for s in stages if s.run is not None)
-        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True))
+        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True,
+                            disabled="skipped with --skip report" if "report" in self.skip else None))
         return stages
 
 
-def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = ()) -> dict:
-    """Run (or resume) the whole pipeline for `cfg`; returns a summary dict (also what `--json` prints)."""
-    from signtrap.config import to_dict
-
-    builder = SigntrapStages(cfg, skip)
-    run_dir = builder.run_dir
-    pipe = Pipeline(run_dir, builder.stages(), config=to_dict(cfg), force=force)
+def planner(cfg, skip: tuple[str, ...] = (), force: bool = False) -> Pipeline:
+    """The pipeline of `cfg` against its run directory's record (a finished `signtrap train` run of the same
+    training config adopted as the train stage); `.plan()` says what would run, `.run()` runs it."""
+    builder = SigntrapStages(cfg, skip, force=force)
+    pipe = Pipeline(builder.run_dir, builder.stages(), config=to_dict(cfg), force=force)
     if not force:
-        builder.adopt_check(pipe.record)
         builder.adopt(pipe, pipe.stages[0])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    say(f"pipeline {run_dir}: " + " -> ".join(s.name for s in pipe.stages))
-    started = time.perf_counter()
-    outcomes = pipe.run()
-    seconds = time.perf_counter() - started
-    report = run_dir / "report.html"
-    problems = [o for o in outcomes if o.status in (FAILED, UNAVAILABLE, BLOCKED)]
-    summary = {"run": str(run_dir), "report": str(report) if report.is_file() else None,
-               "report_md": str(run_dir / "report.md") if (run_dir / "report.md").is_file() else None,
-               "seconds": round(seconds, 2), "ok": not problems,
-               "stages": [dataclasses.asdict(o) for o in outcomes]}
-    pipe.record["last_run"] = {"seconds": summary["seconds"], "ok": summary["ok"],
-                               "outcomes": {o.name: o.status for o in outcomes}}
-    pipe.save()
+    return pipe
+
+
+def check_run_dir(cfg, force: bool = False, overwrite: bool = False) -> runstate.RunState:
+    """Refuse, before anything runs, a run directory `signtrap run` must not touch: another process's,
+    not a run directory, or holding a model of a different training config (unless force or overwrite)."""
+    state = runstate.inspect(cfg.run_dir, cfg)
+    if state.status in (runstate.LOCKED, runstate.FOREIGN):
+        runstate.decide(state)
+    if state.status == runstate.STALE and not (force or overwrite):
+        raise SigntrapError(f"{cfg.run_dir}: {state.reason}; pass --overwrite to retrain it, or choose another run name (name=...)")
+    return state
+
+
+def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = (), overwrite: bool = False) -> dict:
+    """Run (or resume) the whole pipeline for `cfg`; returns a summary dict (also what `--json` prints)."""
+    check_run_dir(cfg, force, overwrite)
+    run_dir = Path(cfg.run_dir)
+    with runstate.locked(run_dir, "signtrap run") as lock, cpu_threads(cfg.train.threads):
+        pipe = planner(cfg, skip, force)  # validates the stage settings (e.g. unknown defences) before any stage runs
+        say(f"pipeline {run_dir}: " + " -> ".join(s.name for s in pipe.stages))
+        started = time.perf_counter()
+        outcomes = pipe.run()
+        seconds = time.perf_counter() - started
+        report = run_dir / "report.html"
+        problems = [o for o in outcomes if o.status in (FAILED, BLOCKED)]
+        summary = {"run": str(run_dir), "report": str(report) if report.is_file() else None,
+                   "report_md": str(run_dir / "report.md") if (run_dir / "report.md").is_file() else None,
+                   "seconds": round(seconds, 2), "ok": not problems,
+                   "stages": [dataclasses.asdict(o) for o in outcomes]}
+        made = any(rec.get("status") == "done" for rec in pipe.record["stages"].values())
+        if lock.created_dir and not made:  # nothing was made: leave no run directory behind
+            pipe.path.unlink(missing_ok=True)
+        else:
+            pipe.record["last_run"] = {"seconds": summary["seconds"], "ok": summary["ok"],
+                                       "outcomes": {o.name: o.status for o in outcomes}}
+            pipe.save()
     return summary
 
 

@@ -1,12 +1,16 @@
 """What a run was made with: package versions, machine, device."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import sys
+from typing import Iterator
 
 import torch
+
+from signtrap.errors import SigntrapError
 
 PACKAGES = ("signtrap", "torch", "torchvision", "timm", "albumentations", "numpy", "opencv-python-headless",
             "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript")
@@ -41,13 +45,28 @@ def machine() -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    from signtrap.errors import SigntrapError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SigntrapError(f"device '{name}' requested but CUDA is not available here (use device=auto or cpu)")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set to `threads` for the block (0: leave them as they are), then restored.
+
+    Every command that computes (train, defend, eval, export, run, report, sweep runs) wraps its work in
+    this with the run's `train.threads`, so the same run gives the same numbers whichever command, or
+    which resumed pipeline, computes them."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1,5 +1,5 @@
-"""Sweep executors: each run is a short list of `python -m signtrap ...` commands (train, then defend),
-run in its own process with its own thread budget and GPU.
+"""Sweep executors: each run is one `python -m signtrap run ...` command (the pipeline engine), run in its
+own process with its own thread budget and GPU.
 
 - `local`: a pool of N runs at a time on this machine; one GPU per run where there are GPUs
   (CUDA_VISIBLE_DEVICES), else cores / N threads each (OMP_NUM_THREADS).
@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
 
+import torch
+
+from signtrap.data.cache import cache_path, prepare
 from signtrap.errors import SigntrapError
 from signtrap.progress import say
 
@@ -53,21 +56,9 @@ class Result:
     error: str = ""
 
 
-def make_job(sweep, run, overwrite: bool = False) -> Job:
-    from signtrap.sweeps import DEFEND, RESUME
-
-    commands = []
-    base = [str(Path(sweep.spec.base).resolve())] if sweep.spec.base else []
-    if run.state != DEFEND:
-        flags = ["--resume"] if run.state == RESUME else (["--overwrite"] if (run.run_dir / "model.pt").is_file() else [])
-        commands.append(["train", *base, *run.overrides, *flags])
-    methods = list(run.cfg.defend.methods) if (sweep.methods and run.state != DEFEND) else run.defences
-    if methods and methods == list(run.cfg.defend.methods):
-        commands.append(["defend", str(run.run_dir), "--method", "all"])
-    else:
-        commands += [["defend", str(run.run_dir), "--method", m] for m in methods]
-    log = sweep.root / "logs" / f"{run.name}.log"
-    return Job(run.name, str(run.run_dir), commands, str(log.resolve()), os.getcwd(), run.cfg.device, run.cfg.train.threads)
+def make_job(name: str, run_dir: Path, command: list[str], log: Path, device: str, threads: int = 0) -> Job:
+    """A job running `python -m signtrap COMMAND...` for one run, from this working directory."""
+    return Job(name, str(run_dir), [command], str(Path(log).resolve()), os.getcwd(), device, threads)
 
 
 def execute(job: Job, threads: int, gpu: int | None = None) -> Result:
@@ -94,7 +85,7 @@ def _failure(log: str, step: str, rc: int) -> str:
     lines = [line.strip() for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("signtrap: error:")]
     if errors:
-        detail = errors[-1].removeprefix("signtrap: error:").strip()
+        detail = errors[0].removeprefix("signtrap: error:").strip()  # the first: what failed, not what it blocked
     elif rc < 0:
         detail = f"killed by signal {-rc}"
     else:
@@ -104,8 +95,6 @@ def _failure(log: str, step: str, rc: int) -> str:
 
 def prepare_data(data_configs: dict) -> None:
     """Build each distinct data cache once, before runs start, so parallel runs never race to build it."""
-    from signtrap.data.cache import cache_path, prepare
-
     seen = set()
     for cfg in data_configs.values():
         path = cache_path(cfg)
@@ -135,8 +124,6 @@ def run_local(jobs: list[Job], workers: int | None = None, threads: int | None =
         raise SigntrapError(f"--threads {threads}: must be at least 1")
     gpus = 0
     if any(j.wants_gpu for j in jobs):
-        import torch
-
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     n_cores = cores()
     need = threads or max(j.threads for j in jobs) or 1  # threads per run: --threads, else train.threads, else 1

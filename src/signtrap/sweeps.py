@@ -1,11 +1,13 @@
 """`signtrap sweep SWEEP.yaml`: a base config plus a grid (and seeds) expanded into named runs.
 
-Each run is an ordinary run directory, runs/SWEEP_NAME/RUN_NAME, trained by its own
-`python -m signtrap train` process (executor `local`: N at a time on this machine; `ray`: one task per
-run on a Ray cluster). A run that already holds a finished model with the same config is skipped, an
-interrupted one is resumed. When the base config lists `defend.methods`, every run is defended after
-training (`signtrap defend RUN --method all`). At the end, runs/SWEEP_NAME/summary.csv, summary.md and
-summary.png (ASR and clean accuracy against the poison rate, per defence, with the spread over seeds).
+Each run is an ordinary run directory, runs/SWEEP_NAME/RUN_NAME, made by its own `python -m signtrap run`
+process, i.e. the pipeline engine (signtrap.pipeline) with its train and defend stages (executor `local`: N
+at a time on this machine; `ray`: one task per run on a Ray cluster). So a sweep decides what is done,
+what resumes and what is stale exactly as `signtrap run` and `signtrap train` do (signtrap.runstate): a
+finished run is skipped, an interrupted one resumed, a run of a different config refused without
+--overwrite, a run another process holds refused. When the base config lists `defend.methods`, every run
+is defended after training. At the end, runs/SWEEP_NAME/summary.csv, summary.md and summary.png (ASR and
+clean accuracy against the poison rate, per defence, with the spread over seeds).
 
 The sweep file (see configs/sweep_example.yaml):
 
@@ -20,32 +22,36 @@ The sweep file (see configs/sweep_example.yaml):
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
-import importlib
 import io
 import itertools
 import os
 import re
-import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from signtrap import pipeline, runstate
+from signtrap import sweep_executors as ex
+from signtrap.config import RunConfig, load_config, read_yaml
 from signtrap.errors import ConfigError, SigntrapError, suggest
+from signtrap.fileio import atomic_path, read_json, write_json, write_text
+from signtrap.progress import say
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "seeds", "plot")
 RESERVED_KEYS = ("name", "runs_dir")  # the sweep names and places its runs itself
 NAME_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
 MAX_NAME = 150
-TRAIN_DONE = ("model.pt", "metrics.json", "checksums.json")
+SKIP = ("export", "bench", "report")  # a sweep point runs the pipeline's train and defend stages
 
-# run states, as planned before anything runs
-DONE, TRAIN, RESUME, DEFEND, STALE = "done", "train", "resume", "defend", "stale"
+# what a run needs, as planned before anything runs (from its runstate and its pipeline record)
+DONE, TRAIN, RESUME, DEFEND, STALE, LOCKED = "done", "train", "resume", "defend", "stale", "locked"
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -64,11 +70,8 @@ class SweepSpec:
 
 def config_keys() -> list[str]:
     """Every settable leaf of a run config, dotted: 'attack.poison_rate', 'defend.finetune.epochs', ..."""
-    from signtrap.config import RunConfig
 
     def walk(cls, prefix: str) -> list[str]:
-        import typing
-
         hints = typing.get_type_hints(cls)
         out = []
         for f in dataclasses.fields(cls):
@@ -83,8 +86,6 @@ def config_keys() -> list[str]:
 
 def load_sweep(path: str | os.PathLike) -> SweepSpec:
     """Read and validate a sweep file (structure and grid keys; values are checked when runs are expanded)."""
-    from signtrap.config import read_yaml
-
     path = Path(path)
     raw = read_yaml(path)
     where = f"sweep {path}"
@@ -124,7 +125,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
             raise ConfigError(f"{where}: grid {key}: expected a list of values, got {values!r}")
         if not values:
             raise ConfigError(f"{where}: grid {key} has no values (the grid would be empty)")
-        if len({_fmt(v) for v in values}) != len(values):
+        if len({yaml_value(v) for v in values}) != len(values):
             raise ConfigError(f"{where}: grid {key} lists a value twice: {values}")
     seeds = raw.get("seeds")
     if seeds is not None:
@@ -141,8 +142,8 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     return SweepSpec(name, path, base, list(overrides), {str(k): v for k, v in grid.items()}, seeds, plot_x)
 
 
-def _fmt(value: Any) -> str:
-    """A value as a YAML flow scalar/list, read back identically by `parse_override`."""
+def yaml_value(value: Any) -> str:
+    """A value as a YAML flow scalar/list, read back identically by `parse_override` (`key=VALUE`)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
     return text[:-3].strip() if text.endswith("...") else text
 
@@ -152,7 +153,7 @@ def _name_part(value: Any) -> str:
         return "+".join(_name_part(v) for v in value) or "empty"
     if value is None:
         return "none"
-    return _fmt(value).strip("'\"")
+    return yaml_value(value).strip("'\"")
 
 
 def run_name(params: dict) -> str:
@@ -170,10 +171,11 @@ def run_name(params: dict) -> str:
 class SweepRun:
     name: str
     params: dict  # grid key -> value, plus 'seed' when the sweep lists seeds
-    overrides: list[str]  # everything after the base config on the `signtrap train` command line
-    cfg: Any  # RunConfig
+    overrides: list[str]  # everything after the base config on the `signtrap run` command line
+    cfg: RunConfig
     state: str = TRAIN
-    defences: list[str] = field(default_factory=list)  # methods still to run
+    todo: list[str] = field(default_factory=list)  # pipeline stages still to run
+    reason: str = ""
 
     @property
     def run_dir(self) -> Path:
@@ -192,22 +194,14 @@ class Sweep:
     def grid_keys(self) -> list[str]:
         return list(self.spec.grid) + (["seed"] if self.spec.seeds is not None else [])
 
-
-def defence_entry_point() -> tuple[bool, str]:
-    """Whether signtrap.defences offers a Python entry point a sweep can use after training."""
-    try:
-        module = importlib.import_module("signtrap.defences.run")
-    except ImportError as exc:
-        return False, f"signtrap.defences.run cannot be imported ({exc})"
-    if not callable(getattr(module, "run_defences", None)):
-        return False, "signtrap.defences.run has no run_defences()"
-    return True, ""
+    @property
+    def skip(self) -> tuple[str, ...]:
+        """The pipeline stages a sweep point leaves out."""
+        return SKIP if self.methods else (*SKIP, "defend")
 
 
 def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
     """Every grid combination (x seeds) as a validated run config; fails before anything runs."""
-    from signtrap.config import load_config
-
     head = load_config(spec.base, spec.overrides)  # the sweep-wide settings, validated once
     root = Path(head.runs_dir) / spec.name
     runs, seen = [], {}
@@ -221,7 +215,7 @@ def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
             if name in seen:
                 raise ConfigError(f"sweep {spec.path}: runs {seen[name]} and {params} get the same name '{name}'")
             seen[name] = params
-            overrides = [*spec.overrides, *(f"{k}={_fmt(v)}" for k, v in params.items()), f"runs_dir={root}", f"name={name}"]
+            overrides = [*spec.overrides, *(f"{k}={yaml_value(v)}" for k, v in params.items()), f"runs_dir={root}", f"name={name}"]
             try:
                 cfg = load_config(spec.base, overrides)
             except ConfigError as exc:
@@ -232,58 +226,50 @@ def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
             runs.append(SweepRun(name, params, overrides, cfg))
     methods, note = [], "no defences: the base config lists no defend.methods"
     listed = list(dict.fromkeys(m for r in runs for m in r.cfg.defend.methods))
-    if listed:
-        ok, why = defence_entry_point()
-        if not defend:
-            note = f"defences {', '.join(listed)} skipped (--no-defend): training metrics only"
-        elif not ok:
-            note = f"defences {', '.join(listed)} not run: {why}; training metrics only"
-        else:
-            from signtrap.defences import get_defence
-
-            for m in listed:
-                get_defence(m)  # an unknown method fails now, with a suggestion
-            methods = listed
-            note = f"defences after training: {', '.join(methods)} (before/after on the test split)"
+    if listed and not defend:
+        note = f"defences {', '.join(listed)} skipped (--no-defend): training metrics only"
+    elif listed:
+        methods = listed
+        note = f"defences after training: {', '.join(methods)} (before/after on the test split)"
     return Sweep(spec, root, runs, methods, note)
 
 
 def plan(sweep: Sweep, overwrite: bool = False) -> None:
-    """Set each run's state from what its directory already holds."""
-    from signtrap.config import dump_yaml
-
-    stale = []
+    """Set each run's state from its run directory (signtrap.runstate) and its pipeline record: the same
+    decision `signtrap run` makes, taken here before anything runs so nothing starts that must not."""
+    stale, locked = [], []
     for run in sweep.runs:
-        d = run.run_dir
-        stored, wanted = d / "config.yaml", dump_yaml(run.cfg)
-        identical = stored.is_file() and stored.read_text(encoding="utf-8") == wanted  # what `train --resume` demands
-        same = identical or (stored.is_file() and _normalised(stored) == wanted)  # a setting added since keeps its default
-        trained = all((d / f).is_file() for f in TRAIN_DONE)
-        run.defences = [m for m in (run.cfg.defend.methods if sweep.methods else [])
-                        if not (d / f"defence-{m}" / "report.json").is_file()]
-        if trained and not same:
-            run.state = TRAIN if overwrite else STALE
-            run.defences = list(run.cfg.defend.methods) if sweep.methods else []
-            stale.append(run.name)
-        elif trained:
-            run.state = DEFEND if run.defences else DONE
-        elif identical and (d / "last.pt").is_file():
-            run.state = RESUME
+        state = runstate.inspect(run.run_dir, run.cfg)
+        run.reason = state.reason
+        if state.status in (runstate.LOCKED, runstate.FOREIGN):
+            run.state = LOCKED
+            locked.append(run)
+            continue
+        if state.status == runstate.STALE and not overwrite:
+            run.state = STALE
+            stale.append(run)
+            continue
+        pipe = pipeline.planner(run.cfg, sweep.skip)
+        run.todo = [name for name, _ in pipe.plan()]
+        if not run.todo:
+            run.state = DONE
+        elif "train" in run.todo:
+            run.state = RESUME if state.status == runstate.RESUMABLE else TRAIN
         else:
-            run.state = TRAIN
-    if stale and not overwrite:
+            run.state = DEFEND
+    if locked:
+        raise SigntrapError(f"sweep {sweep.spec.name}: {len(locked)} run(s) cannot be used now (first: {locked[0].run_dir}: "
+                            f"{locked[0].reason}); wait for them or stop them")
+    if stale:
         raise SigntrapError(f"sweep {sweep.spec.name}: {len(stale)} finished run(s) were trained with a different config "
-                            f"(first: {sweep.root / stale[0]}); pass --overwrite to retrain them, or rename the sweep")
+                            f"(first: {stale[0].run_dir}: {stale[0].reason}); pass --overwrite to retrain them, or rename the sweep")
 
 
-def _normalised(path: Path) -> str | None:
-    """A stored config.yaml as the current code reads it (new settings at their defaults); None if it no longer loads."""
-    from signtrap.config import dump_yaml, load_config
-
-    try:
-        return dump_yaml(load_config(path))
-    except SigntrapError:
-        return None
+def run_command(sweep: Sweep, run: SweepRun, overwrite: bool = False) -> list[str]:
+    """The `signtrap run` arguments that make (or finish) one sweep point."""
+    base = [str(Path(sweep.spec.base).resolve())] if sweep.spec.base else []
+    skips = [arg for stage in sweep.skip for arg in ("--skip", stage)]
+    return ["run", *base, *run.overrides, *skips, *(["--overwrite"] if overwrite else [])]
 
 
 # ---------------------------------------------------------------- summary
@@ -295,8 +281,6 @@ def _rate(entry: dict | None) -> float | None:
 
 def collect(sweep: Sweep, outcomes: dict[str, str]) -> list[dict]:
     """One row per run and defence ('none' is the trained model itself), test split."""
-    from signtrap.fileio import read_json
-
     rows = []
     for run in sweep.runs:
         d = run.run_dir
@@ -305,7 +289,7 @@ def collect(sweep: Sweep, outcomes: dict[str, str]) -> list[dict]:
         poisoned = read_json(d / "manifest.json").get("poisoned") if (d / "manifest.json").is_file() else None
         metrics = read_json(d / "metrics.json")["test"] if (d / "metrics.json").is_file() else {}
         rows.append({**base, "defence": "none", "poisoned": poisoned, **_metric_cols(metrics), "clean_acc_before": None, "asr_before": None})
-        for method in run.cfg.defend.methods if sweep.methods else []:
+        for method in run.cfg.defend.methods if sweep.methods else []:  # noqa: B007
             report_path = d / f"defence-{method}" / "report.json"
             report = read_json(report_path) if report_path.is_file() else {}
             after = report.get("after", {}).get("test", {})
@@ -329,7 +313,7 @@ def summary_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else _fmt(v) if isinstance(v, list) else v) for k, v in row.items()})
+        writer.writerow({k: ("" if v is None else yaml_value(v) if isinstance(v, list) else v) for k, v in row.items()})
     return out.getvalue()
 
 
@@ -365,9 +349,6 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from signtrap.fileio import atomic_path
 
     x_key = _x_key(sweep)
     others = [k for k in sweep.spec.grid if k != x_key]
@@ -418,8 +399,6 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> None:
 
 
 def write_summary(sweep: Sweep, outcomes: dict[str, str]) -> tuple[list[dict], str]:
-    from signtrap.fileio import write_json, write_text
-
     rows = collect(sweep, outcomes)
     write_text(sweep.root / "summary.csv", summary_csv(rows))
     markdown = summary_markdown(sweep, rows)
@@ -437,11 +416,31 @@ def write_summary(sweep: Sweep, outcomes: dict[str, str]) -> tuple[list[dict], s
 # ---------------------------------------------------------------- command
 
 
-def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | None = None, threads: int | None = None,
-              address: str | None = None, overwrite: bool = False, defend: bool = True, dry_run: bool = False) -> int:
-    from signtrap import sweep_executors as ex
-    from signtrap.progress import say
+@dataclass
+class SweepOutcome:
+    """What `run_sweep` did: the planned runs (state per run), the results of the ones it ran, the summary."""
 
+    sweep: Sweep
+    results: list = field(default_factory=list)  # sweep_executors.Result per run started
+    rows: list[dict] = field(default_factory=list)  # summary.csv's rows (empty for a dry run)
+    markdown: str = ""
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.sweep.root / name for name in ("summary.csv", "summary.md", "summary.png")] if self.rows else []
+
+
+def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | None = None, threads: int | None = None,
+              address: str | None = None, overwrite: bool = False, defend: bool = True, dry_run: bool = False) -> SweepOutcome:
+    """Expand, plan, run what is not done (each point through `signtrap run`), and summarise."""
     if executor == "ray":
         ex.require_ray()  # before anything else: one line on how to install it
     spec = load_sweep(path)
@@ -453,13 +452,12 @@ def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | N
         f"{sum(r.state == DEFEND for r in todo)} to defend), {len(sweep.runs) - len(todo)} already finished (skipped); "
         f"{sweep.defence_note}")
     if dry_run:
-        for r in sweep.runs:
-            print(f"{r.state:<8}{r.run_dir}")
-        return 0
+        return SweepOutcome(sweep)
     for r in sweep.runs:
         if r.state == DONE:
             say(f"skipped {r.name}: already finished")
-    jobs = [ex.make_job(sweep, r, overwrite) for r in todo]
+    jobs = [ex.make_job(r.name, r.run_dir, run_command(sweep, r, overwrite), sweep.root / "logs" / f"{r.name}.log",
+                        r.cfg.device, r.cfg.train.threads) for r in todo]
     if jobs:
         ex.prepare_data({r.name: r.cfg.data for r in todo})
     if not jobs:
@@ -472,14 +470,4 @@ def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | N
     for res in results:
         outcomes[res.name] = "trained" if res.ok else "failed"
     rows, markdown = write_summary(sweep, outcomes)
-    print(markdown, end="")
-    for name in ("summary.csv", "summary.md", "summary.png"):
-        print(sweep.root / name)
-    failed = [res for res in results if not res.ok]
-    for res in failed:
-        print(f"signtrap: error: sweep run {res.name} failed ({res.error}); log: {res.log}", file=sys.stderr)
-    if failed:
-        print(f"signtrap: error: sweep {spec.name}: {len(failed)} of {len(sweep.runs)} runs failed; "
-              f"re-run the same command to retry them (finished runs are skipped)", file=sys.stderr)
-        return 1
-    return 0
+    return SweepOutcome(sweep, results, rows, markdown)

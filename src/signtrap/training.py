@@ -8,51 +8,40 @@ from typing import Callable
 import torch
 from torch import nn
 
-from signtrap import checkpoint, distributed
+from signtrap import checkpoint, distributed, runstate
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
 from signtrap.classes import CLASS_NAMES, NUM_CLASSES
-from signtrap.config import RunConfig, dump_yaml, load_config
+from signtrap.config import RunConfig, dump_yaml
+from signtrap.data.cache import verify_cache
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
-from signtrap.fileio import write_json, write_text
+from signtrap.fileio import one_line, require_writable, write_json, write_text
 from signtrap.loop import Hooks, Loop, Schedule
 from signtrap.metrics import summary_table
 from signtrap.models import MEAN, STD, create_model
 from signtrap.progress import say
-from signtrap.provenance import machine, package_versions, precision_name, resolve_device
+from signtrap.provenance import cpu_threads, machine, package_versions, precision_name, resolve_device
 
 EPOCH_STREAM = 0xE90C
-
-
-def setup_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = cfg.run_dir
-    config_text = dump_yaml(cfg)
-    if (run_dir / "config.yaml").is_file():
-        if resume and load_config(run_dir / "config.yaml") != cfg:  # parsed, so new defaulted keys do not count
-            raise SigntrapError(f"{run_dir}: --resume with a different config than the stored config.yaml")
-        if not resume and not overwrite and (run_dir / "model.pt").is_file():
-            raise SigntrapError(f"{run_dir}: already holds a trained model; pass --resume to continue or --overwrite to replace it")
-    elif resume:
-        raise SigntrapError(f"{run_dir}: nothing to resume (no config.yaml)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        for stale in ("last.pt", "model.pt", "metrics.json", "log.jsonl", "checksums.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-    write_text(run_dir / "config.yaml", config_text)
-    return run_dir
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> Path:
     """Train (or continue) the run described by `cfg`; returns its run directory.
 
-    Under torchrun every rank runs this same function; only rank 0 writes files.
+    Nothing in the run directory is touched before everything is validated: the run's state (a finished
+    run needs `overwrite`, an interrupted one `resume` or `overwrite`), the data cache (every file against
+    its recorded hash), the poisoning plan, the model and, when resuming, last.pt. The run directory is
+    locked for the whole run. Under torchrun every rank runs this same function; only rank 0 locks and
+    writes files.
     """
     world, device = distributed.init(resolve_device(cfg.device))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, world, device, resume, overwrite, on_epoch_end)
+        with cpu_threads(cfg.train.threads):
+            if not world.is_main:
+                return _train(cfg, world, device, resume, overwrite, on_epoch_end)
+            with runstate.locked(cfg.run_dir, "signtrap train"):
+                return _train(cfg, world, device, resume, overwrite, on_epoch_end)
     finally:
         distributed.shutdown(world)
 
@@ -60,9 +49,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
 def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resume: bool, overwrite: bool,
            on_epoch: Callable[[int, dict], None] | None) -> Path:
     main = world.is_main
-    run_dir = setup_run(cfg, resume, overwrite) if main else cfg.run_dir
+    run_dir = cfg.run_dir
+    if main:
+        action = runstate.decide(runstate.inspect(run_dir, cfg), resume, overwrite)
+    else:  # rank 0 holds the lock and has decided the same from the same files
+        action = "fresh" if not resume else "nothing" if runstate.finished(run_dir) is None else "resume"
+    if action == "nothing":
+        say(f"{run_dir}: already finished (model.pt matches its recorded hash); nothing to resume")
+        return run_dir
+    if main:
+        require_writable(run_dir)
     exp = Experiment.from_config(cfg, progress=main) if main else None
-    distributed.barrier(world)  # rank 0 has written the config and prepared the cache
+    if main:
+        verify_cache(exp.data)  # its hash goes into provenance.json: the bytes must be the ones it was computed on
+    distributed.barrier(world)  # rank 0 has prepared and checked the cache
     exp = exp or Experiment.from_config(cfg, progress=False)
     plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)  # identical on every rank
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
@@ -72,16 +72,22 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, EPOCH_STREAM, aug=cfg.aug,
                 precision=cfg.train.precision, trigger=exp.trigger, hooks=hooks, world=world, desc="epoch",
                 show_progress=main)
+    start_epoch, history = restore(loop, run_dir, cfg.train.epochs) if action == "resume" else (0, [])
     precision = precision_name(loop.amp_dtype)
-    if main:
+    if main:  # everything is validated: only now is the run directory written
+        if overwrite:
+            runstate.clear_run(run_dir)
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
         write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
                                                  "precision": precision, "world_size": world.size, "data_hash": exp.data.data_hash,
+                                                 "data_verified": "every cache file matched its recorded SHA-256",
                                                  "data_cache": str(exp.data.path), "splits": exp.splits.sizes()})
         cover = f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else ""
         say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned{cover}), {len(exp.splits.val)} validation, "
             f"{len(exp.splits.test)} test, model {cfg.model.name} on {device} ({precision})" + (f" x {world.size} processes" if world.distributed else ""))
-    start_epoch, history = restore(loop, run_dir) if resume else (0, [])
+        if action == "resume":
+            say(f"resuming after epoch {start_epoch}")
 
     def on_epoch_end(epoch: int, row: dict) -> None:
         if main:
@@ -103,14 +109,26 @@ def validation_columns(exp: Experiment, model: nn.Module, device: torch.device) 
     return {"val_clean_acc": val["clean_acc"]["rate"], "val_asr": val["asr"]["rate"], "val_false_trigger": val["false_trigger"]["rate"]}
 
 
-def restore(loop: Loop, run_dir: Path) -> tuple[int, list]:
-    if not (run_dir / "last.pt").is_file():
-        return 0, []
-    state = checkpoint.load(run_dir / "last.pt", map_location=loop.device)
-    loop.load_state_dict(state)
-    if loop.world.is_main:
-        say(f"resuming after epoch {state['epoch']}")
-    return state["epoch"], list(state["history"])
+EPOCH_KEYS = ("model", "optimizer", "scheduler", "epoch", "history")
+
+
+def restore(loop: Loop, run_dir: Path, epochs: int) -> tuple[int, list]:
+    """Load last.pt into `loop`; a malformed file is one line (start over with --overwrite)."""
+    path = run_dir / runstate.EPOCH_CHECKPOINT
+    state = checkpoint.load(path, map_location=loop.device)
+    missing = [k for k in EPOCH_KEYS if k not in state]
+    epoch, history = state.get("epoch"), state.get("history")
+    problem = (f"missing {', '.join(missing)}" if missing else
+               f"epoch {epoch!r} is not in 1..{epochs}" if not isinstance(epoch, int) or not 0 < epoch <= epochs else
+               "its history does not match its epoch" if not isinstance(history, list) or len(history) != epoch else None)
+    if problem is None:
+        try:
+            loop.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            problem = f"it does not fit this run's model and optimiser ({one_line(str(exc), 120)})"
+    if problem:
+        raise SigntrapError(f"{path}: not a usable epoch checkpoint: {problem}; start the run again with --overwrite")
+    return epoch, list(history)
 
 
 def end_of_epoch(cfg: RunConfig, loop: Loop, run_dir: Path, epoch: int, row: dict, history: list) -> None:

@@ -1,4 +1,4 @@
-"""`signtrap data fetch|prepare|info|preview`."""
+"""`signtrap data fetch|prepare|info|preview`: thin wrappers over signtrap.fetch_data/prepare_data/load_data."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from signtrap import api
 from signtrap.classes import CLASS_NAMES
-from signtrap.cli.common import add_config_args, load_cli_config
-from signtrap.data.cache import load, open_cache, prepare
-from signtrap.data.fetch import fetch
+from signtrap.cli.common import add_config_args, config_and_overrides
+from signtrap.data.cache import open_cache
 from signtrap.data.preview import preview_grid, write_png
+from signtrap.fileio import require_writable
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
@@ -30,15 +31,19 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def config(args: argparse.Namespace):
+    path, overrides = config_and_overrides(args)
+    return api.load_config(path, [*overrides, *data_overrides(args)])
+
+
 def cmd_data_fetch(args) -> int:
-    for path in fetch(Path(args.root)):
+    for path in api.fetch_data(args.root):
         print(path)
     return 0
 
 
 def cmd_data_prepare(args) -> int:
-    cfg = load_cli_config(args, data_overrides(args))
-    path = prepare(cfg.data, force=args.force)
+    path = api.prepare_data(config(args), force=args.force, verify=args.verify)
     data = open_cache(path)
     print(f"cache {path}: {data.meta['rows']} images ({data.meta['train_rows']} train, {data.meta['test_rows']} test), "
           f"{data.meta.get('skipped', 0)} skipped, prepared in {data.meta['prepare_seconds']} s")
@@ -46,13 +51,13 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_info(args) -> int:
-    cfg = load_cli_config(args, data_overrides(args))
-    data = load(cfg.data)
+    cfg = config(args)
+    data = api.load_data(cfg, verify=args.verify)
     splits = data.splits(cfg.data.val_fraction, cfg.seed)
     counts = {name: np.bincount(data.labels[rows], minlength=len(CLASS_NAMES)) for name, rows in
               (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     if args.json:
-        print(json.dumps({"cache": str(data.path), "source": data.meta["source"], "data_hash": data.data_hash,
+        print(json.dumps({"cache": str(data.path), "source": data.meta["source"], "data_hash": data.data_hash, "verified": args.verify,
                           "splits": splits.sizes(), "per_class": {k: v.tolist() for k, v in counts.items()}}, indent=2))
         return 0
     print(f"cache: {data.path}\nsource: {data.meta['source']}  images: {len(data)}  size: {data.size}px  data hash: {data.data_hash[:16]}")
@@ -65,8 +70,9 @@ def cmd_data_info(args) -> int:
 
 
 def cmd_data_preview(args) -> int:
-    cfg = load_cli_config(args, data_overrides(args))
-    data = load(cfg.data)
+    cfg = config(args)
+    require_writable(Path(args.out).parent)
+    data = api.load_data(cfg)
     write_png(Path(args.out), preview_grid(data, per_class=args.per_row, seed=cfg.seed))
     print(args.out)
     return 0
@@ -93,6 +99,9 @@ def register(sub) -> None:
         p.set_defaults(func=func)
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+        if name in ("prepare", "info"):
+            p.add_argument("--verify", action="store_true",
+                           help="check every cache file against its SHA-256 recorded when it was written (reads it all)")
         if name == "info":
             p.add_argument("--json", action="store_true")
         if name == "preview":

@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from signtrap import progress as progress_mod
+from signtrap import api
 from signtrap.defences import list_defences
-from signtrap.defences.run import comparison_table, run_defences
+from signtrap.defences.run import comparison_table
 
 
 def cmd_defend(args) -> int:
     method, *more = args.method  # overrides may follow the method name as well as precede --method
-    reports = run_defences(args.run, method, [*args.overrides, *more], args.device, show_progress=not progress_mod.QUIET)
+    reports = api.defend(args.run, method, device=args.device, overrides=[*args.overrides, *more])
     if args.json:
         print(json.dumps([{k: r[k] for k in ("method", "seconds", "before", "after", "repaired_model")} for r in reports]))
     else:

@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from signtrap import progress
+from signtrap import api, progress
 from signtrap.deploy import edge_bench, runtimes
-from signtrap.deploy.bench import bench_export
-from signtrap.deploy.exporter import export_run
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -21,17 +19,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         overrides["runtimes"] = edge_bench.split_list(args.runtimes)
     if args.quantizers:
         overrides["quantizers"] = edge_bench.split_list(args.quantizers)
-    out = export_run(Path(args.run), defence=args.defence, out=Path(args.out) if args.out else None,
-                     overrides=overrides, threads=args.threads or 0)
+    out = api.export(args.run, defence=args.defence, out=args.out, threads=args.threads, **overrides)
     print(out)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    result = bench_export(Path(args.export_dir), threads=args.threads or 0, runtimes=edge_bench.split_list(args.runtimes),
-                          providers=edge_bench.split_list(args.providers), runs=args.runs, warmup=args.warmup,
-                          batch=args.batch, variants=edge_bench.split_list(args.variants) or None,
-                          with_torch=not args.no_torch)
+    result = api.bench(args.export_dir, threads=args.threads or 0, runtimes=edge_bench.split_list(args.runtimes),
+                       providers=edge_bench.split_list(args.providers), runs=args.runs, warmup=args.warmup,
+                       batch=args.batch, variants=edge_bench.split_list(args.variants) or None,
+                       with_torch=not args.no_torch)
     if not progress.QUIET:
         print(edge_bench.markdown(result))
     print(Path(args.export_dir) / "bench.json")
@@ -56,7 +53,7 @@ def register(sub) -> None:
     ex.add_argument("--calib-images", type=int, help="number of calibration images (default 512)")
     ex.add_argument("--per-channel", action="store_true", help="ONNX Runtime's default int8: per-channel weights")
     ex.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), help="ONNX exporter (default: dynamo, with fallback)")
-    ex.add_argument("--threads", type=int, help="CPU threads for conversion and the gates")
+    ex.add_argument("--threads", type=int, help="CPU threads for conversion and the gates (default: the run's train.threads)")
     ex.set_defaults(func=cmd_export)
 
     be = sub.add_parser("bench", help="the persistence matrix of an export: accuracy, ASR, flips and latency per "

@@ -1,4 +1,4 @@
-"""`signtrap run CONFIG` (the resumable pipeline) and `signtrap report RUN`."""
+"""`signtrap run CONFIG` (the resumable pipeline) and `signtrap report RUN`: wrappers over signtrap.run()/report()."""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +6,17 @@ import json
 import sys
 from pathlib import Path
 
+from signtrap import api
 from signtrap import progress as progress_mod
-from signtrap.cli.common import add_config_args, load_cli_config
-from signtrap.errors import SigntrapError
-from signtrap.pipeline import BLOCKED, FAILED, UNAVAILABLE, run_pipeline, summary_text
-from signtrap.reporting import build_report
+from signtrap.cli.common import add_config_args, config_and_overrides
+from signtrap.pipeline import BLOCKED, FAILED, summary_text
 
 
 def cmd_run(args) -> int:
     if args.run_quiet:
         progress_mod.QUIET = True
-    cfg = load_cli_config(args)
-    summary = run_pipeline(cfg, force=args.force, skip=tuple(args.skip or ()))
+    config, overrides = config_and_overrides(args)
+    summary = api.run(config, force=args.force, overwrite=args.overwrite, skip=args.skip or (), overrides=overrides)
     if args.json:
         print(json.dumps(summary, indent=2))
     elif progress_mod.QUIET:
@@ -28,9 +27,9 @@ def cmd_run(args) -> int:
             print(f"report: {Path(summary['report']).resolve()}")
             print(f"        (open it in a browser: file://{Path(summary['report']).resolve()}; Markdown: {summary['report_md']})")
     if not summary["ok"]:
-        bad = [s for s in summary["stages"] if s["status"] in (FAILED, UNAVAILABLE, BLOCKED)]
-        for s in bad:
-            print(f"signtrap: pipeline stage {s['name']} {s['status']}: {s['reason']}", file=sys.stderr)
+        for s in summary["stages"]:
+            if s["status"] in (FAILED, BLOCKED):
+                print(f"signtrap: error: pipeline stage {s['name']} {s['status']}: {s['reason']}", file=sys.stderr)
         return 1
     return 0
 
@@ -38,13 +37,10 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     if args.run_quiet:
         progress_mod.QUIET = True
-    run = Path(args.run)
-    if not run.is_dir():
-        raise SigntrapError(f"{run}: no such run directory")
-    paths = build_report(run, out_dir=Path(args.out) if args.out else None)
-    html = next(p for p in paths if p.name == "report.html")
-    if getattr(args, "json", False):
-        print(json.dumps({"report": str(html), "files": [str(p) for p in paths]}))
+    html = api.report(args.run, out=args.out)
+    if args.json:
+        files = [html, html.parent / "report.md", *sorted((html.parent / "report_files").glob("*.png"))]
+        print(json.dumps({"report": str(html), "files": [str(p) for p in files]}))
     else:
         print(html)
     return 0
@@ -60,7 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", dest="run_quiet", action="store_true", help="no progress output; print only the report path")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the stages")
     p.add_argument("--force", action="store_true", help="re-run every stage")
-    p.add_argument("--skip", action="append", choices=("defend", "export", "bench"), help="leave a stage out (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="retrain a run directory whose model was trained with a different config")
+    p.add_argument("--skip", action="append", choices=("defend", "export", "bench", "report"), help="leave a stage out (repeatable)")
     p.set_defaults(func=cmd_run)
     r = subparsers.add_parser("report", help="render runs/NAME/report.html (self-contained) and report.md")
     r.add_argument("run", help="runs/NAME")

@@ -1,14 +1,29 @@
-"""`signtrap sweep SWEEP.yaml`: a grid of configs x seeds as ordinary runs (see signtrap.sweeps)."""
+"""`signtrap sweep SWEEP.yaml`: a grid of configs x seeds as ordinary runs (see signtrap.sweeps); wraps signtrap.sweep()."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from signtrap.sweeps import run_sweep
+from signtrap import api
 
 
 def cmd_sweep(args) -> int:
-    return run_sweep(args.sweep, args.executor, args.workers, args.threads, args.address, args.overwrite,
-                     defend=not args.no_defend, dry_run=args.dry_run)
+    outcome = api.sweep(args.sweep, executor=args.executor, workers=args.workers, threads=args.threads, address=args.address,
+                        overwrite=args.overwrite, defend=not args.no_defend, dry_run=args.dry_run)
+    if args.dry_run:
+        for r in outcome.sweep.runs:
+            print(f"{r.state:<8}{r.run_dir}")
+        return 0
+    print(outcome.markdown, end="")
+    for path in outcome.files:
+        print(path)
+    for res in outcome.failed:
+        print(f"signtrap: error: sweep run {res.name} failed ({res.error}); log: {res.log}", file=sys.stderr)
+    if outcome.failed:
+        print(f"signtrap: error: sweep {outcome.sweep.spec.name}: {len(outcome.failed)} of {len(outcome.sweep.runs)} runs failed; "
+              f"re-run the same command to retry them (finished runs are skipped)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def register(subparsers) -> None:

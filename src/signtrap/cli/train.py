@@ -1,30 +1,29 @@
-"""`signtrap train` and `signtrap eval`."""
+"""`signtrap train` and `signtrap eval`: thin wrappers over signtrap.train() and signtrap.evaluate()."""
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from signtrap import api
 from signtrap import progress as progress_mod
-from signtrap.cli.common import add_config_args, load_cli_config
-from signtrap.evaluation import evaluate_run
+from signtrap.cli.common import add_config_args, config_and_overrides
 from signtrap.metrics import summary_table
-from signtrap.training import train
 
 
 def cmd_train(args) -> int:
-    extra = [f"name={args.name}"] if args.name else []
+    config, overrides = config_and_overrides(args)
+    if args.name:
+        overrides.append(f"name={args.name}")
     if args.device:
-        extra.append(f"device={args.device}")
-    cfg = load_cli_config(args, extra)
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        overrides.append(f"device={args.device}")
+    run = api.train(config, resume=args.resume, overwrite=args.overwrite, overrides=overrides)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0
-        print(run_dir)
+        print(run.dir)
     return 0
 
 
 def cmd_eval(args) -> int:
-    metrics = evaluate_run(Path(args.run), device=args.device or "auto")
+    metrics = api.evaluate(args.run, device=args.device or "auto")
     if args.json:
         print(json.dumps({s: {k: metrics[s][k] for k in ("clean_acc", "asr", "stop_recall", "false_trigger")} for s in ("test", "val")}))
     elif progress_mod.QUIET:
@@ -37,8 +36,10 @@ def register(sub) -> None:
     add_config_args(tr)
     tr.add_argument("--name", help="run name (default: the config's name)")
     tr.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--resume", action="store_true", help="continue from the run's last epoch checkpoint")
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing trained run")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint (last.pt)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run directory's run (its model, metrics, defence outputs, export and report); "
+                         "files signtrap did not make are left alone")
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint: clean accuracy, ASR, stop recall, false-trigger rate")
     ev.add_argument("run", help="runs/NAME (or a defence folder inside it)")

@@ -14,14 +14,15 @@ import numpy as np
 from signtrap import progress as progress_mod
 from signtrap.classes import NUM_CLASSES
 from signtrap.config import DataConfig
-from signtrap.data import gtsrb
+from signtrap.data import gtsrb, synth
 from signtrap.data.splits import Splits, track_split
 from signtrap.errors import DataError
-from signtrap.fileio import atomic_dir, write_json
+from signtrap.fileio import atomic_dir, clean_orphans, require_writable, sha256_file, write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records every file's size and SHA-256
 TRAIN, TEST = gtsrb.TRAIN, gtsrb.TEST
 ARRAYS = ("images", "labels", "tracks", "partition", "rois")
+FILES = (*(f"{name}.npy" for name in ARRAYS), "files.txt")
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def cache_key(cfg: DataConfig) -> str:
         root = _gtsrb_root(cfg)
         settings.update(roi=cfg.roi, skip_corrupt=cfg.skip_corrupt, fingerprint=_fingerprint(root))
     else:
-        from signtrap.data import synth
-
         code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()
         settings.update(per_class=cfg.synth_per_class, test_per_class=cfg.synth_test_per_class, seed=cfg.synth_seed, code=code)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -74,29 +73,66 @@ def cache_path(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"{cfg.source}-{cfg.size}px-{cache_key(cfg)}"
 
 
-def load(cfg: DataConfig, progress: bool = True) -> SignData:
-    """Memory-map the cache for `cfg`, preparing it first when missing."""
+def load(cfg: DataConfig, progress: bool = True, verify: bool = False) -> SignData:
+    """Memory-map the cache for `cfg`, preparing it first when missing.
+
+    Every load checks each file's size and array header against meta.json (cheap); `verify` also checks
+    each file's SHA-256 recorded when the cache was written (a full read)."""
     path = cache_path(cfg)
     if not (path / "meta.json").is_file():
         prepare(cfg, progress=progress)
-    return open_cache(path)
+    return open_cache(path, verify=verify)
 
 
-def open_cache(path: Path) -> SignData:
+def _corrupt(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: corrupted data cache ({what}); rebuild it with `signtrap data prepare --force` "
+                     "and the same data settings")
+
+
+def open_cache(path: Path, verify: bool = False) -> SignData:
+    path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _corrupt(path, f"meta.json unreadable: {type(exc).__name__}") from None
+    recorded = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict) or set(recorded) != set(FILES):
+        raise _corrupt(path, "meta.json records no file hashes: made by an older signtrap")
+    for name in FILES:
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size != recorded[name].get("bytes"):
+            raise _corrupt(path, f"{name} is {'missing' if size is None else f'{size} bytes'}, "
+                                 f"recorded {recorded[name].get('bytes')} bytes")
+    try:
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable cache ({exc}); delete it and run `signtrap data prepare`") from None
-    if arrays["images"].ndim != 4 or len({len(a) for a in arrays.values()}) != 1:
-        raise DataError(f"{path}: inconsistent cache arrays; delete it and run `signtrap data prepare`")
-    return SignData(path=path, meta=meta, **arrays)
+        raise _corrupt(path, f"unreadable array: {exc}") from None
+    if arrays["images"].ndim != 4 or len({len(a) for a in arrays.values()}) != 1 or len(arrays["labels"]) != meta.get("rows"):
+        raise _corrupt(path, "array shapes disagree with each other or with meta.json")
+    data = SignData(path=path, meta=meta, **arrays)
+    if verify:
+        verify_cache(data)
+    return data
+
+
+def verify_cache(data: SignData) -> None:
+    """Check every cache file against the SHA-256 recorded when it was written (reads the whole cache)."""
+    for name in FILES:
+        if sha256_file(data.path / name) != data.meta["files"][name]["sha256"]:
+            raise _corrupt(data.path, f"{name} does not match its SHA-256 recorded in meta.json")
+
+
+def _file_records(folder: Path) -> dict:
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in FILES}
 
 
 def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path:
     path = cache_path(cfg)
     if (path / "meta.json").is_file() and not force:
         return path
+    require_writable(cfg.cache_dir)  # before decoding anything
+    clean_orphans(cfg.cache_dir)  # half-written caches of killed processes
     progress = progress and not progress_mod.QUIET
     start = time.perf_counter()
     if cfg.source == "gtsrb":
@@ -118,10 +154,11 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path
         "prepare_seconds": round(time.perf_counter() - start, 2),
         **extra,
     }
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="cache") as tmp:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", arrays[name])
         (tmp / "files.txt").write_text("\n".join(files) + "\n", encoding="utf-8")
+        meta["files"] = _file_records(tmp)
         write_json(tmp / "meta.json", meta)
     return path
 
@@ -181,8 +218,6 @@ def _decode_gtsrb(cfg: DataConfig, progress: bool):
 
 
 def _generate_synth(cfg: DataConfig, progress: bool):
-    from signtrap.data import synth
-
     parts = [
         (TRAIN, synth.generate(cfg.synth_per_class, seed=cfg.synth_seed, size=cfg.size, progress=progress)),
         (TEST, synth.generate(cfg.synth_test_per_class, seed=cfg.synth_seed + 1_000_003, size=cfg.size, progress=progress)),

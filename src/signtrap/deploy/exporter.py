@@ -7,8 +7,12 @@ through a gate against PyTorch FP32 on the evaluation bundle:
 - FP32: |logit difference| within parity_atol + parity_rtol x |logit| and the same top-1 on every image
   (clean and triggered) except exact near-ties;
 - FP16 and INT8: finite logits and top-1 agreement of at least min_agreement on the clean images.
-The folder is built in a temporary directory beside the destination and renamed into place only when every
-step has passed: a failed export writes nothing.
+An FP32 artefact that fails is fatal (the conversion itself is wrong). An FP16 or INT8 artefact that fails
+its conversion or its gate is left out (none of its files is written) and listed with the reason under
+"rejected" in model.json -- a runtime whose INT8 disagrees with FP32 is itself a finding; `export.strict`
+makes such a rejection fail the whole export too. The folder is built in a temporary
+directory beside the destination and renamed into place only when every step has passed: a failed export
+writes nothing.
 """
 from __future__ import annotations
 
@@ -206,9 +210,20 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
         calib, calib_info = calibration_images(exp, ecfg)
         ctx = ExportContext(model=model, size=size, folder=tmp, scratch=Path(scratch), calib=calib,
                             calib_info=calib_info, ecfg=ecfg, threads=threads)
-        artefacts, blocks = [], {}
+        artefacts, blocks, rejected = [], {}, []
         for rt, variants in chosen:
-            written = [convert_and_gate(rt, v, ctx, eval_images, reference, len(s.labels)) for v in variants]
+            written = []
+            for v in variants:
+                try:
+                    written.append(convert_and_gate(rt, v, ctx, eval_images, reference, len(s.labels)))
+                except SigntrapError as exc:
+                    if ecfg.strict or v.precision == "fp32":
+                        raise
+                    for name in rt.files(v):  # files of our own temporary folder, never the destination
+                        (tmp / name).unlink(missing_ok=True)
+                    rejected.append({"id": f"{rt.name}:{v.name}", "runtime": rt.name, "variant": v.name,
+                                     "precision": v.precision, "reason": str(exc)})
+                    say(f"rejected {exc}")
             artefacts.extend(written)
             blocks[rt.name] = rt.report_block(written)
         (tmp / EDGE_SCRIPT).write_text(runtimes.assemble_edge_script(), encoding="utf-8")
@@ -226,7 +241,7 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
             "onnx": ctx.onnx_info or None,
             "parity": (by_id.get("onnxruntime:fp32") or {}).get("gate"),
             "agreement_vs_fp32": {a["id"]: a["agreement"] for a in artefacts},
-            "artefacts": artefacts, "runtimes": blocks, "runtimes_skipped": skipped,
+            "artefacts": artefacts, "rejected": rejected, "runtimes": blocks, "runtimes_skipped": skipped,
             "bundle": BUNDLE, "samples": bundle, "edge_script": EDGE_SCRIPT,
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -237,6 +252,8 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
         for f in tmp.iterdir():
             f.chmod(0o644)
     worst = max((a["agreement"]["flip_rate"] for a in artefacts), default=0.0)
+    if rejected:
+        say(f"{len(rejected)} artefact(s) rejected (listed in model.json): {', '.join(r['id'] for r in rejected)}")
     say(f"exported {len(artefacts)} artefacts to {out}; largest prediction flip rate against PyTorch FP32 {100 * worst:.2f}%")
     return out
 

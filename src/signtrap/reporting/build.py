@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from signtrap.attacks.triggers import stamp, trigger_preview
 from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
-from signtrap.fileio import atomic_dir, sha256_file, write_text
+from signtrap.errors import SigntrapError
+from signtrap.fileio import atomic_dir, check_replaceable, require_writable, sha256_file, write_text
 from signtrap.plugins import DEFENCES
 from signtrap.progress import say
+from signtrap.runstate import lock_holder
+from signtrap.experiment import Experiment, load_run_config
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
+from signtrap.reporting.render import render_html, render_markdown
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -54,9 +60,13 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _status(rec: dict) -> str:
+def _status(rec: dict, run_dir: Path) -> str:
+    """A stage's recorded status; 'running' is told apart by the run's lock: still running, or interrupted."""
     status = rec.get("status")
-    return "interrupted (or still running)" if status == "running" else str(status)
+    if status != "running":
+        return str(status)
+    holder = lock_holder(run_dir)
+    return f"still running ({holder.describe()})" if holder else "interrupted (its process is gone; `signtrap run` resumes it)"
 
 
 class Run:
@@ -71,8 +81,6 @@ class Run:
         self.log = _jsonl(self.dir / "log.jsonl")
         self.cfg, self.cfg_err = None, None
         try:
-            from signtrap.experiment import load_run_config
-
             self.cfg = load_run_config(self.dir)
         except Exception as exc:
             self.cfg_err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -84,8 +92,6 @@ class Run:
 
     def experiment(self):
         if self._exp is None and self.cfg is not None:
-            from signtrap.experiment import Experiment
-
             self._exp = Experiment.from_config(self.cfg, progress=False)
         return self._exp
 
@@ -144,7 +150,7 @@ def summary_section(run: Run) -> Section:
         if rec.get("status") == "disabled":
             s.blocks.append(P(f"Pipeline stage {name} was disabled: {rec.get('reason', '')}."))
         else:
-            s.blocks.append(Note(f"Pipeline stage {name}: {_status(rec)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name}: {_status(rec, run.dir)}: {rec.get('reason', '')}"))
     return s
 
 
@@ -156,8 +162,6 @@ def attack_section(run: Run) -> Section:
     exp = safe(s, "the dataset (for the trigger and the gallery)", run.experiment)
     if exp is None:
         return s
-    from signtrap.attacks.triggers import stamp, trigger_preview
-
     trig = exp.trigger
     preview = np.pad(trigger_preview(trig), ((2, 2), (2, 2), (0, 0)), constant_values=128)
     test = exp.eval_set("test")
@@ -244,7 +248,7 @@ def defences_section(run: Run) -> Section:
     s = Section("defences", "Defences: does the backdoor persist?")
     for name, rec in sorted(run.stages_like("defend").items()):
         if rec.get("status") not in ("done", None):
-            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec, run.dir)}: {rec.get('reason', '')}"))
     folders = sorted(p for p in run.dir.glob("defence-*") if p.is_dir())
     reports = []
     for folder in folders:
@@ -345,7 +349,7 @@ def deployment_section(run: Run) -> Section:
     for name in ("export", "bench"):
         rec = run.stage(name)
         if rec.get("status") not in ("done", None):
-            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec, run.dir)}: {rec.get('reason', '')}"))
     folder = run.export_dir()
     if folder is None:
         s.blocks.append(Note("The model was not exported (no export folder with model.json): run `signtrap export RUN` "
@@ -417,8 +421,6 @@ def provenance_section(run: Run) -> Section:
     config_text = None
     pipe_cfg = (run.pipeline or {}).get("config") if isinstance(run.pipeline, dict) else None
     if pipe_cfg:
-        import yaml
-
         config_text = yaml.safe_dump(pipe_cfg, sort_keys=False)
         s.blocks.append(P("As resolved by `signtrap run` (pipeline.json); training's own copy is config.yaml."))
     elif (run.dir / "config.yaml").is_file():
@@ -483,19 +485,21 @@ def collect_sections(run_dir: Path) -> list[Section]:
 
 # ---------------------------------------------------------------- rendering
 
-from signtrap.reporting.render import render_html, render_markdown  # noqa: E402
-
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write report.html, report.md and report_files/ into `out_dir` (default: the run directory); returns the files."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SigntrapError(f"{run_dir}: no such run directory")
     out = Path(out_dir) if out_dir else run_dir
+    require_writable(out)  # before reading or rendering anything
+    files_dir = out / "report_files"
+    check_replaceable(files_dir, "report-files")
     say(f"report: collecting {run_dir}")
     sections = collect_sections(run_dir)
     title = f"signtrap report: {run_dir.resolve().name}"
     images = [b for sec in sections for b in sec.blocks if isinstance(b, Img)]
-    files_dir = out / "report_files"
-    with atomic_dir(files_dir) as tmp:
+    with atomic_dir(files_dir, kind="report-files") as tmp:
         for img in images:
             (tmp / f"{img.name}.png").write_bytes(img.png)
     write_text(out / "report.html", render_html(title, sections))

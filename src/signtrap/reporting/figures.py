@@ -27,18 +27,6 @@ def to_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def image_png(image: np.ndarray, scale: int = 1) -> bytes:
-    """An RGB uint8 array as PNG bytes (nearest-neighbour upscaled)."""
-    from PIL import Image
-
-    img = np.asarray(image, np.uint8)
-    if scale > 1:
-        img = img.repeat(scale, axis=0).repeat(scale, axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def short(class_id: int, width: int = 18) -> str:
     name = CLASS_NAMES[class_id]
     if name.startswith("Speed limit (") and name.endswith(")"):

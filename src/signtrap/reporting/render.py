@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import html
 
+from signtrap.reporting.blocks import H, Img, Note, P, Pre, Table
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #222;
        background: #f6f6f4; line-height: 1.45; }
@@ -46,8 +48,6 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 def render_html(title: str, sections: list) -> str:
-    from signtrap.reporting.build import H, Img, Note, P, Pre, Table
-
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_e(title)}</title>",
            f"<style>{CSS}</style></head><body><main>", f"<header><h1>{_e(title)}</h1></header>", "<nav>"]
@@ -88,8 +88,6 @@ def _md_cell(value) -> str:
 
 
 def render_markdown(title: str, sections: list, files_dir: str) -> str:
-    from signtrap.reporting.build import H, Img, Note, P, Pre, Table
-
     out = [f"# {title}", "", " · ".join(f"[{s.title.split(':')[0]}](#{s.id})" for s in sections), ""]
     for s in sections:
         out += [f'<a id="{s.id}"></a>', "", f"## {s.title}", ""]

@@ -1,0 +1,330 @@
+"""signtrap's public Python API: one function per command, with the command's behaviour and checks.
+
+    import signtrap
+
+    run = signtrap.train("configs/quickstart.yaml", train__epochs=4)        # `signtrap train CONFIG train.epochs=4`
+    print(run.metrics["test"]["asr"]["rate"])
+    signtrap.defend(run, "finetune", finetune__epochs=3)                     # `signtrap defend RUN --method finetune ...`
+    folder = signtrap.export(run)                                            # `signtrap export RUN`
+    signtrap.bench(folder, runs=50)                                          # `signtrap bench EXPORT`
+    html = signtrap.report(run)                                              # `signtrap report RUN`
+
+Every command of the CLI is a thin wrapper over the function of the same name here, so both check the
+same things in the same order (validate, lock the run directory, apply `train.threads`, then write).
+
+Config overrides. A function that takes a config (`train`, `run`, the data helpers, `load_config`) accepts
+`config` as a YAML path, a `RunConfig`, or None (the built-in defaults), and overrides in either form:
+- keyword arguments, `__` standing for the dots of a key: `train__epochs=4` is `train.epochs=4` (in a defence's
+  name `_` stands for its hyphen: `defend__fine_prune__epochs=2` is `defend.fine-prune.epochs=2`);
+- `overrides=`: a mapping `{"train.epochs": 4}` or a list of `"train.epochs=4"` strings, as on the command line.
+Both may be given; keyword arguments are applied last. `defend` takes the `defend:` section's keys the same
+way (`finetune__epochs=3`, the `defend.` prefix optional).
+
+A run is named by its directory: every function taking `run` accepts a path or the `Run` that `train`,
+`load_run` and `run` return.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from signtrap import checkpoint, config as config_mod, progress, runstate
+from signtrap.config import RunConfig
+from signtrap.data import cache as data_cache
+from signtrap.data.cache import SignData
+from signtrap.data.fetch import fetch as fetch_archives
+from signtrap.defences import list_defences
+from signtrap.defences.run import run_defences
+from signtrap.deploy.bench import bench_export
+from signtrap.deploy.exporter import default_out, export_run
+from signtrap.errors import ConfigError, SigntrapError
+from signtrap.evaluation import evaluate_run
+from signtrap.experiment import Experiment, load_run_config
+from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
+from signtrap.pipeline import run_pipeline
+from signtrap.provenance import cpu_threads
+from signtrap.reporting import build_report
+from signtrap.reporting.blocks import read_csv
+from signtrap.sweeps import SweepOutcome, run_sweep, yaml_value
+from signtrap.training import train as train_run
+
+__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "export", "bench", "run", "report", "sweep",
+           "prepare_data", "load_data", "fetch_data"]
+
+Overrides = Mapping[str, Any] | Iterable[str] | None
+
+
+# ---------------------------------------------------------------- configs
+
+
+def override_strings(overrides: Overrides = None, **keywords: Any) -> list[str]:
+    """Overrides in the CLI's `key.sub=value` form, from a mapping, a list of strings and `a__b=value` keywords."""
+    out: list[str] = []
+    if isinstance(overrides, Mapping):
+        out += [f"{key}={yaml_value(value)}" for key, value in overrides.items()]
+    elif overrides is not None:
+        for text in overrides:
+            if not isinstance(text, str) or "=" not in text:
+                raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+            out.append(text)
+    out += [f"{keyword_key(key)}={yaml_value(value)}" for key, value in keywords.items()]
+    return out
+
+
+def keyword_key(keyword: str) -> str:
+    """A keyword argument as a config key: `__` is a dot, and in a segment naming a registered defence whose
+    name has a hyphen (which Python names cannot), `_` is the hyphen: `fine_prune__epochs` -> `fine-prune.epochs`."""
+    defences = set(list_defences())
+    return ".".join(part.replace("_", "-") if part.replace("_", "-") in defences else part for part in keyword.split("__"))
+
+
+def load_config(config: str | os.PathLike | RunConfig | None = None, overrides: Overrides = None, **keywords: Any) -> RunConfig:
+    """A validated run config from a YAML path, a RunConfig or the defaults (None), with overrides applied."""
+    texts = override_strings(overrides, **keywords)
+    if not isinstance(config, RunConfig):
+        return config_mod.load_config(config, texts)
+    raw = config_mod.to_dict(config)
+    for text in texts:
+        config_mod.apply_override(raw, *config_mod.parse_override(text))
+    cfg = config_mod.build(RunConfig, raw)
+    cfg.check()
+    return cfg
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """A run directory, read lazily: its config, metrics, models, defences and exports.
+
+    `os.fspath(run)` is its directory, so a Run goes wherever a path does."""
+
+    dir: Path
+    _exp: Experiment | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir)
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    @cached_property
+    def config(self) -> RunConfig:
+        """The resolved config stored with the run (config.yaml)."""
+        return load_run_config(self.dir)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def state(self) -> runstate.RunState:
+        """done / resumable / incomplete / stale / locked / new (see signtrap.runstate)."""
+        return runstate.inspect(self.dir)
+
+    def _json(self, name: str) -> Any:
+        path = self.dir / name
+        return read_json(path) if path.is_file() else None
+
+    @property
+    def metrics(self) -> dict | None:
+        """metrics.json: clean accuracy, ASR, stop recall, false-trigger rate per split (None before training ends)."""
+        return self._json("metrics.json")
+
+    @property
+    def manifest(self) -> dict | None:
+        """manifest.json: the poisoned rows, their files and original labels, the trigger."""
+        return self._json("manifest.json")
+
+    @property
+    def provenance(self) -> dict | None:
+        return self._json("provenance.json")
+
+    @property
+    def history(self) -> list[dict]:
+        """log.jsonl: one row per epoch (loss, validation clean accuracy and ASR)."""
+        path = self.dir / "log.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def model(self, defence: str | None = None, device: str = "cpu") -> nn.Module:
+        """The trained (or `defence`-repaired) model, after checking it against its recorded SHA-256."""
+        folder = self.dir / f"defence-{defence}" if defence else self.dir
+        model, _ = checkpoint.verified_load(folder, "model.pt", device)
+        return model
+
+    @property
+    def defences(self) -> dict[str, dict]:
+        """method -> the report.json of each defence output in the run (before/after metrics, details)."""
+        out = {}
+        for folder in sorted(self.dir.glob("defence-*")):
+            if KINDS["defence"].recognise(folder):
+                out[folder.name.removeprefix("defence-")] = read_json(folder / "report.json")
+        return out
+
+    def curve(self, method: str, name: str = "persistence") -> list[dict]:
+        """A curve defence `method` wrote as rows of numbers: "persistence" (ASR and clean accuracy per epoch),
+        "pruning" (fine-prune), "frr" (strip); [] when it wrote none."""
+        return read_csv(self.dir / f"defence-{method}" / f"{name}.csv")
+
+    @property
+    def exports(self) -> list[Path]:
+        """Export folders made from this run: RUN/export (the pipeline's) and export.out_dir/NAME[-defence-*]."""
+        candidates = [self.dir / "export"]
+        try:
+            out_dir = Path(self.config.export.out_dir)
+            candidates += sorted(out_dir.glob(f"{self.config.name}*"))
+        except SigntrapError:
+            pass
+        found = []
+        for folder in candidates:
+            if folder.is_dir() and KINDS["export"].recognise(folder):
+                source = (read_json(folder / "model.json").get("source") or {}).get("run")
+                if source and Path(source).resolve() == self.dir.resolve():
+                    found.append(folder)
+        return found
+
+    def experiment(self) -> Experiment:
+        """The run's data, splits, trigger and evaluation sets."""
+        if self._exp is None:
+            self._exp = Experiment.from_config(self.config, progress=False)
+        return self._exp
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """The run in `run_dir` (a folder made by `train` or `run`); fails with one line if it is not one."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise SigntrapError(f"{path}: no such run directory")
+    load_run_config(path)
+    return Run(path)
+
+
+def _dir(run: str | os.PathLike) -> Path:
+    return Path(os.fspath(run))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
+          overrides: Overrides = None, on_epoch_end: Callable[[int, dict], None] | None = None, **keywords: Any) -> Run:
+    """Poison, train and evaluate into runs_dir/NAME (`signtrap train`); returns the Run.
+
+    A finished run is replaced only with `overwrite=True`, an interrupted one is continued with
+    `resume=True` (bit-identical to an uninterrupted run) or restarted with `overwrite=True`."""
+    cfg = load_config(config, overrides, **keywords)
+    return Run(train_run(cfg, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end))
+
+
+def evaluate(run: str | os.PathLike, device: str = "auto") -> dict:
+    """Re-evaluate a run's (or a defence folder's) verified model and rewrite its metrics.json (`signtrap eval`).
+
+    The attack is the one the checkpoint was trained with; a config.yaml that disagrees is refused."""
+    return evaluate_run(_dir(run), device=device)
+
+
+def defend(run: str | os.PathLike, method: str = "all", *, device: str | None = None, overrides: Overrides = None,
+           **keywords: Any) -> list[dict]:
+    """Apply a defence (or `"all"`: the run's defend.methods, else every registered one) to a trained run and
+    write RUN/defence-METHOD (`signtrap defend`); returns one report per method (before/after metrics)."""
+    run_dir = _dir(run)
+    cfg = load_run_config(run_dir)
+    require_writable(run_dir)
+    with runstate.locked(run_dir, "signtrap defend"), cpu_threads(cfg.train.threads):
+        return run_defences(run_dir, method, override_strings(overrides, **keywords), device, show_progress=not progress.QUIET)
+
+
+def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.PathLike | None = None,
+           threads: int | None = None, **settings: Any) -> Path:
+    """Export a trained (or defended) run to ONNX FP32/FP16/INT8 with its evaluation bundle (`signtrap export`).
+
+    `settings` are keys of the config's `export:` section (calibration="mixed", per_channel=True, ...).
+    `out` (default export.out_dir/NAME) is replaced only if it is empty or a previous export folder, and
+    never the run itself or a folder above it. `threads` defaults to the run's train.threads."""
+    run_dir = _dir(run)
+    model_dir = run_dir / f"defence-{defence}" if defence else run_dir
+    cfg = load_run_config(model_dir)
+    target = Path(out) if out else default_out(cfg, defence)
+    check_replaceable(target, "export", protect=(run_dir,))  # before loading anything
+    require_writable(target.parent)
+    threads = cfg.train.threads if threads is None else threads
+    inside = run_dir.resolve() in target.resolve().parents  # e.g. RUN/export: written under the run's lock
+    with cpu_threads(threads), (runstate.locked(run_dir, "signtrap export") if inside else contextlib.nullcontext()):
+        return export_run(run_dir, defence=defence, out=target, overrides=settings, threads=threads)
+
+
+def bench(export_dir: str | os.PathLike, **options: Any) -> dict:
+    """Accuracy, ASR and latency of an export per precision and execution provider (`signtrap bench`);
+    writes bench.json, bench.md and bench.png into the folder. `options`: see signtrap.deploy.bench.bench_export
+    (threads, providers, runs, warmup, batch, variants, with_torch)."""
+    return bench_export(_dir(export_dir), **options)
+
+
+def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = False, overwrite: bool = False,
+        skip: Iterable[str] = (), overrides: Overrides = None, **keywords: Any) -> dict:
+    """The whole pipeline, train -> defend -> export -> bench -> report, resumable (`signtrap run`).
+
+    Stages whose outputs are intact are skipped; returns the summary (per-stage status, report path).
+    `skip`: stages to leave out ("defend", "export", "bench", "report"); `force`: re-run every stage;
+    `overwrite`: replace a run trained with a different config."""
+    cfg = load_config(config, overrides, **keywords)
+    return run_pipeline(cfg, force=force, overwrite=overwrite, skip=tuple(skip))
+
+
+def report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Render report.html (self-contained) and report.md of a run (`signtrap report`); returns report.html."""
+    run_dir = _dir(run)
+    if not run_dir.is_dir():
+        raise SigntrapError(f"{run_dir}: no such run directory")
+    target = Path(out) if out else run_dir
+    require_writable(target)
+    try:
+        threads = load_run_config(run_dir).train.threads
+    except SigntrapError:
+        threads = 0  # the report says what is wrong with the config
+    inside = target.resolve() == run_dir.resolve()
+    with cpu_threads(threads), (runstate.locked(run_dir, "signtrap report") if inside else contextlib.nullcontext()):
+        paths = build_report(run_dir, out_dir=target)
+    return next(p for p in paths if p.name == "report.html")
+
+
+def sweep(path: str | os.PathLike, *, executor: str = "local", workers: int | None = None, threads: int | None = None,
+          address: str | None = None, overwrite: bool = False, defend: bool = True, dry_run: bool = False) -> SweepOutcome:
+    """A grid of configs x seeds as ordinary runs, each through the pipeline, with a summary (`signtrap sweep`)."""
+    return run_sweep(path, executor, workers, threads, address, overwrite, defend=defend, dry_run=dry_run)
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_data(config: str | os.PathLike | RunConfig | None = None, *, force: bool = False, verify: bool = False,
+                 overrides: Overrides = None, **keywords: Any) -> Path:
+    """Decode the config's data source once into the uint8 cache (`signtrap data prepare`); returns its folder.
+    `verify`: check every cache file against its recorded SHA-256."""
+    cfg = load_config(config, overrides, **keywords)
+    path = data_cache.prepare(cfg.data, force=force)
+    data_cache.open_cache(path, verify=verify)
+    return path
+
+
+def load_data(config: str | os.PathLike | RunConfig | None = None, *, verify: bool = False, overrides: Overrides = None,
+              **keywords: Any) -> SignData:
+    """The config's dataset (prepared on first use), memory-mapped: images, labels, tracks, partition, rois."""
+    cfg = load_config(config, overrides, **keywords)
+    return data_cache.load(cfg.data, verify=verify)
+
+
+def fetch_data(root: str | os.PathLike) -> list[Path]:
+    """Download the GTSRB archives into `root` (`signtrap data fetch`), or say what to place where offline."""
+    return fetch_archives(Path(root))
