@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [summarise(m, reps) for m, reps in by_method.items()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = table(rows)
-    print(f"\n{len(runs)} run(s); {args.threads} torch threads on {args.device}; load average {load:.1f} at the end "
-          "(timings measured while the machine was busy are not final figures)\n")
+    if args.reuse:
+        print(f"\n{len(runs)} run(s); figures and seconds as recorded in each defence-METHOD/report.json "
+              "(timings measured while the machine was busy are not final figures)\n")
+    else:
+        print(f"\n{len(runs)} run(s); {args.threads} torch threads on {args.device}; load average {load:.1f} at the end "
+              "(timings measured while the machine was busy are not final figures)\n")
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n", encoding="utf-8")
