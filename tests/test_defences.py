@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from signtrap import checkpoint
+from signtrap import checkpoint, runstate
 from signtrap.cli import main
 from signtrap.defences import get_defence, list_defences
 from signtrap.errors import SigntrapError
@@ -24,10 +24,13 @@ METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 
 def tree_hash(root: Path, skip_defences: bool = False) -> str:
-    """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders)."""
+    """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders), but
+    the run lock, which names its last holder (as tests/test_safety.py)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*")):
         rel = path.relative_to(root)
+        if rel.name == runstate.LOCK_FILE:
+            continue
         if skip_defences and rel.parts[0].startswith("defence-"):
             continue
         digest.update(str(rel).encode())
