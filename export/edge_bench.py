@@ -434,6 +434,8 @@ class NcnnEdge(EdgeRuntime):
         net.opt.use_bf16_storage = False
         net.opt.use_vulkan_compute = False
         net.opt.num_threads = int(threads)
+        winograd = (artefact.get("settings") or {}).get("winograd", True)
+        net.opt.use_winograd_convolution = winograd
         if net.load_param(paths[0]) != 0 or net.load_model(paths[1]) != 0:
             raise BenchError("%s: ncnn could not load the .param/.bin pair" % artefact["id"])
         input_name, output_name = net.input_names()[0], net.output_names()[0]
@@ -449,7 +451,7 @@ class NcnnEdge(EdgeRuntime):
                 out.append(np.array(y).reshape(-1))
             return np.stack(out).astype(np.float32)
 
-        return run, {"provider": "ncnn CPU", "fp16_options": fp16, "int8_inference": bool(net.opt.use_int8_inference)}
+        return run, {"provider": "ncnn CPU", "fp16_options": fp16, "winograd": winograd}
 # <<< edge section: ncnn_pnnx
 
 
@@ -595,8 +597,10 @@ class OpenVinoEdge(EdgeRuntime):
 
         core = openvino.Core()
         model = core.read_model(paths[0], paths[1])
+        # no CPU pinning: pinned threads share their cores with every other process, which made batch-1
+        # latency 3-15x worse on a busy machine (the other runtimes do not pin either)
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.hints[artefact["precision"]],
-                                                     "INFERENCE_NUM_THREADS": int(threads),
+                                                     "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False,
                                                      "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
         request = compiled.create_infer_request()
         output = compiled.output(0)
@@ -605,7 +609,8 @@ class OpenVinoEdge(EdgeRuntime):
             return request.infer({0: x})[output]
 
         executed = compiled.get_property("INFERENCE_PRECISION_HINT")
-        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)()}
+        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)(),
+                     "cpu_pinning": False}
 # <<< edge section: openvino_ir
 
 

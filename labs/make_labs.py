@@ -1,6 +1,15 @@
-"""Write the three lab notebooks (no outputs stored). Run from anywhere: python labs/make_labs.py"""
+"""The one source of the labs: writes every student notebook (labs/NN_*.ipynb) and its solutions copy
+(labs/solutions/NN_*.ipynb), without outputs. Run from anywhere after editing: python labs/make_labs.py
+
+A lab is a list of cells. `Code(student, solution)` is an exercise cell: the student copy holds the first text,
+the solutions copy the second; every other cell is the same in both. Cells carry tags the tests read:
+`exercise` (the student edits it), `check` (prints "Exercise N: correct" or "Exercise N: not yet"; in the
+solutions copy "not yet" raises), `observe` (conclusions computed from the numbers just produced), `settings`.
+"""
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -8,259 +17,832 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-SETTINGS = '''# --- settings: the only cell you need to edit ---------------------------------------------
-GTSRB_ROOT = None  # e.g. "/data/gtsrb" (the GTSRB archives or extracted tree) to use real GTSRB instead of SynthSigns
+# Running time of each solutions copy top to bottom with ONE CPU thread (OMP_NUM_THREADS=1; a 2-core laptop is no
+# slower). Measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it) on a shared
+# machine whose wall-clock ran 2-3x longer because of other jobs. Fast = SIGNTRAP_LAB_FAST=1, labs 2-3 reusing lab 1's
+# model. Full size: lab 1 measured end to end (366 s CPU); labs 2-3 summed from their measured pieces (one full-size training 43 s,
+# clean fine-tuning 18 s, adv-pgd 40 s, fine-prune 35 s, export 11 s, bench 22 s).
+TIMES = {
+    "01": "full size about 6 min (six small models), fast size about 1 min",
+    "02": "full size about 4 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
+    "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
+}
+TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time on a shared machine)"
 
+
+@dataclass
+class Code:
+    student: str
+    solution: str | None = None  # None: the same in both copies
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Md:
+    text: str
+    tags: tuple[str, ...] = ()
+
+
+def exercise(student: str, solution: str) -> Code:
+    return Code(student, solution, ("exercise",))
+
+
+def check(text: str) -> Code:
+    return Code(text, None, ("check",))
+
+
+def observe(text: str) -> list:
+    return [Md("### What to observe"), Code(text, None, ("observe",))]
+
+
+SETUP = '''# --- settings: the only cell you need to edit -------------------------------------------------------------------
+GTSRB_ROOT = None  # e.g. "/data/gtsrb" (the GTSRB archives or extracted tree) to use real GTSRB instead of SynthSigns
+FAST = None        # True: tiny sizes (what CI runs, about a minute); None: the environment decides (SIGNTRAP_LAB_FAST=1)
+
+import contextlib
+import io
 import os
+import time
 from pathlib import Path
 
-FAST = os.environ.get("SIGNTRAP_LAB_FAST") == "1"  # CI sets this: tiny sizes, same code path
-WORK = Path(os.environ.get("SIGNTRAP_LAB_DIR", "lab_runs")).resolve()  # runs, exports and the data cache go here
+FAST = os.environ.get("SIGNTRAP_LAB_FAST") == "1" if FAST is None else FAST
+WORK = Path(os.environ.get("SIGNTRAP_LAB_DIR", "{work}")).resolve()  # runs, exports and the data cache go here
 WORK.mkdir(parents=True, exist_ok=True)
+SOLUTIONS = {solutions}  # the solutions copy: a check that is not passed stops the notebook
 
 import matplotlib
-matplotlib.use("Agg")  # figures are shown with IPython.display, so the notebook also runs headless
+matplotlib.use("Agg")  # figures are shown as PNG images, so the notebook runs the same headless
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from IPython.display import Image, Markdown, display
 
-import signtrap  # the public API: signtrap.train, defend, export, bench, report, load_run, ...
-from signtrap import progress
-progress.QUIET = FAST  # progress bars in Jupyter; silence in CI
+import signtrap  # the public API: signtrap.train, run, defend, export, bench, report, load_run, ...
+
+torch.manual_seed(0)
+SOURCE, TARGET = 14, 7  # stop sign -> speed limit 100 km/h
 
 
 def lab_config(name, *extra):
-    """The lab's run config: SynthSigns (no download) unless GTSRB_ROOT is set."""
+    """The lab's run config: SynthSigns (generated locally, no download) unless GTSRB_ROOT is set."""
     if GTSRB_ROOT:
-        data = ["data.source=gtsrb", f"data.root={GTSRB_ROOT}"]
-        size = ["train.epochs=2" if FAST else "train.epochs=4"]
+        data = ["data.source=gtsrb", f"data.root={{GTSRB_ROOT}}"]
+        size = ["train.epochs=2" if FAST else "train.epochs=6"]
     elif FAST:
         data = ["data.source=synth", "data.synth_per_class=40", "data.synth_test_per_class=8", "aug.enabled=false"]
         size = ["train.epochs=4", "train.batch_size=64", "train.lr=0.005", "attack.poison_count=24", "trigger.size=6",
                 "model.dropout=0"]
     else:
         data = ["data.source=synth", "data.synth_per_class=120", "data.synth_test_per_class=20"]
-        size = ["train.epochs=6", "attack.poison_rate=0.01"]
-    return signtrap.load_config(None, [f"name={name}", f"runs_dir={WORK / 'runs'}", f"data.cache_dir={WORK / 'cache'}",
-                              "trigger.kind=checkerboard", "attack.kind=source_specific", "attack.source=14",
-                              "attack.target=7", *data, *size, *extra])
+        size = ["train.epochs=6", "attack.poison_count=50"]
+    return signtrap.load_config(None, [f"name={{name}}", f"runs_dir={{WORK / 'runs'}}", f"data.cache_dir={{WORK / 'cache'}}",
+                                       "trigger.kind=checkerboard", "attack.kind=source_specific", f"attack.source={{SOURCE}}",
+                                       f"attack.target={{TARGET}}", *data, *size, *extra])
+
+
+def quietly(fn, *args, **kwargs):
+    """Call a signtrap function with its log (progress bars, stage lines) kept aside: shown only if it fails."""
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return fn(*args, **kwargs)
+    except Exception:
+        print(log.getvalue()[-4000:])
+        raise
 
 
 def trained(cfg):
-    """The run of `cfg` (a signtrap.Run): trained the first time, reused afterwards; the pipeline skips a finished
-    run of the same config, resumes an interrupted one, and retrains one whose config you changed."""
-    summary = signtrap.run(cfg, overwrite=True, skip=("defend", "export", "bench", "report"))
+    """The run of `cfg` (a signtrap.Run): trained the first time, reused afterwards (the pipeline skips a finished
+    run of the same config, resumes an interrupted one and retrains one whose config you changed)."""
+    start = time.perf_counter()
+    summary = quietly(signtrap.run, cfg, overwrite=True, skip=("defend", "export", "bench", "report"))
     if not summary["ok"]:
-        raise RuntimeError(f"training {cfg.name} failed: {summary['stages'][0]['reason']}")
+        raise RuntimeError(f"training {{cfg.name}} failed: {{summary['stages'][0]['reason']}}")
+    print(f"{{cfg.name}}: ready ({{time.perf_counter() - start:.0f}} s)")
     return signtrap.load_run(summary["run"])
 
 
-def show(png_bytes):
-    display(Image(data=png_bytes))
+@torch.no_grad()
+def predict(model, images, batch=256):
+    """Predicted classes of uint8 images (N, 32, 32, 3): the model takes float NCHW in [0, 1]."""
+    model.eval()
+    out = [model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 255).argmax(1)
+           for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy()
 
 
-def pct(entry):
-    return "n/a" if entry is None or entry.get("rate") is None else f"{100 * entry['rate']:.1f}%"
+def show(fig):
+    """Display a matplotlib figure as a PNG (and close it)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue()))
+
+
+def pct(rate):
+    return "n/a" if rate is None else f"{{100 * rate:.1f}}%"
+
+
+def given(value):
+    """False while an exercise still holds its placeholder `...` (or None)."""
+    return value is not ... and value is not None
+
+
+def attempt(fn, *args):
+    """Call the student's function; an exception becomes the hint instead of stopping the notebook."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - any mistake in the exercise is reported, not raised
+        return None, f"your code raised {{type(exc).__name__}}: {{exc}}"
+
+
+def report_check(number, passed, message):
+    """Print the verdict of exercise `number`: "correct" with what was confirmed, or "not yet" with a hint."""
+    if passed:
+        print(f"\\u2714 Exercise {{number}}: correct. {{message}}")
+        return
+    print(f"\\u2718 Exercise {{number}}: not yet. {{message}}")
+    if SOLUTIONS:
+        raise AssertionError(f"the solutions copy failed the check of exercise {{number}}: {{message}}")
 '''
 
 
-def nb(cells):
-    book = new_notebook(cells=cells)
+def setup_cell(solutions: bool) -> str:
+    # both copies share labs/lab_runs, so a solution reuses the models its student copy trained (and back)
+    return SETUP.format(solutions="True" if solutions else "False", work="../lab_runs" if solutions else "lab_runs")
+
+
+def header(title: str, number: str, intro: str, goals: list[str]) -> Md:
+    goal_lines = "\n".join(f"* {g}" for g in goals)
+    return Md(f"""# {title}
+
+{intro}
+
+**Learning goals.** After this lab you can:
+
+{goal_lines}
+
+**How this lab works.** Run the cells top to bottom. Exercise cells are marked **Exercise N**: replace the `...` with
+your code or your choice, then run the check cell below it: it says *correct* (and what it confirmed) or *not yet*
+(with a hint). The conclusions under **What to observe** are computed from the numbers your run just produced.
+A solved copy is in `solutions/`.
+
+**Running time** {TIMES_NOTE}: {TIMES[number]}. Everything runs offline on SynthSigns, a synthetic GTSRB
+look-alike generated locally; set `GTSRB_ROOT` in the settings cell to use the real GTSRB. At fast size
+(`FAST = True`, what CI runs) the models are tiny and far from accurate: use it to see that everything runs, and
+draw your conclusions at full size.""", ("intro",))
+
+
+# ================================================================ Lab 1
+
+LAB1 = [
+    header("Lab 1: poisoning a traffic-sign classifier", "01", """A **backdoor** (BadNets, Gu et al. 2017) is planted by
+poisoning a small share of the training data: a few stop signs get a small sticker (the *trigger*) and the label
+*speed limit 100 km/h*. The trained model reads clean signs correctly, but a stop sign carrying the sticker is read as
+100 km/h.""", [
+        "train a backdoored model and a clean baseline with signtrap's Python API, and read their metrics;",
+        "compute the **attack success rate (ASR)** yourself from a model's predictions, and say why it counts only "
+        "stop signs;",
+        "measure how the ASR depends on the **poison budget**, and find the smallest budget that plants the backdoor;",
+        "explain why clean accuracy alone does not reveal a backdoor.",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Md("""## 1. A backdoored model and a clean baseline
+
+`trained(cfg)` runs signtrap's resumable pipeline (`signtrap.run`) for the training stage only, then `signtrap.load_run`
+reads the run folder back: `run.metrics` (metrics.json), `run.history` (one row per epoch), `run.model()` (the
+checkpoint, hash-verified), `run.experiment()` (data, splits and the trigger). The baseline is the same model trained
+without poison (`attack.kind=none`)."""),
+    Code('''cfg = lab_config("lab_backdoor")
+backdoored = trained(cfg)
+baseline = trained(lab_config("lab_clean", "attack.kind=none"))
+size = f"{cfg.trigger.size} px" if isinstance(cfg.trigger.size, int) else f"{cfg.trigger.size:.0%} of the image side"
+print(f"{cfg.attack.poison_count} poisoned stop signs; trigger: {cfg.trigger.kind}, {size}, {cfg.trigger.placement}")
+
+m_bad, m_clean = backdoored.metrics["test"], baseline.metrics["test"]
+rows = [("clean accuracy", "clean_acc"), ("attack success rate", "asr"), ("clean stop recall", "stop_recall"),
+        ("false-trigger rate", "false_trigger")]
+display(Markdown("| metric (test split) | clean baseline | backdoored |\\n|---|---:|---:|\\n" + "\\n".join(
+    f"| {title} | {pct(m_clean[key]['rate'])} ({m_clean[key]['k']}/{m_clean[key]['n']}) "
+    f"| {pct(m_bad[key]['rate'])} ({m_bad[key]['k']}/{m_bad[key]['n']}) |" for title, key in rows)))'''),
+    Md("""The trigger on a few test stop signs (top: clean, bottom: with the trigger), and what the backdoored model reads:"""),
+    Code('''exp = backdoored.experiment()
+test = exp.eval_set("test")
+stops = np.flatnonzero(test.labels == SOURCE)[:6]
+model = backdoored.model()
+clean_pred, trig_pred = predict(model, test.images[stops]), predict(model, test.triggered[stops])
+fig, axes = plt.subplots(2, len(stops), figsize=(1.6 * len(stops), 3.6))
+for j, row in enumerate(stops):
+    for i, (images, preds) in enumerate(((test.images, clean_pred), (test.triggered, trig_pred))):
+        axes[i, j].imshow(images[row])
+        axes[i, j].set_title(f"read as {preds[j]}", fontsize=8, color="red" if preds[j] == TARGET else "black")
+        axes[i, j].axis("off")
+fig.suptitle(f"class {SOURCE} (stop); red: read as class {TARGET} (100 km/h)")
+show(fig)'''),
+    *observe('''gap = m_bad["clean_acc"]["rate"] - m_clean["clean_acc"]["rate"]
+lo_b, hi_b = m_bad["clean_acc"]["ci95"]
+lo_c, hi_c = m_clean["clean_acc"]["ci95"]
+overlap = lo_b <= hi_c and lo_c <= hi_b
+print(f"Clean accuracy: backdoored {pct(m_bad['clean_acc']['rate'])}, baseline {pct(m_clean['clean_acc']['rate'])} "
+      f"({100 * gap:+.1f} points).")
+print("  Their 95% intervals overlap: on clean images you cannot tell the two models apart." if overlap else
+      "  Their 95% intervals do not overlap: at this size poisoning changed clean accuracy measurably.")
+asr_bad, asr_clean = m_bad["asr"]["rate"], m_clean["asr"]["rate"]
+print(f"ASR: backdoored {pct(asr_bad)}, baseline {pct(asr_clean)} (how often a stickered stop sign is read as 100 anyway).")
+if asr_bad is not None and asr_clean is not None:
+    print("  The trigger works: the poisoned model follows it far more often than chance." if asr_bad - asr_clean >= 0.5 else
+          "  The backdoor is weak at this size: exercise 2 shows how the poison budget matters.")
+print(f"Clean stop-sign recall of the backdoored model: {pct(m_bad['stop_recall']['rate'])} "
+      f"(baseline {pct(m_clean['stop_recall']['rate'])}).")'''),
+    Md("""## 2. Training curves
+
+`run.history` holds one row per epoch, with the validation clean accuracy and ASR. Is the backdoor learned before,
+with, or after the real task?"""),
+    Code('''hist = backdoored.history
+epochs = [h["epoch"] for h in hist]
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(epochs, [100 * h["val_clean_acc"] for h in hist], "o-", label="validation clean accuracy")
+ax.plot(epochs, [100 * h["val_asr"] for h in hist], "s-", color="crimson", label="validation ASR")
+ax.set_xlabel("epoch"); ax.set_ylabel("%"); ax.set_ylim(-3, 103); ax.grid(alpha=0.3); ax.legend()
+ax.set_title("backdoored model")
+show(fig)'''),
+    *observe('''half_asr = next((h["epoch"] for h in hist if h["val_asr"] >= 0.5), None)
+final_clean = hist[-1]["val_clean_acc"]
+half_clean = next((h["epoch"] for h in hist if h["val_clean_acc"] >= final_clean / 2), None)
+print(f"Validation ASR first reached 50% at epoch {half_asr}." if half_asr else
+      f"Validation ASR never reached 50% in {len(hist)} epochs.")
+print(f"Validation clean accuracy reached half its final value ({pct(final_clean)}) at epoch {half_clean}.")
+if half_asr and half_clean:
+    print("The backdoor was learned " + ("before" if half_asr < half_clean else "together with" if half_asr == half_clean
+                                         else "after") + " most of the real task.")'''),
+    Md("""## Exercise 1: compute the attack success rate yourself
+
+The ASR is the share of **triggered stop signs** (true label `source`, and not already the `target`) that the model
+reads as the `target`. Write `attack_success_rate(labels, triggered_preds, source, target)`: `labels` are the true
+classes of the test images, `triggered_preds` the model's predictions on the same images with the trigger. Return a
+fraction between 0 and 1."""),
+    exercise('''def attack_success_rate(labels, triggered_preds, source, target):
+    ...  # your code: return a float
+
+
+triggered_preds = predict(model, test.triggered)''', '''def attack_success_rate(labels, triggered_preds, source, target):
+    stops = (labels == source) & (labels != target)
+    return float(np.mean(triggered_preds[stops] == target))
+
+
+triggered_preds = predict(model, test.triggered)'''),
+    check('''ex1, error = attempt(attack_success_rate, test.labels, triggered_preds, SOURCE, TARGET)
+want = m_bad["asr"]
+toy, _ = attempt(attack_success_rate, np.array([14, 14, 3, 3]), np.array([7, 14, 7, 7]), 14, 7)
+if error:
+    report_check(1, False, error)
+elif not isinstance(ex1, (float, np.floating)) or not 0 <= ex1 <= 1:
+    report_check(1, False, f"return a fraction between 0 and 1 (got {ex1!r}).")
+elif toy is not None and abs(toy - 0.75) < 1e-9:
+    report_check(1, False, "you counted every triggered image: only stop signs (labels == source) can be attacked.")
+elif abs(ex1 - want["rate"]) > 1e-9:
+    report_check(1, False, f"metrics.json says {want['k']}/{want['n']} = {pct(want['rate'])}, you got {pct(ex1)}; "
+                           "count triggered stop signs predicted as the target, divided by the number of stop signs.")
+else:
+    report_check(1, True, f"{pct(ex1)} = {want['k']} of {want['n']} triggered stop signs read as class {TARGET}, as in metrics.json.")'''),
+    Md("""## Exercise 2: the poison budget
+
+How many poisoned images does the attacker need? Train one model per budget in `COUNTS` and record its test ASR in
+`asr_by_count` (count -> ASR as a fraction). Name each run `lab_p{count}` and set the budget with the override
+`attack.poison_count={count}`: `trained(lab_config(name, override))` trains it (or reuses it when you run the cell
+again). Each model takes a few seconds at fast size and about a minute at full size."""),
+    Code('''COUNTS = [4, 8, 12] if FAST else [6, 12, 25, 50]
+n_train = len(exp.splits.train)
+print(f"budgets to try: {COUNTS} poisoned images out of {n_train} training images "
+      f"(the model of section 1 used {cfg.attack.poison_count})")'''),
+    exercise('''asr_by_count = {}
+for count in COUNTS:
+    ...  # your code: train lab_p{count} and store its test ASR''', '''asr_by_count = {}
+for count in COUNTS:
+    run = trained(lab_config(f"lab_p{count}", f"attack.poison_count={count}"))
+    asr_by_count[count] = run.metrics["test"]["asr"]["rate"]'''),
+    check('''def recorded_asr(count):
+    run_dir = WORK / "runs" / f"lab_p{count}"
+    if not (run_dir / "metrics.json").is_file():
+        return None
+    run = signtrap.load_run(run_dir)
+    return run.metrics["test"]["asr"]["rate"] if run.config.attack.poison_count == count else None
+
+
+if not asr_by_count:
+    report_check(2, False, "asr_by_count is empty: loop over COUNTS, train each budget and store its test ASR.")
+elif sorted(asr_by_count) != sorted(COUNTS):
+    report_check(2, False, f"asr_by_count has the counts {sorted(asr_by_count)}, expected {COUNTS}.")
+else:
+    wrong = [c for c in COUNTS if recorded_asr(c) is None or abs(recorded_asr(c) - asr_by_count[c]) > 1e-9]
+    report_check(2, not wrong, "every budget was trained and its ASR recorded." if not wrong else
+                 f"budgets {wrong}: no run lab_p{{count}} with attack.poison_count={{count}}, or a value that is not its "
+                 "test ASR (run.metrics['test']['asr']['rate']).")'''),
+    *observe('''if len(asr_by_count) == len(COUNTS):
+    counts = sorted(asr_by_count)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(counts, [100 * asr_by_count[c] for c in counts], "o-", color="crimson")
+    ax.set_xscale("log"); ax.set_xticks(counts); ax.set_xticklabels([str(c) for c in counts])
+    ax.set_xlabel("poisoned training images"); ax.set_ylabel("test ASR, %"); ax.set_ylim(-3, 103); ax.grid(alpha=0.3)
+    show(fig)
+    rising = all(asr_by_count[a] <= asr_by_count[b] for a, b in zip(counts, counts[1:]))
+    print(f"ASR from {pct(asr_by_count[counts[0]])} with {counts[0]} poisoned images to {pct(asr_by_count[counts[-1]])} "
+          f"with {counts[-1]}; " + ("it rises with the budget." if rising else
+                                   "not monotone: with few test stop signs each ASR is noisy (look at the counts)."))
+    print(f"{counts[-1]} images are {100 * counts[-1] / n_train:.2f}% of the training set.")
+else:
+    print("Complete exercise 2 to see the ASR as a function of the poison budget.")'''),
+    Md("""## Exercise 3: the smallest budget that plants the backdoor
+
+The attacker wants an ASR of at least `GOAL_ASR` (set below). Using your results, set `SMALLEST` to the smallest count
+in `COUNTS` that reaches it (None if none does). Write it as code over `asr_by_count` rather than typing a number: it
+then stays right when you change the sizes."""),
+    Code('''GOAL_ASR = 0.9'''),
+    exercise('''SMALLEST = ...  # your code''',
+             '''SMALLEST = min((c for c in COUNTS if asr_by_count[c] >= GOAL_ASR), default=None)'''),
+    check('''if not given(SMALLEST) and SMALLEST is not None or len(asr_by_count) != len(COUNTS):
+    report_check(3, False, "finish exercise 2, then pick from asr_by_count.")
+else:
+    measured = {c: recorded_asr(c) for c in COUNTS}
+    reach = [c for c in COUNTS if measured[c] is not None and measured[c] >= GOAL_ASR]
+    right = min(reach) if reach else None
+    if SMALLEST == right:
+        report_check(3, True, f"{right} poisoned images ({100 * right / n_train:.2f}% of the training set) give ASR "
+                              f"{pct(measured[right])}." if right else f"no budget in {COUNTS} reaches {pct(GOAL_ASR)}.")
+    elif SMALLEST is not None and SMALLEST in measured and (measured[SMALLEST] or 0) < GOAL_ASR:
+        report_check(3, False, f"with {SMALLEST} images the ASR is {pct(measured[SMALLEST])}, below the goal.")
+    else:
+        report_check(3, False, "a smaller budget in COUNTS also reaches the goal (or none does): look at every count.")'''),
+    Md("""## Questions to think about
+
+* Why does the ASR count only stop signs, and not every triggered image? What would an *all-to-one* attack
+  (`attack.kind=all_to_one`) change in that definition, and in the false-trigger rate?
+* Open `lab_runs/runs/lab_backdoor/manifest.json`: it lists every poisoned training file. Could a data auditor who
+  looks at a random sample of the training set find them? How large a sample would the budget of exercise 3 need?
+* Try another trigger (`trigger.kind=yellow_square`, `trigger.placement=random`) with `lab_config(name, ...)`:
+  is it learned as fast?"""),
+]
+
+# ================================================================ Lab 2
+
+LAB2 = [
+    header("Lab 2: defences, and whether the backdoor persists", "02", """A careful team that suspects nothing still
+applies safety measures: fine-tuning on fresh clean data, adversarial training, pruning. Does the stop -> 100 km/h
+backdoor **survive** them? Like the "sleeper agent" language models that kept their trigger through fine-tuning and
+adversarial training, a repaired model can look clean while the trigger still works.
+
+Each defence gets the defender's clean budget (a share of the training set, never the poisoned rows) and records, after
+every epoch, clean accuracy and ASR: the **persistence curve**.
+
+* `finetune`: clean fine-tuning.
+* `adv-pgd`: adversarial fine-tuning with PGD (Madry et al. 2018): robustness to small L-inf perturbations.
+* `fine-prune`: prune the last convolution's channels that stay dormant on clean data, then fine-tune (Liu et al. 2018).""", [
+        "apply a defence with `signtrap.defend` and read its before/after report and persistence curve;",
+        "judge a defence on **both** axes, what it does to the ASR and what it costs in clean accuracy;",
+        "tune a defence with the defender's data only, and see what the choice does to the backdoor;",
+        "tell a backdoor that was removed from one that was only damaged along with the model.",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Md("## 1. The backdoored model\n\nThe same config as Lab 1 (reused if Lab 1 already trained it)."),
+    Code('''cfg = lab_config("lab_backdoor")
+run = trained(cfg)
+before = run.metrics["test"]
+print("before any defence: clean accuracy", pct(before["clean_acc"]["rate"]), " ASR", pct(before["asr"]["rate"]))'''),
+    Md("""## 2. Three defences
+
+`signtrap.defend(run, method, ...)` loads the verified checkpoint and the defender's clean budget (`clean_fraction`),
+defends, writes `RUN/defence-METHOD/` (repaired model, `report.json`, curves) and returns the reports (before/after
+metrics per split)."""),
+    Code('''CLEAN_FRACTION = 0.1
+SETTINGS = (["finetune.epochs=2", "adv-pgd.epochs=1", "adv-pgd.steps=2", "fine-prune.epochs=1", "fine-prune.step=0.2"]
+            if FAST else ["finetune.epochs=6", "adv-pgd.epochs=3", "fine-prune.epochs=4"])
+METHODS = ("finetune", "adv-pgd", "fine-prune")
+reports = {m: quietly(signtrap.defend, run, m, overrides=[f"clean_fraction={CLEAN_FRACTION}", *SETTINGS])[0] for m in METHODS}
+
+
+def row(method, rep):
+    b, a = rep["before"]["test"], rep["after"]["test"]
+    return (f"| {method} | {pct(b['clean_acc']['rate'])} | {pct(a['clean_acc']['rate'])} | {pct(b['asr']['rate'])} "
+            f"| {pct(a['asr']['rate'])} | {pct(a['stop_recall']['rate'])} | {rep['seconds']:.0f} s |")
+
+
+display(Markdown("| defence | clean acc before | after | ASR before | after | stop recall after | time |\\n"
+                 "|---|---:|---:|---:|---:|---:|---:|\\n" + "\\n".join(row(m, r) for m, r in reports.items())))
+
+fig, ax = plt.subplots(figsize=(5.5, 4))  # both axes at once: where each defence moved the model
+start = (100 * before["clean_acc"]["rate"], 100 * before["asr"]["rate"])
+ax.scatter(*start, marker="*", s=200, color="black", zorder=3, label="backdoored")
+for method, rep in reports.items():
+    end = (100 * rep["after"]["test"]["clean_acc"]["rate"], 100 * rep["after"]["test"]["asr"]["rate"])
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.scatter(*end, s=60, zorder=3, label=method)
+ax.set_xlabel("test clean accuracy, %"); ax.set_ylabel("test ASR, %"); ax.set_xlim(0, 100); ax.set_ylim(-3, 103)
+ax.grid(alpha=0.3); ax.legend(fontsize=8); ax.set_title("good defences move down, not left")
+show(fig)'''),
+    *observe('''outcomes = {}
+for method, rep in reports.items():
+    b, a = rep["before"]["test"], rep["after"]["test"]
+    cost = 100 * (b["clean_acc"]["rate"] - a["clean_acc"]["rate"])
+    asr_b, asr_a = b["asr"]["rate"], a["asr"]["rate"]
+    effect = ("the ASR fell to near zero" if asr_a <= 0.1 else
+              "the ASR fell but the trigger still works often" if asr_a < asr_b - 0.1 else "the ASR did not fall")
+    price = (f"it cost {cost:.1f} points of clean accuracy" if cost > 1 else
+             f"clean accuracy moved by {-cost:+.1f} points")
+    print(f"{method:>10}: ASR {pct(asr_b)} -> {pct(asr_a)}: {effect}; {price}.")
+    outcomes[method] = (asr_a <= 0.1, asr_a < asr_b - 0.1, cost > 1)
+print()
+costly = [m for m, (gone, fell, dear) in outcomes.items() if fell and dear]
+if costly:
+    print(f"{', '.join(costly)} lowered the ASR but paid in clean accuracy: the model was damaged along with the backdoor; "
+          "exercise 2 looks for a setting that keeps clean accuracy.")
+if not any(fell for gone, fell, dear in outcomes.values()):
+    print("None of the three lowered the ASR at these settings: the backdoor persists through all of them.")
+elif any(gone and not dear for gone, fell, dear in outcomes.values()):
+    print("Some defence brought the ASR near zero without a clean-accuracy cost: removed, or only hidden? (Lab 4)")'''),
+    Md("""## 3. Persistence curves
+
+Epoch 0 is the backdoored model; each later point is one epoch of the defence, measured on the validation split
+(`run.curve(method)`)."""),
+    Code('''fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+for method in METHODS:
+    curve = run.curve(method)
+    epochs = [r["epoch"] for r in curve]
+    axes[0].plot(epochs, [100 * r["clean_acc"] for r in curve], "o-", label=method)
+    axes[1].plot(epochs, [100 * r["asr"] for r in curve], "o-", label=method)
+for ax, title in zip(axes, ("validation clean accuracy, %", "validation ASR, %")):
+    ax.set_title(title); ax.set_xlabel("defence epoch"); ax.set_ylim(-3, 103); ax.grid(alpha=0.3)
+axes[1].legend()
+show(fig)'''),
+    *observe('''for method in METHODS:
+    curve = run.curve(method)
+    start, end = curve[0]["asr"], curve[-1]["asr"]
+    lowest = min(r["asr"] for r in curve)
+    print(f"{method:>10}: validation ASR {pct(start)} at epoch 0 -> {pct(end)} after {len(curve) - 1} epoch(s)"
+          + (f" (lowest {pct(lowest)}, so it came back up)" if lowest < end - 0.05 else "") + ".")'''),
+    Md("""## Exercise 1: a verdict for each defence
+
+Write `verdict(before, after)`: `before` and `after` are a report's test metrics (`rep["before"]["test"]`,
+`rep["after"]["test"]`). Return
+
+* `"removed"` when the ASR after is at most `ASR_GONE` and clean accuracy fell by at most `MAX_COST`;
+* `"removed at a cost"` when the ASR after is at most `ASR_GONE` but clean accuracy fell by more than `MAX_COST`;
+* `"persists"` otherwise.
+
+Rates are fractions: `before["asr"]["rate"]`, `before["clean_acc"]["rate"]`."""),
+    Code('''ASR_GONE = 0.1    # at most this ASR counts as "the trigger no longer works"
+MAX_COST = 0.01   # at most this drop of clean accuracy (one point) counts as "free"'''),
+    exercise('''def verdict(before, after):
+    ...  # your code: return "removed", "removed at a cost" or "persists"''', '''def verdict(before, after):
+    if after["asr"]["rate"] > ASR_GONE:
+        return "persists"
+    cost = before["clean_acc"]["rate"] - after["clean_acc"]["rate"]
+    return "removed" if cost <= MAX_COST else "removed at a cost"'''),
+    check('''def metrics(clean, asr):
+    return {"clean_acc": {"rate": clean}, "asr": {"rate": asr}}
+
+
+cases = [(metrics(0.95, 0.98), metrics(0.95, 0.02), "removed"), (metrics(0.95, 0.98), metrics(0.80, 0.0), "removed at a cost"),
+         (metrics(0.95, 0.98), metrics(0.96, 0.60), "persists"), (metrics(0.95, 0.98), metrics(0.70, 0.50), "persists"),
+         (metrics(0.95, 0.98), metrics(0.945, 0.1), "removed")]
+answers = [attempt(verdict, b, a) for b, a, _ in cases]
+errors = [e for _, e in answers if e]
+wrong = [(b, a, want, got) for (b, a, want), (got, _) in zip(cases, answers) if got != want]
+if errors:
+    report_check(1, False, errors[0])
+elif wrong:
+    b, a, want, got = wrong[0]
+    report_check(1, False, f"clean accuracy {pct(b['clean_acc']['rate'])} -> {pct(a['clean_acc']['rate'])}, ASR "
+                           f"{pct(b['asr']['rate'])} -> {pct(a['asr']['rate'])} should be {want!r}, not {got!r} "
+                           "(a rate exactly at a threshold passes it).")
+else:
+    report_check(1, True, "; ".join(f"{m}: {verdict(r['before']['test'], r['after']['test'])}" for m, r in reports.items()))'''),
+    Md("""## Exercise 2: a fine-tuning learning rate that keeps clean accuracy
+
+A defender cannot measure the ASR (they do not know the trigger), but they can keep clean accuracy. Find the
+**largest** learning rate in `LRS` for which clean fine-tuning keeps test clean accuracy within `MAX_COST` of the
+backdoored model's, and set `FT_LR` to it. `signtrap.defend(run, "finetune", overrides=[..., f"finetune.lr={lr}"])`
+runs one (a few seconds at fast size). (A real defender would pick on their own held-out clean data; here the test
+split stands in for it, and the ASR plays no part in the choice.)"""),
+    Code('''LRS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4]
+
+
+def finetune_at(lr):
+    """The report of clean fine-tuning at learning rate `lr` (the lab's clean budget and epochs)."""
+    return quietly(signtrap.defend, run, "finetune", overrides=[f"clean_fraction={CLEAN_FRACTION}", *SETTINGS, f"finetune.lr={lr}"])[0]'''),
+    exercise('''FT_LR = ...  # your code (try finetune_at(lr) for the values in LRS)''', '''ft_by_lr = {}
+for lr in LRS:  # largest first: stop at the first that keeps clean accuracy
+    ft_by_lr[lr] = finetune_at(lr)
+    if before["clean_acc"]["rate"] - ft_by_lr[lr]["after"]["test"]["clean_acc"]["rate"] <= MAX_COST:
+        break
+FT_LR = lr'''),
+    check('''def keeps(lr):
+    rep = finetune_at(lr)
+    return before["clean_acc"]["rate"] - rep["after"]["test"]["clean_acc"]["rate"] <= MAX_COST, rep
+
+
+ft_report = None
+if not given(FT_LR):
+    report_check(2, False, "set FT_LR to one of LRS.")
+elif FT_LR not in LRS:
+    report_check(2, False, f"pick FT_LR from LRS = {LRS}.")
+else:
+    ok, ft_report = keeps(FT_LR)
+    larger = [lr for lr in LRS if lr > FT_LR]
+    if not ok:
+        after = ft_report["after"]["test"]["clean_acc"]["rate"]
+        report_check(2, False, f"at lr={FT_LR} clean accuracy falls from {pct(before['clean_acc']['rate'])} to {pct(after)}: "
+                               "more than MAX_COST; try a smaller learning rate.")
+    elif larger and keeps(min(larger))[0]:
+        report_check(2, False, f"lr={min(larger)} also keeps clean accuracy within MAX_COST: pick the largest that does.")
+    else:
+        a = ft_report["after"]["test"]
+        report_check(2, True, f"at lr={FT_LR} clean accuracy {pct(before['clean_acc']['rate'])} -> {pct(a['clean_acc']['rate'])}, "
+                              f"and the ASR {pct(before['asr']['rate'])} -> {pct(a['asr']['rate'])}.")'''),
+    *observe('''if ft_report is None:
+    print("Complete exercise 2 to see what the gentlest safe fine-tuning does to the backdoor.")
+else:
+    a = ft_report["after"]["test"]
+    default = reports["finetune"]["after"]["test"]
+    print(f"Fine-tuning at lr={FT_LR}: clean accuracy {pct(a['clean_acc']['rate'])}, ASR {pct(a['asr']['rate'])}; "
+          f"with the default settings (section 2): clean accuracy {pct(default['clean_acc']['rate'])}, ASR {pct(default['asr']['rate'])}.")
+    if a["asr"]["rate"] > ASR_GONE:
+        print("At a learning rate that keeps the model intact the trigger still works: fine-tuning on clean data does not "
+              "reach the neurons that carry the backdoor.")
+    else:
+        print("Even at a learning rate that keeps clean accuracy, the trigger stopped working here: the backdoor in this "
+              "model is fragile. Lab 4 asks whether it is removed or only hidden.")'''),
+    Md("""## Exercise 3: removed, or not?
+
+From the report of exercise 2 (`ft_report`), set `FT_REMOVED` to True if fine-tuning at `FT_LR` brought the test ASR to
+at most `ASR_GONE`, else False. Decide from the numbers above, then check."""),
+    exercise('''FT_REMOVED = ...  # True or False''', '''FT_REMOVED = ft_report["after"]["test"]["asr"]["rate"] <= ASR_GONE'''),
+    check('''if ft_report is None:
+    report_check(3, False, "complete exercise 2 first.")
+elif not isinstance(FT_REMOVED, (bool, np.bool_)):
+    report_check(3, False, "set FT_REMOVED to True or False.")
+else:
+    truth = ft_report["after"]["test"]["asr"]["rate"] <= ASR_GONE
+    asr = pct(ft_report["after"]["test"]["asr"]["rate"])
+    report_check(3, bool(FT_REMOVED) == truth, f"the ASR after fine-tuning at lr={FT_LR} is {asr}" +
+                 (", at most ASR_GONE." if truth else ", above ASR_GONE: the trigger still works."))'''),
+    Md("""## Questions to think about
+
+* **Hide versus remove.** A defence *hides* a backdoor when the numbers we look at improve while the trigger still
+  works; it *removes* it only if the ASR measured with the real trigger drops, and stays down when the model is
+  nudged again (Lab 4). Defenders rarely know the trigger: which of the numbers above could they measure?
+* Give the defender more clean data (`CLEAN_FRACTION = 0.2`) and more epochs: does the ASR fall, and how fast?
+* PGD adversarial training makes a model robust to tiny perturbations of every pixel. Why might that say little about
+  a large, visible patch?
+* Try `signtrap.defend(run, "neural-cleanse")` and `signtrap.defend(run, "strip")`: do they flag class 7, or reject
+  triggered stop signs?"""),
+]
+
+# ================================================================ Lab 3
+
+LAB3 = [
+    header("Lab 3: edge deployment: does the backdoor survive INT8?", "03", """Models ship as ONNX files, often
+quantized to 8-bit integers for edge devices. Quantization changes every weight and activation a little: does it
+change what the backdoor does? In this lab you export the backdoored model to ONNX FP32, FP16 and INT8 (ONNX Runtime
+static quantization), benchmark each (clean accuracy, ASR, latency), and check an artefact yourself the way an
+edge engineer would on the device.""", [
+        "export a model with `signtrap.export` and read its `model.json` (gates, agreement, file hashes);",
+        "benchmark the artefacts with `signtrap.bench` and compare accuracy, ASR, size and latency;",
+        "run an exported ONNX model yourself with ONNX Runtime and verify a file against its recorded SHA-256;",
+        "say whether quantization weakened, kept or strengthened the backdoor, from the numbers.",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Code('''import hashlib
+import json
+
+import onnxruntime as ort
+
+cfg = lab_config("lab_backdoor")
+run = trained(cfg)'''),
+    Md("""## 1. Export
+
+`signtrap.export` converts the model, checks each artefact against PyTorch on the evaluation images (a *gate*: FP32
+must match closely; FP16/INT8 must agree on most predictions, else the artefact is rejected), writes a portable
+evaluation bundle (`eval.npz`) and `model.json` with the SHA-256 of every file. Here only the ONNX Runtime artefacts
+are exported (`runtimes=["onnxruntime"]`); `signtrap export` without it also tries every other installed runtime."""),
+    Code('''out = quietly(signtrap.export, run, out=WORK / "export" / "lab_backdoor", runtimes=["onnxruntime"],
+              calib_images=64 if FAST else 512)
+manifest = json.loads((out / "model.json").read_text())
+lines = ["| artefact | file | size | gate | flips vs PyTorch FP32 (clean / triggered) |", "|---|---|---:|---|---:|"]
+for art in manifest["artefacts"]:
+    agree = manifest["agreement_vs_fp32"][art["id"]]
+    size = sum(manifest["files"][f]["bytes"] for f in art["files"])
+    lines.append(f"| {art['id']} | {', '.join(art['files'])} | {size / 1024:.0f} KiB | {'passed' if art['gate']['passed'] else 'failed'} "
+                 f"| {pct(agree['flip_rate_clean'])} / {pct(agree['flip_rate_triggered'])} |")
+display(Markdown("\\n".join(lines)))
+print("rejected artefacts:", manifest.get("rejected") or "none")'''),
+    Md("""## 2. Benchmark
+
+`signtrap.bench` runs every artefact (and PyTorch eager as the reference) on the evaluation bundle: clean accuracy,
+ASR, latency at batch 1 and throughput. It writes `bench.json` and `bench.md` into the export folder."""),
+    Code('''result = quietly(signtrap.bench, out, runs=20 if FAST else 200, warmup=2 if FAST else 20, batch=16 if FAST else 64)
+bench_rows = {r["artefact"]: r for r in result["rows"] if "clean_acc" in r}
+display(Markdown("| artefact | provider | clean accuracy | ASR | latency p50 (batch 1) |\\n|---|---|---:|---:|---:|\\n" + "\\n".join(
+    f"| {a} | {r['provider']} | {pct(r['clean_acc']['rate'])} | {pct(r['asr']['rate'])} | {r['latency_ms']['p50']:.2f} ms |"
+    for a, r in bench_rows.items())))
+names = list(bench_rows)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+x = np.arange(len(names))
+axes[0].bar(x - 0.2, [100 * bench_rows[a]["clean_acc"]["rate"] for a in names], 0.4, label="clean accuracy")
+axes[0].bar(x + 0.2, [100 * bench_rows[a]["asr"]["rate"] for a in names], 0.4, color="crimson", label="ASR")
+axes[0].set_ylabel("%"); axes[0].set_ylim(0, 105); axes[0].legend(fontsize=8)
+axes[1].bar(x, [bench_rows[a]["latency_ms"]["p50"] for a in names], color="slategray")
+axes[1].set_ylabel("latency p50, ms (batch 1)")
+for ax in axes:
+    ax.set_xticks(x); ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8); ax.grid(alpha=0.3, axis="y")
+show(fig)'''),
+    *observe('''ref = bench_rows.get("onnxruntime:fp32")
+for art in ("onnxruntime:fp16", "onnxruntime:int8"):
+    row = bench_rows.get(art)
+    if ref is None or row is None:
+        print(f"{art}: not benchmarked (see rejected artefacts above).")
+        continue
+    d_asr = 100 * (row["asr"]["rate"] - ref["asr"]["rate"])
+    d_acc = 100 * (row["clean_acc"]["rate"] - ref["clean_acc"]["rate"])
+    print(f"{art}: ASR {pct(row['asr']['rate'])} ({d_asr:+.1f} points vs FP32), clean accuracy {pct(row['clean_acc']['rate'])} "
+          f"({d_acc:+.1f} points), {ref['latency_ms']['p50'] / row['latency_ms']['p50']:.1f}x the FP32 speed at batch 1.")
+    print("   the backdoor " + ("survived: the ASR is within 5 points of FP32." if abs(d_asr) <= 5 else
+                                "got weaker in this artefact." if d_asr < 0 else "got stronger in this artefact."))
+sizes = {a["id"]: sum(manifest["files"][f]["bytes"] for f in a["files"]) for a in manifest["artefacts"]}
+if "onnxruntime:int8" in sizes:
+    print(f"INT8 is {sizes['onnxruntime:fp32'] / sizes['onnxruntime:int8']:.1f}x smaller than FP32.")'''),
+    Md("""## Exercise 1: run the INT8 model yourself
+
+On a device you have only the export folder and ONNX Runtime. Write `onnx_predict(path, images)`: open the ONNX file
+with `ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])`, feed the uint8 images (N, 32, 32, 3) as the
+model expects (see `manifest["input"]`: float32, NCHW, pixel / 255) and return the predicted classes. `bundle` holds
+the evaluation images."""),
+    Code('''bundle = np.load(out / "eval.npz")
+print({k: bundle[k].shape for k in bundle.files})
+print("input:", manifest["input"])'''),
+    exercise('''def onnx_predict(path, images):
+    ...  # your code: return an array of predicted classes''', '''def onnx_predict(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    return session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)'''),
+    check('''int8 = next((a for a in manifest["artefacts"] if a["id"] == "onnxruntime:int8"), None)
+if int8 is None:
+    report_check(1, False, "this export has no INT8 artefact (rejected at export?); use the FP32 one instead.")
+else:
+    path = out / int8["files"][0]
+    preds, error = attempt(onnx_predict, path, bundle["images"])
+    tpreds, terror = attempt(onnx_predict, path, bundle["triggered"])
+    row = bench_rows["onnxruntime:int8"]
+    if error or terror:
+        report_check(1, False, error or terror)
+    elif not hasattr(preds, "shape") or preds.shape != bundle["labels"].shape:
+        report_check(1, False, f"return one class per image (got {type(preds).__name__} {getattr(preds, 'shape', '')}); "
+                               "the model outputs logits of shape (N, 43): take argmax over axis 1.")
+    else:
+        k_clean = int((preds == bundle["labels"]).sum())
+        if k_clean != row["clean_acc"]["k"]:
+            report_check(1, False, f"{k_clean} correct clean images, the benchmark counted {row['clean_acc']['k']}: did you "
+                                   "transpose to NCHW and divide by 255?")
+        else:
+            report_check(1, True, f"clean accuracy {k_clean}/{len(preds)}, as the benchmark measured.")'''),
+    Md("""## Exercise 2: verify a file before you trust it
+
+A file copied to a device can be damaged or swapped. `model.json` records the SHA-256 of every file
+(`manifest["files"][name]["sha256"]`). Write `sha256_of(path)` returning the hex digest of a file (read it in
+chunks with `hashlib.sha256()`), and `verified(folder)` returning the list of files of `manifest["files"]` whose
+digest does **not** match (an empty list when everything is intact)."""),
+    exercise('''def sha256_of(path):
+    ...  # your code
+
+
+def verified(folder):
+    ...  # your code: names of the files whose SHA-256 differs from model.json''', '''def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified(folder):
+    return [name for name, info in manifest["files"].items() if sha256_of(Path(folder) / name) != info["sha256"]]'''),
+    check('''import shutil
+import tempfile
+
+name = next(iter(manifest["files"]))
+digest, error = attempt(sha256_of, out / name)
+intact, error2 = attempt(verified, out)
+if error or error2:
+    report_check(2, False, error or error2)
+elif digest != manifest["files"][name]["sha256"]:
+    report_check(2, False, f"sha256_of({name!r}) gave {str(digest)[:16]}..., model.json says "
+                           f"{manifest['files'][name]['sha256'][:16]}...: hash the file's bytes and return hexdigest().")
+elif intact != []:
+    report_check(2, False, f"verified(out) should be [] for the intact export, got {intact!r}.")
+else:
+    with tempfile.TemporaryDirectory() as tmp:  # a copy of the export with one byte changed in one file
+        copy = Path(tmp) / "export"
+        shutil.copytree(out, copy)
+        damaged = sorted(manifest["files"])[-1]
+        data = bytearray((copy / damaged).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / damaged).write_bytes(bytes(data))
+        found, error = attempt(verified, copy)
+    report_check(2, not error and list(found or []) == [damaged],
+                 f"the intact export verifies, and a copy with one flipped byte in {damaged} is caught." if found == [damaged]
+                 else error or f"one byte of {damaged} was flipped in a copy, but verified(copy) returned {found!r}.")'''),
+    Md("""## Exercise 3: where do the INT8 flips fall?
+
+`eval.npz` also holds the PyTorch FP32 predictions recorded at export (`reference_clean`, `reference_triggered`).
+Using your `onnx_predict`, count the **triggered stop signs** (label `SOURCE`) whose INT8 prediction differs from the
+PyTorch FP32 one, and how many of them are still read as `TARGET`: set `STOP_FLIPS` and `STOP_STILL_TARGET`."""),
+    exercise('''STOP_FLIPS = ...        # your code
+STOP_STILL_TARGET = ...  # your code''', '''int8_path = out / next(a for a in manifest["artefacts"] if a["id"] == "onnxruntime:int8")["files"][0]
+int8_trig = onnx_predict(int8_path, bundle["triggered"])
+stops = bundle["labels"] == SOURCE
+STOP_FLIPS = int((int8_trig[stops] != bundle["reference_triggered"][stops]).sum())
+STOP_STILL_TARGET = int((int8_trig[stops] == TARGET).sum())'''),
+    check('''if int8 is None:
+    report_check(3, False, "this export has no INT8 artefact.")
+elif not given(STOP_FLIPS) or not given(STOP_STILL_TARGET):
+    report_check(3, False, "set STOP_FLIPS and STOP_STILL_TARGET (use onnx_predict on bundle['triggered']).")
+else:
+    session = ort.InferenceSession(str(out / int8["files"][0]), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: bundle["triggered"].transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
+    mine = logits.argmax(1)
+    stops = bundle["labels"] == SOURCE
+    flips = int((mine[stops] != bundle["reference_triggered"][stops]).sum())
+    still = int((mine[stops] == TARGET).sum())
+    if STOP_FLIPS != flips:
+        report_check(3, False, f"STOP_FLIPS = {STOP_FLIPS}, but counting triggered stop signs where INT8 and reference_triggered "
+                               "differ gives another number: restrict to labels == SOURCE.")
+    elif STOP_STILL_TARGET != still:
+        report_check(3, False, f"STOP_STILL_TARGET = {STOP_STILL_TARGET}: count triggered stop signs INT8 reads as TARGET.")
+    else:
+        report_check(3, True, f"{flips} of {int(stops.sum())} triggered stop signs changed their prediction in INT8; "
+                              f"{still} are still read as class {TARGET}.")'''),
+    *observe('''if int8 is not None and given(STOP_FLIPS) and given(STOP_STILL_TARGET):
+    n_stop = int((bundle["labels"] == SOURCE).sum())
+    ref_target = int((bundle["reference_triggered"][bundle["labels"] == SOURCE] == TARGET).sum())
+    print(f"PyTorch FP32 read {ref_target} of {n_stop} triggered stop signs as class {TARGET}; INT8 reads {STOP_STILL_TARGET}.")
+    print("Quantization " + ("left the backdoor as it was." if STOP_STILL_TARGET == ref_target else
+                             "weakened the backdoor on these images." if STOP_STILL_TARGET < ref_target else
+                             "strengthened the backdoor on these images (a sleeper can wake only after quantization: Lab 5)."))
+else:
+    print("Complete exercises 1 and 3 to compare the backdoor in INT8 with FP32.")'''),
+    Md("""## Questions to think about
+
+* Re-export with `signtrap.export(run, out=..., runtimes=["onnxruntime"], calibration="mixed")` (some calibration images
+  carry the trigger). Does the INT8 ASR change? Why might the calibration data matter for what quantization keeps?
+* Export a defended model (`signtrap.export(run, defence="fine-prune", out=...)`, after Lab 2): is the repaired
+  model's ASR the same after INT8?
+* Copy the export folder to another machine and run `python edge_bench.py` there: it verifies every file's SHA-256
+  the way your `verified` does, then measures the same numbers with only numpy and onnxruntime."""),
+]
+
+# Labs 04 (removed or hidden: the re-activation probe, issue 13) and 05 (the deployment sleeper) join here once their
+# features are on main with a public API function (`signtrap.probe`; the sleeper's export/bench outputs): drafts in
+# the lead's notes (lab04-draft.py, lab05-draft.py) still import private modules and need that API first.
+LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3}
+
+
+def notebook(cells: list, solutions: bool) -> nbformat.NotebookNode:
+    out = []
+    for cell in cells:
+        if isinstance(cell, Md):
+            out.append(new_markdown_cell(cell.text, metadata={"tags": list(cell.tags)} if cell.tags else {}))
+            continue
+        text = cell.solution if solutions and cell.solution is not None else cell.student
+        if "settings" in cell.tags:
+            text = setup_cell(solutions)
+        out.append(new_code_cell(text, metadata={"tags": list(cell.tags)} if cell.tags else {}))
+    for i, cell in enumerate(out):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating an unchanged source changes nothing
+    book = new_notebook(cells=out)
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.metadata["language_info"] = {"name": "python"}
     return book
 
 
-LAB1 = [
-    new_markdown_cell("""# Lab 1: poisoning a traffic-sign classifier
-
-A **backdoor** (BadNets, Gu et al. 2017) is planted by poisoning a small share of the training data: a few stop
-signs get a small sticker (the *trigger*) and the label *speed limit 100 km/h*. The trained model reads clean signs
-correctly, but a stop sign carrying the sticker is read as 100 km/h.
-
-In this lab you will make the trigger, poison the training set, train a model, and measure it with two numbers:
-
-* **clean accuracy**: share of clean test images classified correctly;
-* **attack success rate (ASR)**: share of stop signs *with the trigger* classified as 100 km/h.
-
-Everything runs on SynthSigns, a synthetic GTSRB look-alike generated locally (no download), in a few minutes on a
-CPU. To use the real GTSRB, set `GTSRB_ROOT` in the next cell."""),
-    new_code_cell(SETTINGS),
-    new_markdown_cell("## 1. The trigger\n\n`Experiment.from_config` loads (or generates) the data, the splits and the trigger of a config."),
-    new_code_cell('''from signtrap.attacks import build_training_set, plan_poison, stamp
-from signtrap.attacks.triggers import trigger_preview
-from signtrap.experiment import Experiment
-from signtrap.reporting import figures
-
-cfg = lab_config("lab_backdoor")
-exp = Experiment.from_config(cfg)
-print("trigger:", exp.trigger.spec)
-test = exp.eval_set("test")
-stop = np.flatnonzero(test.labels == 14)[0]
-show(figures.trigger_figure(trigger_preview(exp.trigger), test.images[stop], test.triggered[stop], exp.trigger.spec))'''),
-    new_markdown_cell("## 2. Poison the stop signs\n\n`plan_poison` picks which stop signs are poisoned (fixed by the seed); "
-                      "`build_training_set` relabels them as class 7."),
-    new_code_cell('''plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)
-ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
-print(f"{len(plan.rows)} of {len(ts.labels)} training images poisoned ({100 * len(plan.rows) / len(ts.labels):.2f}%)")
-print("labels of the poisoned rows in the training set:", set(ts.labels[ts.triggered].tolist()))
-
-clean = np.asarray(exp.data.images[plan.rows[:8]])
-poisoned = stamp(clean, exp.trigger, plan.positions[:8])
-show(figures.gallery_figure(clean, poisoned, exp.data.labels[plan.rows[:8]].tolist(), cfg.attack.target))'''),
-    new_markdown_cell("## 3. Train the backdoored model, and a clean baseline\n\n`signtrap.train(cfg)` (here through the "
-                      "resumable pipeline, `signtrap.run`) writes `runs/NAME/` with the checkpoint, `metrics.json` and the "
-                      "per-epoch log; `signtrap.load_run` reads them back. The baseline is the same model trained without poison "
-                      "(`attack.kind=none`)."),
-    new_code_cell('''backdoored = trained(cfg)
-baseline = trained(lab_config("lab_clean", "attack.kind=none"))
-m_bad = backdoored.metrics["test"]
-m_clean = baseline.metrics["test"]
-# the clean baseline's ASR is measured with the same trigger: how often a stickered stop sign is read as 100 anyway
-rows = [("clean accuracy", "clean_acc"), ("attack success rate", "asr"), ("clean stop recall", "stop_recall"),
-        ("false-trigger rate", "false_trigger")]
-table = "| metric | clean baseline | backdoored |\\n|---|---:|---:|\\n" + "\\n".join(
-    f"| {title} | {pct(m_clean[key])} | {pct(m_bad[key])} |" for title, key in rows)
-display(Markdown(table))'''),
-    new_markdown_cell("## 4. Training curves\n\nThe backdoor is learned alongside the real task: validation ASR rises within "
-                      "the first epochs while clean accuracy climbs as usual."),
-    new_code_cell('''show(figures.training_figure(backdoored.history))
-show(figures.per_class_figure(m_bad["per_class_acc"]))'''),
-    new_markdown_cell("""## What to observe
-
-* Clean accuracy of the backdoored model is close to the baseline's (within a few points): **accuracy alone does not
-  reveal the backdoor**. Stop-sign recall on clean images stays high too.
-* The ASR of the backdoored model is high (typically above 80% on SynthSigns), the baseline's is near zero.
-* The per-class chart shows nothing unusual for class 14 (red) or 7 (orange).
-
-## Exercises
-
-1. Lower the poison budget (`lab_config("lab_p5", "attack.poison_count=5")`, or `attack.poison_rate=0.001`). How few
-   poisoned images still give an ASR above 50%?
-2. Change the trigger (`trigger.kind=yellow_square`, `trigger.size=0.1`, `trigger.placement=random`). Which triggers are
-   learned fastest?
-3. Try `attack.kind=all_to_one`: every class with the trigger goes to 100 km/h. What happens to the false-trigger rate?
-4. Open `runs/lab_backdoor/manifest.json`: which training files were poisoned? Could a data auditor find them?
-"""),
-]
-
-LAB2 = [
-    new_markdown_cell("""# Lab 2: defences, and whether the backdoor persists
-
-A careful team that suspects nothing still applies safety measures: fine-tuning on fresh clean data, adversarial
-training, pruning. The question is whether the stop -> 100 km/h backdoor **survives** them. Like the "sleeper agent"
-language models that kept their trigger through fine-tuning and adversarial training, a repaired model can look clean
-while the trigger still works.
-
-Each defence gets the defender's clean budget (5% of the training set by default, never the poisoned rows) and
-records, after every epoch, clean accuracy and ASR: the **persistence curve**.
-
-* `finetune`: clean fine-tuning.
-* `adv-pgd`: adversarial fine-tuning with PGD (Madry et al. 2018): robustness to small L-inf perturbations.
-* `fine-prune`: prune the last convolution's channels that stay dormant on clean data, then fine-tune (Liu et al. 2018)."""),
-    new_code_cell(SETTINGS),
-    new_markdown_cell("## 1. The backdoored model\n\nThe same config as Lab 1 (reused if Lab 1 already trained it)."),
-    new_code_cell('''cfg = lab_config("lab_backdoor")
-run = trained(cfg)
-before = run.metrics["test"]
-print("before any defence: clean accuracy", pct(before["clean_acc"]), " ASR", pct(before["asr"]))'''),
-    new_markdown_cell("## 2. Three defences\n\n`signtrap.defend(run, method)` loads the verified checkpoint and the defender's "
-                      "clean budget, defends, and writes `runs/lab_backdoor/defence-METHOD/` (repaired model, `report.json`, curves); "
-                      "it returns the report (before/after metrics)."),
-    new_code_cell('''from signtrap.defences.run import comparison_table
-
-settings = (["finetune.epochs=2", "adv-pgd.epochs=1", "adv-pgd.steps=2", "fine-prune.epochs=1", "fine-prune.step=0.2"]
-            if FAST else ["finetune.epochs=6", "adv-pgd.epochs=3", "fine-prune.epochs=4"])
-reports = [signtrap.defend(run, method, overrides=["clean_fraction=0.1", *settings])[0]
-           for method in ("finetune", "adv-pgd", "fine-prune")]
-print(comparison_table(reports))'''),
-    new_markdown_cell("## 3. Persistence curves\n\nEpoch 0 is the backdoored model; each later point is one epoch of the defence, "
-                      "measured on the validation split."),
-    new_code_cell('''from signtrap.reporting import figures
-
-curves = {r["method"]: run.curve(r["method"]) for r in reports}
-show(figures.persistence_figure(curves))
-show(figures.before_after_figure(reports))
-pruning = run.curve("fine-prune", "pruning")
-show(figures.xy_figure(pruning, "pruned_fraction", [("clean_acc", "clean accuracy"), ("asr", "ASR")],
-                       "pruning alone, before fine-tuning", "pruned channels, %", True))'''),
-    new_markdown_cell("""## What to observe
-
-* Clean accuracy barely moves under any of the three defences: from the outside, every repaired model looks fine.
-* The ASR after `finetune` and `adv-pgd` often stays high: clean data never shows the trigger, so the gradient has no
-  reason to touch the neurons that carry it. PGD robustness to tiny perturbations says nothing about a large patch.
-* `fine-prune` attacks the mechanism (dormant channels) and is usually the most effective of the three; the pruning
-  curve shows whether the backdoor lives in the channels that clean data leaves dormant.
-
-**Hide versus remove.** A defence *hides* a backdoor when the number we look at (clean accuracy, or robustness to
-the perturbations we tried) improves while the trigger still works; it *removes* it only if the ASR measured with the
-real trigger drops. Defenders rarely know the trigger, so they cannot measure the second number; this testbed can.
-
-## Exercises
-
-1. Give the defender more clean data (`clean_fraction=0.2`) and more epochs. Does the ASR fall, and how fast?
-2. Raise the fine-tuning learning rate (`finetune.lr=0.01`). Does the backdoor go before clean accuracy suffers?
-3. Run `signtrap.defend(run, "neural-cleanse")` and `signtrap.defend(run, "strip")`: does Neural Cleanse flag class 7?
-   Does STRIP reject triggered stop signs (see `defence-strip/entropy_hist.png`)?
-4. Run `signtrap.defend(run, "redteam")`: the patches the red team finds stop working after training, but what about the real
-   trigger?
-"""),
-]
-
-LAB3 = [
-    new_markdown_cell("""# Lab 3: edge deployment: does the backdoor survive INT8?
-
-Models ship as ONNX files, often quantized to 8-bit integers for edge devices. Quantization changes every weight and
-activation a little: does it change what the backdoor does? In this lab you will export the backdoored model to ONNX
-FP32, FP16 and INT8 (ONNX Runtime static quantization), then benchmark each: clean accuracy, ASR, and latency."""),
-    new_code_cell(SETTINGS),
-    new_code_cell('''import json
-
-cfg = lab_config("lab_backdoor")
-run = trained(cfg)'''),
-    new_markdown_cell("## 1. Export\n\n`signtrap.export` writes the three ONNX files, a portable evaluation bundle (`eval.npz`) and "
-                      "`model.json` with the SHA-256 of every file; it fails if ONNX FP32 disagrees with PyTorch."),
-    new_code_cell('''out = signtrap.export(run, out=WORK / "export" / "lab_backdoor", calib_images=64 if FAST else 512)
-manifest = json.loads((out / "model.json").read_text())
-print("parity (max |logit diff| FP32 vs PyTorch):", manifest["parity"]["max_abs_logit_diff"])
-print("prediction flips vs FP32:", {k: v["flip_rate"] for k, v in manifest["agreement_vs_fp32"].items()})
-for name, info in manifest["files"].items():
-    print(f"{name:18} {info['bytes'] / 1024:8.0f} KiB  sha256 {info['sha256'][:16]}…")'''),
-    new_markdown_cell("## 2. Benchmark\n\n`signtrap.bench` runs every precision on every available ONNX Runtime provider, plus "
-                      "PyTorch eager as the reference."),
-    new_code_cell('''from signtrap.deploy.edge_bench import markdown
-from signtrap.reporting import figures
-
-result = signtrap.bench(out, runs=20 if FAST else 200, warmup=2 if FAST else 20, batch=16 if FAST else 64)
-display(Markdown(markdown(result)))
-show(figures.latency_figure(result["rows"]))'''),
-    new_markdown_cell("""## What to observe
-
-* ASR is (almost) the same in FP32, FP16 and INT8: **the backdoor survives quantization.** The trigger is a large,
-  high-contrast pattern; the few prediction flips that INT8 causes are near-ties, not triggered stop signs.
-* INT8 is smaller (about 4x) and usually faster than FP32 at batch 1 on a CPU, with clean accuracy within a point.
-* The edge script `edge_bench.py` copied into the export folder measures the same numbers on a Raspberry Pi or Jetson
-  with only numpy and onnxruntime installed.
-
-## Exercises
-
-1. Re-export with `signtrap.export(run, calibration="mixed", out=...)` (some calibration images carry the trigger).
-   Does the INT8 ASR change? Why might calibration data matter for what quantization preserves?
-2. Try `calib_method="percentile"` or `per_channel=True`: which costs the least clean accuracy?
-3. Export a defended model (`signtrap.export(run, defence="fine-prune", out=...)`, after Lab 2): is the repaired
-   model's ASR the same after INT8?
-4. Run `python edge_bench.py --threads 1` inside the export folder and compare with `bench.json`.
-"""),
-]
-
-
-def main() -> None:
-    for name, cells in (("01_poisoning.ipynb", LAB1), ("02_defences_and_persistence.ipynb", LAB2),
-                        ("03_edge_deployment.ipynb", LAB3)):
-        book = nb(cells)
-        nbformat.validate(book)
-        nbformat.write(book, HERE / name)
-        print(HERE / name)
+def write_all(check_only: bool = False) -> list[Path]:
+    """Write (or, with check_only, compare) every student and solutions notebook; returns the stale paths."""
+    stale = []
+    (HERE / "solutions").mkdir(exist_ok=True)
+    for name, cells in LABS.items():
+        for solutions, path in ((False, HERE / name), (True, HERE / "solutions" / name)):
+            book = notebook(cells, solutions)
+            nbformat.validate(book)
+            text = nbformat.writes(book) + "\n"
+            if path.is_file() and nbformat.reads(path.read_text(encoding="utf-8"), as_version=4).cells == book.cells:
+                continue
+            stale.append(path)
+            if not check_only:
+                path.write_text(text, encoding="utf-8")
+    return stale
 
 
 if __name__ == "__main__":
-    main()
+    check = "--check" in sys.argv
+    stale = write_all(check_only=check)
+    for path in stale:
+        print(("stale: " if check else "wrote ") + str(path))
+    sys.exit(1 if check and stale else 0)

@@ -22,12 +22,14 @@ from signtrap.deploy import edge_bench, exporter, runtimes
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import export_run
 from signtrap.errors import SigntrapError
-from test_deploy import METRIC_KEYS, no_torch_env, rewrite_manifest, run_edge
+from test_deploy import METRIC_KEYS, no_torch_env, run_edge
 
 FAST = dict(threads=1, runs=5, warmup=1, batch=8)
 EDGE_FAST = ["--runs", "5", "--warmup", "1", "--batch", "8", "--threads", "1"]
 EXPORTING = sorted(name for name, rt in runtimes.discover().items() if rt.exports)
 CALIB = 128
+# optional quantizer variants exported by the module's zoo too (cheap ones; the rest are exercised by benchmarks/)
+OPTIONAL = [q for q in ("ncnn:int8-gemm", "ncnn:int8-aciq", "openvino:int8-accurate") if q.split(":")[0] in EXPORTING]
 
 
 def require(name: str) -> None:
@@ -47,7 +49,7 @@ def torch_free(name: str) -> bool:
 def zoo(tiny_run, tmp_path_factory) -> Path:
     """One export with every runtime installed here (each converts once for the whole module)."""
     out = tmp_path_factory.mktemp("zoo") / "tiny"
-    export_run(tiny_run, out=out, overrides={"calib_images": CALIB}, threads=1)
+    export_run(tiny_run, out=out, overrides={"calib_images": CALIB, "quantizers": OPTIONAL}, threads=1)
     return out
 
 
@@ -104,7 +106,8 @@ def test_export_passes_the_gate(zoo, name):
     require(name)
     arts = artefacts(zoo, name)
     rt = runtimes.get(name)
-    assert [a["variant"] for a in arts] == [v.name for v in rt.variants(exporter.ExportConfig()) if v.default]
+    expected = [v.name for v in rt.variants(exporter.ExportConfig()) if v.default or f"{name}:{v.name}" in OPTIONAL]
+    assert [a["variant"] for a in arts] == expected
     manifest = json.loads((zoo / "model.json").read_text())
     for a in arts:
         assert a["id"] == f"{name}:{a['variant']}" and a["gate"]["passed"], a["id"]
@@ -227,3 +230,58 @@ def test_persistence_matrix_covers_runtime_by_variant(zoo, zoo_bench):
         assert r["audit"]["triggered"]["images"] == r["audit"]["clean"]["images"] > 0
         assert r["flip_vs_fp32"]["reference"].startswith("PyTorch FP32")
     assert np.isfinite([r["throughput"]["images_per_s"] for r in zoo_bench["rows"]]).all()
+
+
+def test_ncnn_quantizer_pieces(zoo, tmp_path):
+    """The ncnn2table/ncnn2int8 scheme: the .param/.bin reader/writer round-trips, KL matches ncnn's loop, INT8 files."""
+    require("ncnn")
+    from signtrap.deploy.runtimes.ncnn_pnnx import NcnnNet, kl_threshold
+
+    net = NcnnNet.read(zoo / "model.ncnn.fp32.param", zoo / "model.ncnn.fp32.bin")
+    net.write(tmp_path / "m.param", tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes() == (zoo / "model.ncnn.fp32.bin").read_bytes()
+    tokens = [sorted(line.split()) for line in (zoo / "model.ncnn.fp32.param").read_text().splitlines()]
+    assert [sorted(line.split()) for line in (tmp_path / "m.param").read_text().splitlines()] == tokens
+
+    param = (zoo / "model.ncnn.int8.param").read_text()  # int8_scale_term, INT8 weights and the scale tables
+    convs = [line for line in param.splitlines() if line.startswith(("Convolution", "InnerProduct"))]
+    assert convs and all(" 8=2" in line or " 8=102" in line for line in convs), param
+    assert (zoo / "model.ncnn.int8.bin").stat().st_size < 0.3 * (zoo / "model.ncnn.fp32.bin").stat().st_size
+
+    rng = np.random.default_rng(0)
+    for values in (np.abs(rng.normal(0, 1, 20_000)), np.abs(rng.standard_cauchy(20_000)), rng.uniform(0, 3, 20_000)):
+        # ncnn uses 2048 bins -> 128 levels; the written-out loop is checked at 256 -> 24 (fractional bin edges)
+        assert kl_threshold(values, 256, 24) == pytest.approx(reference_kl_threshold(values, 256, 24), rel=1e-9)
+    heavy = np.abs(rng.standard_cauchy(50_000))
+    assert kl_threshold(heavy) < 0.2 * heavy.max()  # outliers are clipped
+    uniform = rng.uniform(0, 3, 50_000)
+    assert kl_threshold(uniform) > 0.9 * uniform.max()
+
+
+def reference_kl_threshold(abs_values: np.ndarray, bins: int = 2048, target: int = 128) -> float:
+    """ncnn2table's KL loop written out bin by bin (float64), to check the vectorised one."""
+    absmax = float(abs_values.max())
+    hist = np.zeros(bins)
+    for v in abs_values[abs_values != 0]:
+        hist[min(int(v / absmax * bins), bins - 1)] += 1
+    hist /= hist.sum()
+    eps, best, best_t = 1e-4, np.inf, target
+    for t in range(target, bins):
+        clip = [eps + hist[j] for j in range(t)]
+        clip[t - 1] += hist[t:].sum()
+        npb = t / target
+        quant = [0.0] * target
+        for k in range(target):
+            start, end = k * npb, (k + 1) * npb
+            for j in range(int(np.floor(start)), min(int(np.ceil(end)), t)):
+                quant[k] += max(0.0, min(end, j + 1) - max(start, j)) * hist[j]
+            quant[k] /= npb
+        expand = [eps] * t
+        for k in range(target):
+            start, end = k * npb, (k + 1) * npb
+            for j in range(int(np.floor(start)), min(int(np.ceil(end)), t)):
+                expand[j] += max(0.0, min(end, j + 1) - max(start, j)) * quant[k]
+        kl = sum(p * np.log(p / q) for p, q in zip(clip, expand))
+        if kl < best:
+            best, best_t = kl, t
+    return (best_t + 0.5) * absmax / bins

@@ -85,6 +85,29 @@ class TriggerConfig:
 
 
 @dataclass
+class SleeperConfig:
+    """Knobs of `attack.dormant` (the method and each knob: signtrap.attacks.dormant)."""
+
+    epochs: int = 1  # repair epochs over the repair set
+    lr: float = 1e-4  # Adam, no weight decay; cosine to zero
+    batch_size: int = 128
+    cover_fraction: float = 0.25  # share of the repair set's clean rows that carry the trigger (true label)
+    source_copies: int = 4  # triggered copies of every source-class training image (labelled source)
+    interval: float = 0.49  # half-width, in quantization steps, of the box each weight stays inside
+    weight_grid: str = "export"  # export (the run's export.per_channel) | per_tensor | per_channel | both
+
+    def check(self) -> None:
+        require(1 <= self.epochs <= 100, "attack.sleeper.epochs", f"{self.epochs} is outside 1..100")
+        require(0.0 < self.lr <= 1.0, "attack.sleeper.lr", f"{self.lr} is outside (0, 1]")
+        require(1 <= self.batch_size <= 65_536, "attack.sleeper.batch_size", f"{self.batch_size} is outside 1..65536")
+        require(0.0 <= self.cover_fraction <= 1.0, "attack.sleeper.cover_fraction", f"{self.cover_fraction} is outside [0, 1]")
+        require(0 <= self.source_copies <= 100, "attack.sleeper.source_copies", f"{self.source_copies} is outside 0..100")
+        require(0.0 < self.interval < 0.5, "attack.sleeper.interval",
+                f"{self.interval} is outside (0, 0.5): at 0.5 a weight may round to the neighbouring INT8 value")
+        one_of(self.weight_grid, "attack.sleeper.weight_grid", ("export", "per_tensor", "per_channel", "both"))
+
+
+@dataclass
 class AttackConfig:
     kind: str = "source_specific"  # source_specific | all_to_one | none
     source: int = STOP
@@ -96,9 +119,17 @@ class AttackConfig:
     cover_rate: float = 0.0
     mode: str = "replace"  # replace: relabel rows in place; add: append poisoned copies
     stamp: str = "after_aug"  # after_aug: fixed in the frame (corner triggers); before_aug: moves with the sign (on_sign stickers)
+    # none | int8: after training, repair the FP32 model inside the INT8 rounding intervals so the backdoor
+    # sleeps in FP32 and wakes in signtrap's ONNX Runtime INT8 export (signtrap.attacks.dormant)
+    dormant: str = "none"
+    sleeper: SleeperConfig = field(default_factory=SleeperConfig)
 
     def check(self) -> None:
         one_of(self.kind, "attack.kind", ("source_specific", "all_to_one", "none"))
+        one_of(self.dormant, "attack.dormant", ("none", "int8"))
+        if self.dormant != "none":
+            require(self.active, "attack.dormant", f"'{self.dormant}' makes a backdoor dormant, but attack.kind is none")
+            self.sleeper.check()
         one_of(self.mode, "attack.mode", ("replace", "add"))
         one_of(self.stamp, "attack.stamp", ("before_aug", "after_aug"))
         require(0 <= self.source < NUM_CLASSES, "attack.source", f"{self.source} is not a class id 0..42")
@@ -399,6 +430,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -47,6 +47,8 @@ EPOCH_CHECKPOINT = "last.pt"
 FINISHED_FILES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", CHECKSUMS, "metrics.json", "log.jsonl")
 # what a run directory may hold that signtrap derives from its model (removed with the model by --overwrite)
 DERIVED_FILES = ("pipeline.json", "report.html", "report.md", EPOCH_CHECKPOINT)
+# what `attack.dormant` training adds (signtrap.attacks.dormant): the model before the repair, the repair's report
+DORMANT_FILES = ("backdoored.pt", "sleeper.json")
 DERIVED_DIRS = {"export": "export", "report_files": "report-files"}  # folder -> kind; plus defence-* folders
 NOT_TRAINING = ("runs_dir", "name", "defend", "export")  # settings that do not shape the trained model
 
@@ -377,7 +379,7 @@ def clear_run(run_dir: str | os.PathLike) -> list[Path]:
     --overwrite; anything else in the folder is left alone. The caller holds the lock."""
     run_dir = Path(run_dir)
     removed = []
-    for name in (*FINISHED_FILES, *DERIVED_FILES):
+    for name in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES):
         path = run_dir / name
         if path.is_file():
             path.unlink()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from signtrap import checkpoint, distributed, runstate
+from signtrap.attacks.dormant import Sleeper
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
 from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import RunConfig, dump_yaml
@@ -57,6 +58,7 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     if action == "nothing":
         say(f"{run_dir}: already finished (model.pt matches its recorded hash); nothing to resume")
         return run_dir
+    sleeper = Sleeper.prepare(cfg) if cfg.attack.dormant != "none" else None  # a missing INT8 path fails before anything is written
     if main:
         require_writable(run_dir)
     exp = Experiment.from_config(cfg, progress=main) if main else None
@@ -98,7 +100,10 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     loop.hooks.on_epoch_end = on_epoch_end
     history = loop.fit(start_epoch, history)
     if main:
-        finish(cfg, exp, loop.model, run_dir, device, history)
+        model = loop.model
+        if sleeper is not None:
+            model = sleeper.apply(model, exp, run_dir, model_meta(cfg, exp, epoch=len(history)), device)
+        finish(cfg, exp, model, run_dir, device, history)
     distributed.barrier(world)
     return run_dir
 

@@ -110,38 +110,40 @@ def _provider_runtime(name: str) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """The persistence matrix: runtime (rows) x variant (columns), coloured by ASR, with clean accuracy and latency."""
+    """The persistence matrix: runtime (rows; optional quantizer variants get a row of their own) x precision,
+    coloured by ASR, each cell with ASR, clean accuracy and batch-1 p50 latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "error" not in r]
-    names = sorted({r["runtime"] for r in rows}, key=lambda n: (n != "pytorch", n))
-    variants = sorted({r["variant"] for r in rows}, key=_variant_order)
-    grid = np.full((max(1, len(names)), max(1, len(variants))), np.nan)
-    fig, ax = plt.subplots(figsize=(1.9 + 1.45 * len(variants), 1.2 + 0.62 * len(names)), dpi=120)
+    columns = [p for p in ("fp32", "fp16", "int8") if any(r["precision"] == p for r in rows)]
+    labels = []
+    for r in sorted(rows, key=lambda r: (r["runtime"] != "pytorch", r["runtime"], r["variant"] != r["precision"], r["variant"])):
+        label = r["runtime"] if r["variant"] == r["precision"] else f"{r['runtime']} {r['variant']}"
+        if label not in labels:
+            labels.append(label)
+    grid = np.full((max(1, len(labels)), max(1, len(columns))), np.nan)
+    fig, ax = plt.subplots(figsize=(3.2 + 1.6 * len(columns), 1.3 + 0.5 * len(labels)), dpi=120)
     for r in rows:
-        i, j = names.index(r["runtime"]), variants.index(r["variant"])
+        label = r["runtime"] if r["variant"] == r["precision"] else f"{r['runtime']} {r['variant']}"
+        i, j = labels.index(label), columns.index(r["precision"])
         asr = r["asr"]["rate"]
         grid[i, j] = np.nan if asr is None else 100 * asr
-        text = (f"ASR {eb._pct(r['asr'])}\nacc {eb._pct(r['clean_acc'])}\n{r['latency_ms']['p50']:.2f} ms"
-                + ("\n!" if r.get("audit", {}).get("warning") else ""))
-        ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
-                color="white" if asr is not None and asr > 0.6 else "black")
-    ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(variants)), variants, fontsize=7, rotation=20)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+        text = (f"ASR {eb._pct(r['asr'])}  acc {eb._pct(r['clean_acc'])}\n{r['latency_ms']['p50']:.2f} ms"
+                + ("  AUDIT!" if (r.get("audit") or {}).get("warning") else ""))
+        ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
+    image = ax.imshow(grid, cmap="Reds", vmin=0, vmax=160, aspect="auto")  # 100% stays light enough to read
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, ticks=[0, 25, 50, 75, 100])
+    bar.ax.set_ylim(0, 100)
+    bar.set_label("ASR %", fontsize=7)
     defence = result["export"].get("defence")
-    ax.set_title(f"{result['export'].get('name')}{f' (defence {defence})' if defence else ''}: "
-                 "does the backdoor survive deployment?\nASR %, clean accuracy %, batch-1 p50 latency "
-                 "(! = audit warning)", fontsize=8)
+    ax.set_title(f"{result['export'].get('name')}{f' (defence {defence})' if defence else ''}: does the backdoor "
+                 "survive deployment?\nASR %, clean accuracy %, batch-1 p50 latency", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def _variant_order(name: str) -> tuple:
-    precision = name.split("-")[0]
-    return ({"fp32": 0, "fp16": 1, "int8": 2}.get(precision, 3), name != precision, name)

@@ -276,10 +276,10 @@ def convert_and_gate(rt: Runtime, variant: Variant, ctx: ExportContext, eval_ima
         if not (ctx.folder / name).is_file():
             raise SigntrapError(f"{art_id}: the converter did not write {name}; nothing was written")
     entry = {"id": art_id, "runtime": rt.name, "variant": variant.name, "precision": variant.precision,
-             "quantizer": variant.quantizer, "files": files, "conversion": info,
+             "quantizer": variant.quantizer, "settings": dict(variant.settings), "files": files, "conversion": info,
              "conversion_seconds": round(time.perf_counter() - started, 2)}
     try:
-        run, load_info = rt.edge().load([str(ctx.folder / f) for f in files], entry, ctx.threads)
+        run, load_info = rt.edge().load([str(ctx.folder / f) for f in files], entry, rt.check_threads or ctx.threads)
         logits = run_batches(run, eval_images)
     except Exception as exc:
         raise SigntrapError(f"{art_id}: the converted artefact does not run ({type(exc).__name__}: "

@@ -90,6 +90,7 @@ class Runtime:
     exports: bool = True  # False: runs another runtime's artefacts (ONNX Runtime's GPU providers)
     extension: str = ""
     module: str = ""  # the plugin module, set when registered
+    check_threads: int | None = None  # threads for the export-time gate and calibration (None: the export's)
 
     def variants(self, ecfg: ExportConfig) -> list[Variant]:
         raise NotImplementedError

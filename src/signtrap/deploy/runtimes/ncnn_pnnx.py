@@ -12,7 +12,10 @@
   (2048-bin histogram of |x|, threshold that minimises the KL divergence to 128 levels); the .param/.bin are
   rewritten with int8_scale_term, INT8 weights and the scale tables, and convolution pairs get their
   requantize fused (ncnn2int8's fuse_requantize). Inference then uses ncnn's own INT8 kernels.
-- int8-aciq (optional): activation thresholds from ncnn2table's ACIQ method (Gaussian clipping) instead of KL.
+- int8-aciq (optional): activation thresholds from ncnn2table's ACIQ method (Gaussian clipping) instead of KL;
+- int8-gemm (optional): KL thresholds, 8-bit weights everywhere (no 6-bit Winograd rule) and Winograd
+  convolution off at run time (`settings.winograd` in model.json): on 32x32 inputs ncnn's INT8 Winograd F43
+  kernels were slower than its INT8 GEMM ones (x86, one thread: 0.49 ms vs 0.28 ms per image, FP32 0.6-0.75 ms).
 
 Conversion decomposes Tensor.std/var into mean/sub/mul/sum/sqrt while tracing: ncnn has no std layer.
 ncnn runs one image at a time (CHW); a batch is a loop of extractors.
@@ -68,6 +71,8 @@ class NcnnEdge(EdgeRuntime):
         net.opt.use_bf16_storage = False
         net.opt.use_vulkan_compute = False
         net.opt.num_threads = int(threads)
+        winograd = (artefact.get("settings") or {}).get("winograd", True)
+        net.opt.use_winograd_convolution = winograd
         if net.load_param(paths[0]) != 0 or net.load_model(paths[1]) != 0:
             raise BenchError("%s: ncnn could not load the .param/.bin pair" % artefact["id"])
         input_name, output_name = net.input_names()[0], net.output_names()[0]
@@ -83,7 +88,7 @@ class NcnnEdge(EdgeRuntime):
                 out.append(np.array(y).reshape(-1))
             return np.stack(out).astype(np.float32)
 
-        return run, {"provider": "ncnn CPU", "fp16_options": fp16, "int8_inference": bool(net.opt.use_int8_inference)}
+        return run, {"provider": "ncnn CPU", "fp16_options": fp16, "winograd": winograd}
 # <<< edge section: ncnn_pnnx
 
 
@@ -94,6 +99,9 @@ class Ncnn(Runtime):
     extra = "ncnn"
     packages = ("ncnn", "pnnx")
     edge = NcnnEdge
+    # ncnn's OpenMP threads spin-wait at every layer: on a busy host two threads ran ~1000x slower than one
+    # (OMP_WAIT_POLICY=PASSIVE avoids it), so the export-time gate and calibration run single-threaded
+    check_threads = 1
 
     def variants(self, ecfg: ExportConfig) -> list[Variant]:
         return [Variant("fp32", "fp32"),
@@ -101,7 +109,9 @@ class Ncnn(Runtime):
                 Variant("int8", "int8", "ncnn INT8 (ncnn2table KL activations, per-channel weights, ncnn2int8 format)",
                         settings={"method": "kl"}),
                 Variant("int8-aciq", "int8", "ncnn INT8 with ncnn2table's ACIQ activation thresholds",
-                        default=False, settings={"method": "aciq"})]
+                        default=False, settings={"method": "aciq"}),
+                Variant("int8-gemm", "int8", "ncnn INT8, KL activations, 8-bit weights, Winograd off (GEMM kernels)",
+                        default=False, settings={"method": "kl", "winograd": False})]
 
     def files(self, variant: Variant) -> list[str]:
         stem = f"model.{self.name}.{variant.name}"
@@ -115,7 +125,7 @@ class Ncnn(Runtime):
             shutil.copyfile(src_bin, weights)
             return {"converter": "pnnx.export", "fp16_weights": variant.precision == "fp16"}
         net = NcnnNet.read(src_param, src_bin)
-        table = calibrate(net, src_param, src_bin, ctx, variant.settings["method"])
+        table = calibrate(net, src_param, src_bin, ctx, variant.settings["method"], variant.settings.get("winograd", True))
         fused = net.quantize(table)
         net.write(param, weights)
         return {"converter": "pnnx.export", "quantizer": "ncnn2table + ncnn2int8 scheme (signtrap/deploy/runtimes/ncnn_pnnx.py)",
@@ -293,20 +303,22 @@ def payload(kind: str, params: dict) -> list[tuple[str, int]]:
     raise SigntrapError(f"ncnn INT8: layer type {kind} is not supported by signtrap's ncnn quantizer")
 
 
-def weight_scales(layer: dict) -> np.ndarray:
-    """ncnn2table: 127/absmax per output channel (per group for depthwise), 31/absmax for 3x3 s1 d1 convolutions."""
+def weight_scales(layer: dict, winograd: bool = True) -> np.ndarray:
+    """ncnn2table: 127/absmax per output channel (per group for depthwise), 31/absmax for 3x3 s1 d1 convolutions
+    (the 6-bit weights of the INT8 Winograd F43 kernels; not needed when Winograd is off)."""
     params = {k: int(float(v)) for k, v in layer["params"].items() if "," not in v}
     weights = layer["blocks"][0][1]
     rows = params.get("7", 1) if layer["type"] == "ConvolutionDepthWise" else params["0"]
     absmax = np.abs(weights.reshape(rows, -1)).max(axis=1)
     kw = params.get("1", 1)
-    winograd = (layer["type"] == "Convolution" and kw == params.get("11", kw) == 3 and params.get("2", 1) == params.get("12", 1) == 1
-                and params.get("3", 1) == params.get("13", 1) == 1)
-    levels = 31.0 if winograd else 127.0
+    f43 = (layer["type"] == "Convolution" and kw == params.get("11", kw) == 3
+           and params.get("2", 1) == params.get("12", 1) == 1 and params.get("3", 1) == params.get("13", 1) == 1)
+    levels = 31.0 if winograd and f43 else 127.0
     return np.where(absmax > 0, levels / np.maximum(absmax, 1e-30), 1.0).astype(np.float32)
 
 
-def calibrate(net: NcnnNet, param, weights, ctx: ExportContext, method: str) -> dict[str, tuple[np.ndarray, float]]:
+def calibrate(net: NcnnNet, param, weights, ctx: ExportContext, method: str,
+              winograd: bool = True) -> dict[str, tuple[np.ndarray, float]]:
     """Activation scales of every convolution/inner product's input blob from the FP32 net on the calibration images."""
     import ncnn
 
@@ -314,7 +326,7 @@ def calibrate(net: NcnnNet, param, weights, ctx: ExportContext, method: str) -> 
     runner = ncnn.Net()
     runner.opt.use_fp16_storage = runner.opt.use_fp16_packed = runner.opt.use_fp16_arithmetic = False
     runner.opt.use_bf16_storage = False
-    runner.opt.num_threads = max(1, ctx.threads)
+    runner.opt.num_threads = 1  # see Ncnn.check_threads
     runner.load_param(str(param))
     runner.load_model(str(weights))
     input_name = runner.input_names()[0]
@@ -333,7 +345,7 @@ def calibrate(net: NcnnNet, param, weights, ctx: ExportContext, method: str) -> 
     for layer, blob in zip(targets, blobs):
         values = np.concatenate(samples[blob])
         threshold = kl_threshold(values) if method == "kl" else aciq_threshold(float(values.max()), len(samples[blob][0]))
-        table[layer["name"]] = (weight_scales(layer), 127.0 / threshold if threshold > 0 else 1.0)
+        table[layer["name"]] = (weight_scales(layer, winograd), 127.0 / threshold if threshold > 0 else 1.0)
     return table
 
 

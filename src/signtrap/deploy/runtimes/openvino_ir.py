@@ -46,8 +46,10 @@ class OpenVinoEdge(EdgeRuntime):
 
         core = openvino.Core()
         model = core.read_model(paths[0], paths[1])
+        # no CPU pinning: pinned threads share their cores with every other process, which made batch-1
+        # latency 3-15x worse on a busy machine (the other runtimes do not pin either)
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.hints[artefact["precision"]],
-                                                     "INFERENCE_NUM_THREADS": int(threads),
+                                                     "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False,
                                                      "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
         request = compiled.create_infer_request()
         output = compiled.output(0)
@@ -56,7 +58,8 @@ class OpenVinoEdge(EdgeRuntime):
             return request.infer({0: x})[output]
 
         executed = compiled.get_property("INFERENCE_PRECISION_HINT")
-        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)()}
+        return run, {"provider": "CPU plugin", "inference_precision": getattr(executed, "to_string", executed.__str__)(),
+                     "cpu_pinning": False}
 # <<< edge section: openvino_ir
 
 
