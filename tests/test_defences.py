@@ -212,3 +212,16 @@ def test_defend_api_on_a_model_in_memory(run_copy, experiment):
     assert {"clean_acc", "asr"} <= set(result.curves["persistence"][1])
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
+
+
+def test_several_methods_are_named_once_and_checked_before_any_work(tiny_run, capsys):
+    from signtrap.defences.run import method_names
+
+    assert method_names("finetune") == ["finetune"]
+    assert method_names(["nad", "anp,nad"]) == ["nad", "anp"]
+    with pytest.raises(SigntrapError, match="alone"):
+        method_names(["all", "nad"])
+    before = sorted(p.name for p in tiny_run.iterdir())
+    assert main(["defend", str(tiny_run), "--method", "finetune", "nadd", "finetune.epochs=1"]) == 2
+    assert "nadd" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_run.iterdir()) == before

@@ -42,7 +42,7 @@ from signtrap.data import cache as data_cache
 from signtrap.data.cache import SignData
 from signtrap.data.fetch import fetch as fetch_archives
 from signtrap.defences import list_defences
-from signtrap.defences.run import run_defences
+from signtrap.defences.run import method_names, run_defences
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
 from signtrap.errors import ConfigError, SigntrapError
@@ -235,12 +235,14 @@ def evaluate(run: str | os.PathLike, device: str = "auto") -> dict:
     return evaluate_run(_dir(run), device=device)
 
 
-def defend(run: str | os.PathLike, method: str = "all", *, device: str | None = None, overrides: Overrides = None,
+def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: str | None = None, overrides: Overrides = None,
            **keywords: Any) -> list[dict]:
-    """Apply a defence (or `"all"`: the run's defend.methods, else every registered one) to a trained run and
-    write RUN/defence-METHOD (`signtrap defend`); returns one report per method (before/after metrics)."""
+    """Apply a defence, several (a list or `"nad,anp"`), or `"all"` (the run's defend.methods, else every
+    registered one) to a trained run and write RUN/defence-METHOD (`signtrap defend`); returns one report per
+    method (before/after metrics)."""
     run_dir = _dir(run)
     cfg = load_run_config(run_dir)
+    method_names(method)  # every name checked before the run is touched
     require_writable(run_dir)
     with runstate.locked(run_dir, "signtrap defend"), cpu_threads(cfg.train.threads):
         return run_defences(run_dir, method, override_strings(overrides, **keywords), device, show_progress=not progress.QUIET)

@@ -19,7 +19,7 @@ from signtrap.attacks.poison import build_training_set, plan_poison
 from signtrap.attacks.triggers import place, stamp
 from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, DefenceResult, SuspiciousPool, plot_curve,
                                       write_curve_csv)
-from signtrap.errors import ConfigError
+from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
 from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment
@@ -193,21 +193,33 @@ def write_outputs(session: Session, method: str, result: DefenceResult, report: 
     return out
 
 
-def resolve_methods(method: str, cfg: RunConfig | None = None) -> list[str]:
-    if method == "all":
+def method_names(method: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`finetune`, `finetune,nad` or a list of names (`all` stands alone); every name checked."""
+    names = [n.strip() for part in ([method] if isinstance(method, str) else method) for n in str(part).split(",") if n.strip()]
+    if not names:
+        raise SigntrapError("no defence named; choose from: " + ", ".join(list_defences()) + ", or all")
+    if "all" in names and len(names) > 1:
+        raise SigntrapError("'all' runs the config's defend.methods: name it alone")
+    for name in names:
+        if name != "all":
+            get_defence(name)
+    return list(dict.fromkeys(names))
+
+
+def resolve_methods(method: str | list[str], cfg: RunConfig | None = None) -> list[str]:
+    names = method_names(method)
+    if names == ["all"]:
         chosen = list(cfg.defend.methods) if cfg is not None and cfg.defend.methods else list_defences()
         for name in chosen:
             get_defence(name)
         return chosen
-    get_defence(method)
-    return [method]
+    return names
 
 
-def run_defences(run_dir: str | Path, method: str, overrides=(), device: str | None = None,
+def run_defences(run_dir: str | Path, method: str | list[str], overrides=(), device: str | None = None,
                  show_progress: bool = True) -> list[dict]:
-    """`signtrap defend`: validate the method first, then load once and run each method."""
-    if method != "all":
-        get_defence(method)
+    """`signtrap defend`: validate the methods first, then load once and run each method."""
+    method_names(method)
     session = Session.open(run_dir, overrides, device, show_progress)
     return [session.run(name) for name in resolve_methods(method, session.cfg)]
 
