@@ -14,7 +14,6 @@ import torch
 import yaml
 from torch import nn
 
-from signtrap import checkpoint
 from signtrap.cli import main
 from signtrap.config import load_config, require
 from signtrap.defences import register_defence
@@ -118,7 +117,11 @@ def test_a_defence_registered_in_a_test_module_runs_in_the_pipeline(tmp_path):
     assert "test-shrink" in html
 
 
-@pytest.mark.slow
+class _Trained(BaseException):
+    """Raised by the patched Loop.fit once a defence's loop is built: what it would train with is recorded, the
+    training itself is skipped (the defences' own results are tested in test_defences.py)."""
+
+
 def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy, monkeypatch):
     """Every registered defence that trains goes through signtrap.loop.Loop with the run's train.precision and
     aug settings; every repairing defence trains."""
@@ -129,13 +132,12 @@ def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy,
     from signtrap.defences.run import Session
 
     seen: list[tuple[str, object, str]] = []
-    original = loop_mod.Loop.__post_init__
 
-    def record(self):
+    def record(self, *args, **kwargs):
         seen.append((self.desc, self.aug, self.precision))
-        original(self)
+        raise _Trained
 
-    monkeypatch.setattr(loop_mod.Loop, "__post_init__", record)
+    monkeypatch.setattr(loop_mod.Loop, "fit", record)
     raw = yaml.safe_load((run_copy / "config.yaml").read_text())
     raw["train"]["precision"] = "bf16"
     raw["aug"].update({"enabled": True, "rotate": 7.0, "blur_p": 0.0})
@@ -143,12 +145,15 @@ def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy,
     shutil.copytree(run_copy, changed, ignore=shutil.ignore_patterns("defence-*"))
     (changed / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     methods = [m for m in list_defences() if m != "test-shrink"]
-    overrides = ["clean_fraction=0.3"] + [o for m in methods for o in fast(m)]
+    overrides = ["clean_fraction=0.3", "probe.enabled=false"] + [o for m in methods for o in fast(m)]
     session = Session.open(changed, overrides, "cpu", show_progress=False)
     trained = []
     for method in methods:
         seen.clear()
-        session.run(method)
+        try:
+            session.run(method)
+        except _Trained:
+            pass
         if get_defence(method).kind == "repair":
             assert seen, f"{method} did not train through the loop"
         for desc, aug, precision in seen:
@@ -157,10 +162,10 @@ def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy,
             assert precision == "bf16"
         trained += [method] if seen else []
     assert {"finetune", "anp", "nad", "i-bau", "ft-sam", "fst"} <= set(trained)
+    assert not [m for m in trained if (changed / f"defence-{m}").exists()], "an interrupted defence left an output folder"
     # a defence whose settings turn augmentation off gets none
     seen.clear()
     session.cfg.defend.per_method["finetune"] = dataclasses.replace(session.cfg.defend.method("finetune"), augment=False, lr=1e-3)
-    session.run("finetune")
+    with pytest.raises(_Trained):
+        session.run("finetune")
     assert seen and not seen[0][1].enabled
-    model, _ = checkpoint.verified_load(changed / "defence-finetune")
-    assert model is not None
