@@ -841,8 +841,8 @@ print(f"attack: {cfg.attack.kind}, class {cfg.attack.source} -> {cfg.attack.targ
 run = trained(cfg)  # trains the backdoor, then repairs it inside the rounding intervals'''),
     Md("""## 1. Before and after the repair, in FP32 and in INT8
 
-Training wrote `sleeper.json` into the run folder: the backdoored model (kept as `backdoored.pt`) and the repaired
-one (`model.pt`, the model every FP32 evaluation and defence loads), each measured in FP32 and through ONNX Runtime
+Training wrote `sleeper.json` into the run folder: the backdoored model (its checkpoint is kept beside the run's) and
+the repaired one (the run's model, the one every FP32 evaluation and defence loads), each measured in FP32 and through ONNX Runtime
 INT8 with the run's own export settings."""),
     Code('''sleeper = json.loads((run.dir / "sleeper.json").read_text())
 table = sleeper["metrics"]["test"]
