@@ -1,4 +1,5 @@
 """`signtrap defend`: the registry, every defence on a tiny backdoored run, outputs, and bad input."""
+import csv
 import hashlib
 import json
 import shutil
@@ -10,31 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from signtrap import checkpoint
+from signtrap import checkpoint, runstate
 from signtrap.cli import main
 from signtrap.defences import get_defence, list_defences
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
 
-# small settings so that every defence runs in seconds on the tiny run (SynthSigns, 43 classes)
+from defence_settings import FAST
+
 COMMON = ["clean_fraction=0.3"]
-FAST = {
-    "finetune": ["finetune.epochs=2"],
-    "adv-pgd": ["adv-pgd.epochs=1", "adv-pgd.steps=2"],
-    "redteam": ["redteam.epochs=1", "redteam.restarts=1", "redteam.search_steps=15", "redteam.positions=[bottom_right,centre]"],
-    "fine-prune": ["fine-prune.epochs=1", "fine-prune.step=0.1"],
-    "neural-cleanse": ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]",
-                       "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.epochs=1"],
-    "strip": ["strip.overlays=8"],
-}
 METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 
 def tree_hash(root: Path, skip_defences: bool = False) -> str:
-    """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders)."""
+    """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders), but
+    the run lock, which names its last holder (as tests/test_safety.py)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*")):
         rel = path.relative_to(root)
+        if rel.name == runstate.LOCK_FILE:
+            continue
         if skip_defences and rel.parts[0].startswith("defence-"):
             continue
         digest.update(str(rel).encode())
@@ -61,7 +57,8 @@ def same_rates(a: dict, b: dict) -> None:
         assert (a[key]["k"], a[key]["n"]) == (b[key]["k"], b[key]["n"]), (key, a[key], b[key])
 
 
-BUILT_IN = ["adv-pgd", "fine-prune", "finetune", "neural-cleanse", "redteam", "strip"]
+BUILT_IN = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "neural-cleanse", "redteam", "strip"]
+TUNED = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "redteam"]
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
@@ -69,7 +66,8 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
     for name in BUILT_IN:
         spec = get_defence(name)
         assert callable(spec) and name in FAST and spec.name == name
-        assert spec.module == f"signtrap.defences.{name.replace('-', '_')}"  # one file per defence
+        assert spec.module == f"signtrap.defences.{name.replace('-', '')}" or \
+            spec.module == f"signtrap.defences.{name.replace('-', '_')}"  # one file per defence
         spec.settings().check(f"defend.{name}")  # its defaults are valid
     with pytest.raises(SigntrapError, match=r"unknown defence 'finetun' \(did you mean 'finetune'\?\)"):
         get_defence("finetun")
@@ -96,7 +94,13 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
             entry = stored["before"][split][key]
             assert {"rate", "k", "n", "ci95"} <= set(entry)
     for csv_name in [n for n in stored["files"] if n.endswith(".csv")]:
-        assert (out / csv_name.replace(".csv", ".png")).is_file() or csv_name == "norms.csv"
+        assert (out / csv_name.replace(".csv", ".png")).is_file() or csv_name in ("norms.csv", "masks.csv")
+    if method in TUNED:  # the trade-off curve over the main knob is a first-class output
+        sel = stored["details"]["selection"]
+        assert sel["knob"] and not sel["fixed"] and sel["value"] in sel["tried"]
+        assert (out / "tradeoff.csv").is_file() and (out / "tradeoff.png").is_file()
+        rows = (out / "tradeoff.csv").read_text().splitlines()
+        assert rows[0].startswith("knob,value,candidate,heldout_clean_acc") and len(rows) == 2 + len(sel["tried"])
 
     if stored["repaired_model"]:
         repaired, meta = checkpoint.verified_load(out, "model.pt")
@@ -105,12 +109,20 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
         metrics = json.loads((out / "metrics.json").read_text())
         same_rates(stored["after"]["test"], metrics["test"])
         changed = any(not torch.equal(a, b) for a, b in zip(source_model.state_dict().values(), repaired.state_dict().values()))
-        assert changed, "the repaired model has the source weights"
+        if method == "anp" and stored["details"]["pruned_neurons"] == 0:
+            # the held-out rule may keep no pruning at all (every threshold that prunes costs more than the
+            # tolerance on this fragile tiny model): then the weights are the source's, and the strongest
+            # candidate of the curve did prune (its metrics moved)
+            assert not changed
+            rows = list(csv.DictReader((out / "tradeoff.csv").read_text().splitlines()))
+            assert rows[1]["clean_acc"] != rows[0]["clean_acc"] and rows[1]["kept"] == "False"
+        else:
+            assert changed, "the repaired model has the source weights"
         curve = (out / "persistence.csv").read_text().splitlines()
         assert curve[0].startswith("epoch,") and len(curve) >= 2
     else:
         assert not (out / "model.pt").exists()
-    if method in ("finetune", "fine-prune"):
+    if method in TUNED:
         assert stored["repaired_model"]
     if method == "fine-prune":
         pruning = (out / "pruning.csv").read_text().splitlines()
@@ -132,10 +144,12 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
 
 @pytest.mark.slow
 def test_cli_defend_then_eval(run_copy, capsys):
-    rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", "defend.clean_fraction=0.3"])
+    rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", "finetune.grid=[1e-4,1e-3]",
+               "defend.clean_fraction=0.3"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "clean acc before" in out and "finetune" in out and f"{run_copy}/defence-finetune" in out
+    assert "finetune: lr=" in out and "chosen by the held-out rule" in out  # how the setting was chosen
     assert main(["--quiet", "eval", str(run_copy / "defence-finetune"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((run_copy / "defence-finetune" / "report.json").read_text())
@@ -178,7 +192,7 @@ def test_cli_rejects_unknown_method_in_a_subprocess(run_copy):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("signtrap: error: unknown defence 'neural-clense' (did you mean 'neural-cleanse'?); "
-                                          "choose from: adv-pgd, fine-prune, finetune, neural-cleanse, redteam, strip")
+                                          "choose from: " + ", ".join(BUILT_IN))
 
 
 def test_defend_api_on_a_model_in_memory(run_copy, experiment):
@@ -191,7 +205,7 @@ def test_defend_api_on_a_model_in_memory(run_copy, experiment):
     rows = experiment.defender_rows(0.2)
     assert not np.intersect1d(rows, np.concatenate([experiment.splits.val, experiment.splits.test])).size
     clean = CleanData(experiment.data.images[rows], experiment.data.labels[rows])
-    result = defend(model, clean, "finetune", FinetuneSettings(epochs=1),
+    result = defend(model, clean, "finetune", FinetuneSettings(epochs=1, lr=1e-3),
                     DefenceContext(monitor=experiment.eval_set("val"), show_progress=False))
     assert result.model is not None and result.model is not model
     assert [row["epoch"] for row in result.curves["persistence"]] == [0, 1]

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from signtrap import api
+from signtrap.defences import list_defences
 from signtrap.defences.run import comparison_table
 
 
@@ -23,7 +24,7 @@ def cmd_defend(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("defend", help="apply defences to a trained run and measure whether the backdoor persists",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="methods: finetune, adv-pgd, redteam, fine-prune, neural-cleanse, strip, or all\n"
+                              epilog=f"methods: {', '.join(list_defences())}, or all (the config's defend.methods)\n"
                                      "example: signtrap defend runs/NAME --method finetune finetune.epochs=3 clean_fraction=0.1")
     p.add_argument("run", help="runs/NAME: a trained run directory")
     p.add_argument("--method", required=True, nargs="+", metavar="NAME",

@@ -9,14 +9,15 @@ from torch import nn
 
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TrainSettings, fit
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select
 from signtrap.experiment import to_tensor
 from signtrap.loop import Hooks
 
 
 @dataclass
-class AdvPGDSettings(TrainSettings):
-    """Adversarial fine-tuning against an L-inf PGD adversary; pixel budgets in 0..255 units."""
+class AdvPGDSettings(LrTunedSettings):
+    """Adversarial fine-tuning against an L-inf PGD adversary; pixel budgets in 0..255 units; the learning
+    rate is chosen by the held-out rule unless `lr` is set."""
 
     epochs: int = 5
     eps_px: float = 4.0  # L-inf budget in pixel units (4/255)
@@ -51,6 +52,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
 
 @register_defence("adv-pgd", settings=AdvPGDSettings)
 def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDSettings, ctx: DefenceContext) -> DefenceResult:
+    """Fine-tune on a mix of clean and PGD-perturbed budget images (eps 4/255, 5 steps, weight 0.5 each).
+
+    Selection rule (main knob: the learning rate, `grid` 3e-5..1e-3; the adversary stays at its defaults):
+    the budget is split by whole tracks, drawn at random, into a fit part and a held-out third; the model is
+    trained on the fit part at each learning rate, largest first, and the largest one whose held-out clean
+    accuracy is at most `tolerance` (1 point) below the backdoored model's is kept.
+    """
     eps, step = cfg.eps_px / 255.0, cfg.step_px / 255.0
     gen = torch.Generator().manual_seed(ctx.seed)
 
@@ -62,20 +70,26 @@ def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDSettings, ctx: Defenc
             return adv
         return cfg.clean_weight * F.cross_entropy(m(x).float(), y) + (1 - cfg.clean_weight) * adv
 
-    def robust_probe(m: nn.Module) -> dict:
-        """Robust accuracy under the training adversary on the first 256 budget images."""
-        x = to_tensor(clean.images[:256], ctx.device)
-        y = torch.from_numpy(clean.labels[:256]).to(ctx.device)
-        x_adv = pgd(m, x, y, eps, step, cfg.steps, torch.Generator().manual_seed(ctx.seed + 1))
-        with torch.no_grad():
-            m.eval()
-            return {"budget_robust_acc": round(float((m(x_adv).argmax(1) == y).float().mean()), 4)}
+    def prepare(data: CleanData):
+        def robust_probe(m: nn.Module) -> dict:
+            """Robust accuracy under the training adversary on the first 256 images the defence trains on."""
+            x = to_tensor(data.images[:256], ctx.device)
+            y = torch.from_numpy(data.labels[:256]).to(ctx.device)
+            x_adv = pgd(m, x, y, eps, step, cfg.steps, torch.Generator().manual_seed(ctx.seed + 1))
+            with torch.no_grad():
+                m.eval()
+                return {"budget_robust_acc": round(float((m(x_adv).argmax(1) == y).float().mean()), 4)}
 
-    curve = fit(model, clean, ctx, method="adv-pgd", schedule=cfg.schedule("defend.adv-pgd"), augment=cfg.augment,
-                hooks=Hooks(loss=loss_fn), probe=robust_probe)
-    report = {"clean_images": len(clean), "eps": f"{cfg.eps_px:g}/255", "step": f"{cfg.step_px:g}/255",
-              "budget_robust_acc_before": curve[0]["budget_robust_acc"], "budget_robust_acc_after": curve[-1]["budget_robust_acc"]}
-    return DefenceResult(model, report, {"persistence": curve})
+        def repair(m: nn.Module, lr: float) -> DefenceResult:
+            gen.manual_seed(ctx.seed)  # every candidate sees the same PGD starts
+            curve = fit(m, data, ctx, method="adv-pgd", schedule=cfg.schedule("defend.adv-pgd", lr=lr), augment=cfg.augment,
+                        hooks=Hooks(loss=loss_fn), probe=robust_probe)
+            report = {"clean_images": len(data), "lr": lr, "eps": f"{cfg.eps_px:g}/255", "step": f"{cfg.step_px:g}/255",
+                      "budget_robust_acc_before": curve[0]["budget_robust_acc"], "budget_robust_acc_after": curve[-1]["budget_robust_acc"]}
+            return DefenceResult(m, report, {"persistence": curve})
+        return repair
+
+    return select(model, clean, ctx, cfg, method="adv-pgd", prepare=prepare)
 
 
 @adv_pgd.summary

@@ -1,18 +1,23 @@
 """What the defences share: the clean budget, the context, training settings and `fit` (the one loop,
-`signtrap.loop.Loop`, with persistence curves), patches, curve files."""
+`signtrap.loop.Loop`, with persistence curves), the held-out rule that chooses a repairing defence's main
+knob (`TunedSettings`, `select`), patches, curve files."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import matplotlib
 import numpy as np
 import torch
 from torch import nn
 
+from signtrap.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
 from signtrap.experiment import EvalSet, predict
@@ -32,6 +37,7 @@ class CleanData:
     images: np.ndarray
     labels: np.ndarray
     rows: np.ndarray | None = None
+    tracks: np.ndarray | None = None  # physical sign of each image (frames of one sign share a track); None: one each
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, np.int64)
@@ -39,9 +45,20 @@ class CleanData:
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if len(self.labels) == 0:
             raise SigntrapError("the defender's clean budget is empty")
+        if self.tracks is not None and len(self.tracks) != len(self.labels):
+            raise ValueError(f"{len(self.tracks)} tracks but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def track_ids(self) -> np.ndarray:
+        return np.arange(len(self.labels)) if self.tracks is None else np.asarray(self.tracks)
+
+    def subset(self, keep: np.ndarray) -> "CleanData":
+        """The images selected by a boolean mask or an index array."""
+        return CleanData(self.images[keep], self.labels[keep], None if self.rows is None else self.rows[keep],
+                         None if self.tracks is None else self.tracks[keep])
 
 
 @dataclass
@@ -101,19 +118,25 @@ class TrainSettings:
     weight_decay: float = 5e-4
     augment: bool = True  # the run's `aug:` settings; false: no augmentation
 
+    MIN_EPOCHS: ClassVar[int] = 1
+
     def check(self, key: str) -> None:
-        check_training(key, self.epochs, self.lr, self.batch_size)
+        check_training(key, self.epochs, self.lr, self.batch_size, min_epochs=self.MIN_EPOCHS)
         require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
 
     def schedule(self, key: str, epochs: int | None = None, lr: float | None = None) -> Schedule:
-        return Schedule(epochs=self.epochs if epochs is None else epochs, lr=self.lr if lr is None else lr,
+        lr = self.lr if lr is None else lr
+        if lr is None:
+            raise SigntrapError(f"{key}: no learning rate: set {key}.lr or let the held-out rule choose it")
+        return Schedule(epochs=self.epochs if epochs is None else epochs, lr=lr,
                         batch_size=self.batch_size, weight_decay=self.weight_decay, lr_key=f"{key}.lr")
 
 
-def check_training(key: str, epochs: int, lr: float, batch_size: int, min_epochs: int = 1, epochs_key: str = "epochs",
+def check_training(key: str, epochs: int, lr: float | None, batch_size: int, min_epochs: int = 1, epochs_key: str = "epochs",
                    lr_key: str = "lr") -> None:
+    """Range checks of a training setting; `lr` None means the held-out rule chooses it."""
     require(min_epochs <= epochs <= 1000, f"{key}.{epochs_key}", f"{epochs} is outside {min_epochs}..1000")
-    require(0.0 < lr <= 1.0, f"{key}.{lr_key}", f"{lr} is outside (0, 1]")
+    require(lr is None or 0.0 < lr <= 1.0, f"{key}.{lr_key}", f"{lr} is outside (0, 1]")
     require(1 <= batch_size <= 65_536, f"{key}.batch_size", f"{batch_size} is outside 1..65536")
 
 
@@ -129,23 +152,177 @@ def stream_of(method: str) -> int:
 
 def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, schedule: Schedule, augment: bool = True,
         hooks: Hooks | None = None, probe: Callable[[nn.Module], dict] | None = None, frozen_bn: bool = False,
-        stream: int | None = None) -> list[dict]:
+        stream: int | None = None, params: list[nn.Parameter] | None = None, measure_every: int = 1) -> list[dict]:
     """Train `model` in place on the clean budget through the one loop; returns one curve row per epoch (row 0: before).
 
     The run's `train.precision` and `aug:` settings reach the loop through `ctx`; `hooks.batch` may rewrite
     a batch (stamp patches), `hooks.loss` replaces cross-entropy (PGD, distillation), `hooks.after_step`
-    re-applies constraints (pruning masks); every row carries the monitor metrics plus `probe(model)`.
+    re-applies constraints (pruning masks); `params` restricts what the optimiser updates (masks). Rows
+    0, `measure_every`, 2 * `measure_every`, ... and the last carry the monitor metrics plus `probe(model)`.
     """
     hooks = hooks or Hooks()
+    calls = [0]
 
     def columns(m: nn.Module) -> dict:
+        epoch, calls[0] = calls[0], calls[0] + 1
+        if epoch % measure_every and epoch != schedule.epochs:
+            return {}
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 
     hooks.probe = columns
     loop = Loop(model, clean_training_set(clean.images, clean.labels), schedule, ctx.device, ctx.seed,
                 stream_of(method) if stream is None else stream, aug=ctx.aug if augment else AugConfig(enabled=False),
-                precision=ctx.precision, hooks=hooks, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
+                precision=ctx.precision, hooks=hooks, params=params, frozen_bn=frozen_bn, desc=method,
+                show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
+
+
+# ---------------------------------------------------------------- the held-out rule: a repairing defence's main knob
+
+SELECT_STREAM = 0x5E1EC7
+SWEEPS = ("until-kept", "full")
+SELECTION_RULE = ("split the clean budget by whole tracks, drawn at random, into a fit part and a held-out part "
+                  "({holdout:.0%} of the tracks); run the defence on the fit part at each {knob} of the grid, strongest "
+                  "first; keep the strongest {knob} whose clean accuracy on {views} augmented views of every held-out "
+                  "image is at most {tolerance:.1%} below the unrepaired model's (no test image, ASR or trigger enters "
+                  "the choice)")
+
+
+@dataclass
+class TunedSettings(TrainSettings):
+    """A repairing defence whose main knob (the field named by `KNOB`) is chosen by the held-out rule.
+
+    The knob's field is None by default: `select` then tries every value of `grid` (weakest first in the
+    list, tried strongest first) on the fit part of the budget and keeps the strongest one that keeps the
+    model (held-out clean accuracy at most `tolerance` below the unrepaired model's). A number in the
+    knob's field fixes it: no selection, the whole budget is used.
+    """
+
+    KNOB: ClassVar[str] = "lr"
+    KNOB_RANGE: ClassVar[tuple[float, float]] = (0.0, 1.0)  # (exclusive, inclusive) bounds of a knob value
+    grid: list[float] = field(default_factory=list)  # candidate knob values, weakest first
+    holdout: float = 1 / 3  # share of the budget's tracks held out to score the candidates
+    tolerance: float = 0.01  # allowed drop of held-out clean accuracy below the unrepaired model's
+    views: int = 4  # augmented views of each held-out image scored (the run's aug magnitudes); 0: the images as they are
+    sweep: str = "until-kept"  # until-kept: stop at the first (strongest) value that keeps the model; full: try all
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        lo, hi = self.KNOB_RANGE
+        for value in [*self.grid, getattr(self, self.KNOB)]:
+            require(value is None or lo < value <= hi, f"{key}.{self.KNOB}" if value == getattr(self, self.KNOB) else f"{key}.grid",
+                    f"{value} is outside ({lo:g}, {hi:g}]")
+        require(len(self.grid) >= 1 or getattr(self, self.KNOB) is not None, f"{key}.grid",
+                f"needs at least one value (or fix {key}.{self.KNOB})")
+        require(0.0 < self.holdout < 1.0, f"{key}.holdout", f"{self.holdout} is outside (0, 1)")
+        require(0.0 <= self.tolerance < 1.0, f"{key}.tolerance", f"{self.tolerance} is outside [0, 1)")
+        require(0 <= self.views <= 64, f"{key}.views", f"{self.views} is outside 0..64")
+        require(self.sweep in SWEEPS, f"{key}.sweep", f"'{self.sweep}' is not one of {', '.join(SWEEPS)}")
+
+    def rule(self) -> str:
+        return SELECTION_RULE.format(holdout=self.holdout, knob=self.KNOB, tolerance=self.tolerance, views=self.views)
+
+
+@dataclass
+class LrTunedSettings(TunedSettings):
+    """A training defence whose main knob is its learning rate (AdamW, cosine-decayed to zero)."""
+
+    lr: float | None = None  # None: chosen by the held-out rule from `grid`
+    grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
+
+
+Repair = Callable[[nn.Module, float], DefenceResult]
+
+
+def split_budget(clean: CleanData, holdout: float, seed: int) -> tuple[CleanData, CleanData]:
+    """(fit part, held-out part): a seeded random share of the budget's tracks, whole tracks only.
+
+    Tracks are drawn at random, not per class, so the held-out part also holds classes the fit part lacks,
+    as the world holds classes the budget lacks: the rule sees forgetting, the way a repair loses accuracy.
+    """
+    tracks = clean.track_ids
+    unique = np.unique(tracks)
+    if len(unique) < 2:
+        raise SigntrapError(f"the held-out rule needs at least 2 tracks in the clean budget, got {len(unique)}; "
+                            "enlarge defend.clean_fraction or fix the defence's main knob")
+    n_held = min(max(1, int(round(holdout * len(unique)))), len(unique) - 1)
+    rng = np.random.default_rng([seed, SELECT_STREAM])
+    held = np.isin(tracks, rng.choice(unique, n_held, replace=False))
+    return clean.subset(~held), clean.subset(held)
+
+
+def held_out_views(held: CleanData, aug: AugConfig, views: int, seed: int) -> CleanData:
+    """`views` seeded augmented copies of every held-out image (the run's aug magnitudes, switched on).
+
+    The budget comes from the training split, so the model has memorised these very images: as they are,
+    they hide the forgetting that costs accuracy on new images; under augmentation they show it.
+    """
+    if views == 0:
+        return held
+    images = [augment_batch(held.images, build_augmentation(dataclasses.replace(aug, enabled=True), seed=seed * 1000 + v))
+              for v in range(views)]
+    return CleanData(np.concatenate(images), np.tile(held.labels, views), None, np.tile(held.track_ids, views))
+
+
+def accuracy_on(model: nn.Module, data: CleanData, ctx: DefenceContext) -> tuple[float, int]:
+    """(clean accuracy, correct count) of `model` on the defender's images."""
+    correct = int((predict(model, data.images, ctx.device, ctx.eval_batch_size) == data.labels).sum())
+    return correct / len(data), correct
+
+
+def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: TunedSettings, *, method: str,
+           prepare: Callable[[CleanData], Repair]) -> DefenceResult:
+    """Run a repairing defence with its main knob chosen by the held-out rule (`TunedSettings`).
+
+    `prepare(data)` does the work every candidate shares on `data` (ranking channels, training masks) and
+    returns `repair(model_copy, value)`, which repairs a fresh copy of the model at one knob value. The
+    result is the chosen candidate's, with the curve `tradeoff` (one row per value tried: the defender's
+    held-out accuracy that drove the choice, and the monitor metrics, measurement only) and the report's
+    `selection` entry.
+    """
+    knob, key = settings.KNOB, f"defend.{method}"
+    fixed = getattr(settings, knob)
+    if fixed is not None:
+        result = prepare(clean)(copy.deepcopy(model), fixed)
+        result.report["selection"] = {"knob": knob, "value": fixed, "fixed": True,
+                                      "rule": f"{key}.{knob}={fixed:g} fixed by the config: no selection, the whole budget used"}
+        return result
+    fit_part, held = split_budget(clean, settings.holdout, ctx.seed)
+    scored = held_out_views(held, ctx.aug, settings.views, ctx.seed)
+    base, base_k = accuracy_on(model, scored, ctx)
+    rows = [{"knob": knob, "value": None, "candidate": "unrepaired", "heldout_clean_acc": round(base, 5),
+             "heldout_drop": 0.0, "tolerance": settings.tolerance, "kept": None, "chosen": None, "seconds": 0.0,
+             **ctx.measure(model)}]
+    repair = prepare(fit_part)
+    chosen: tuple[float, DefenceResult] | None = None
+    last: tuple[float, DefenceResult] | None = None
+    for value in reversed(settings.grid):  # strongest first
+        start = time.perf_counter()
+        result = repair(copy.deepcopy(model), value)
+        acc, k = accuracy_on(result.model, scored, ctx)
+        kept = base - acc <= settings.tolerance + 1e-12
+        rows.append({"knob": knob, "value": value, "candidate": f"{knob}={value:g}", "heldout_clean_acc": round(acc, 5),
+                     "heldout_drop": round(base - acc, 5), "kept": kept, "chosen": False,
+                     "seconds": round(time.perf_counter() - start, 2), **ctx.measure(result.model)})
+        if kept and chosen is None:
+            chosen = (value, result)
+            if settings.sweep == "until-kept":
+                break
+        last = (value, result)
+    within = chosen is not None
+    value, result = chosen if within else last  # nothing kept the model: the weakest value, flagged
+    for row in rows[1:]:
+        row["chosen"] = row["value"] == value
+    result.curves["tradeoff"] = rows
+    result.report["selection"] = {
+        "knob": knob, "value": value, "fixed": False, "within_tolerance": within, "rule": settings.rule(),
+        "grid": list(settings.grid), "tried": [r["value"] for r in rows[1:]], "tolerance": settings.tolerance,
+        "fit_images": len(fit_part), "fit_tracks": int(len(np.unique(fit_part.track_ids))),
+        "heldout_images": len(held), "heldout_tracks": int(len(np.unique(held.track_ids))), "heldout_views": settings.views,
+        "heldout_classes_unseen_by_fit": int(len(np.setdiff1d(np.unique(held.labels), np.unique(fit_part.labels)))),
+        "heldout_acc_unrepaired": round(base, 5), "heldout_correct_unrepaired": base_k,
+        "heldout_acc_chosen": next(r["heldout_clean_acc"] for r in rows[1:] if r["chosen"])}
+    return result
 
 
 # ---------------------------------------------------------------- patches (pixel space, float NCHW in [0, 1])

@@ -1,7 +1,9 @@
 """Fine-pruning: prune the last conv layer's channels dormant on clean data, then fine-tune (Liu et al. 2018, "Fine-Pruning")."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ from torch import nn
 
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TrainSettings, check_training, fit
+from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select
 from signtrap.errors import SigntrapError
 from signtrap.experiment import predict, to_tensor
 from signtrap.loop import Hooks
@@ -19,17 +21,19 @@ from signtrap.reporting.blocks import H, Img, Note, read_csv, safe
 
 
 @dataclass
-class FinePruneSettings(TrainSettings):
-    """Prune the last conv layer's dormant channels, then fine-tune (Liu et al. 2018)."""
+class FinePruneSettings(LrTunedSettings):
+    """Prune the last conv layer's dormant channels, then fine-tune (Liu et al. 2018); the fine-tuning
+    learning rate is chosen by the held-out rule unless `lr` is set."""
 
     max_fraction: float = 0.9  # never prune more than this share of channels
     step: float = 0.05  # curve resolution in pruned fraction
     max_acc_drop: float = 0.05  # stop pruning when clean accuracy on the defender's data drops more than this
     epochs: int = 5
 
+    MIN_EPOCHS: ClassVar[int] = 0  # 0: prune only
+
     def check(self, key: str) -> None:
-        check_training(key, self.epochs, self.lr, self.batch_size, min_epochs=0)
-        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        super().check(key)
         require(0.0 < self.max_fraction < 1.0, f"{key}.max_fraction", f"{self.max_fraction} is outside (0, 1)")
         require(0.0 < self.step <= self.max_fraction, f"{key}.step", f"{self.step} is outside (0, max_fraction]")
         require(0.0 <= self.max_acc_drop <= 1.0, f"{key}.max_acc_drop", f"{self.max_acc_drop} is outside [0, 1]")
@@ -77,39 +81,61 @@ def apply_pruning(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, pruned: np.ndarray
 
 @register_defence("fine-prune", settings=FinePruneSettings)
 def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneSettings, ctx: DefenceContext) -> DefenceResult:
+    """Rank the last convolution's channels by mean activation on clean images, prune the most dormant ones
+    until the defender's clean accuracy drops by more than `max_acc_drop` (Liu et al.'s rule), then
+    fine-tune with the pruned channels held at zero.
+
+    Selection rule (main knob: the fine-tuning learning rate, `grid` 3e-5..1e-3): the budget is split by
+    whole tracks, drawn at random, into a fit part and a held-out third; pruning is decided on the fit part
+    and the model fine-tuned on it at each learning rate, largest first; the largest one whose held-out
+    clean accuracy is at most `tolerance` (1 point) below the backdoored model's is kept.
+    """
     conv, bn = last_conv(model)
-    layer = bn if bn is not None else conv
-    activity = channel_activity(model, layer, clean.images, ctx.device, ctx.eval_batch_size)
-    order = np.argsort(activity, kind="stable")  # most dormant first
-    channels = len(order)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {id(m): n for n, m in model.named_modules()}
+    conv_name, bn_name = names[id(conv)], names.get(id(bn)) if bn is not None else None
 
-    def budget_acc() -> float:
-        return float((predict(model, clean.images, ctx.device, ctx.eval_batch_size) == clean.labels).mean())
+    def prepare(data: CleanData):
+        work = copy.deepcopy(model)
+        modules = dict(work.named_modules())
+        wconv, wbn = modules[conv_name], modules[bn_name] if bn_name else None
+        activity = channel_activity(work, wbn if wbn is not None else wconv, data.images, ctx.device, ctx.eval_batch_size)
+        order = np.argsort(activity, kind="stable")  # most dormant first
+        channels = len(order)
+        original = {k: v.clone() for k, v in work.state_dict().items()}
 
-    base_acc = budget_acc()
-    fractions = np.round(np.arange(0.0, cfg.max_fraction + 1e-9, cfg.step), 4)
-    curve, chosen, stopped = [], 0, False
-    for fraction in fractions:
-        n = int(round(fraction * channels))
-        model.load_state_dict(original)
-        apply_pruning(conv, bn, order[:n])
-        acc = budget_acc()
-        curve.append({"pruned_fraction": float(fraction), "channels": n, "budget_clean_acc": round(acc, 5), **ctx.measure(model)})
-        # Liu et al.: prune until the defender's clean accuracy drops too far; the curve goes on for the plot
-        stopped = stopped or base_acc - acc > cfg.max_acc_drop
-        if not stopped:
-            chosen = n
-    model.load_state_dict(original)
-    pruned = order[:chosen]
-    apply_pruning(conv, bn, pruned)
-    after_prune = ctx.measure(model)
-    curve_ft = fit(model, clean, ctx, method="fine-prune", schedule=cfg.schedule("defend.fine-prune"), augment=cfg.augment,
-                   hooks=Hooks(after_step=lambda: apply_pruning(conv, bn, pruned)))
-    report = {"clean_images": len(clean), "layer_channels": channels, "pruned_channels": int(chosen),
-              "pruned_fraction": chosen / channels, "budget_clean_acc_unpruned": base_acc,
-              "pruned_channel_ids": [int(c) for c in pruned], "after_pruning_only": after_prune}
-    return DefenceResult(model, report, {"pruning": curve, "persistence": curve_ft})
+        def data_acc() -> float:
+            return float((predict(work, data.images, ctx.device, ctx.eval_batch_size) == data.labels).mean())
+
+        base_acc = data_acc()
+        curve, chosen, stopped = [], 0, False
+        for fraction in np.round(np.arange(0.0, cfg.max_fraction + 1e-9, cfg.step), 4):
+            n = int(round(fraction * channels))
+            work.load_state_dict(original)
+            apply_pruning(wconv, wbn, order[:n])
+            acc = data_acc()
+            curve.append({"pruned_fraction": float(fraction), "channels": n, "budget_clean_acc": round(acc, 5), **ctx.measure(work)})
+            # Liu et al.: prune until the defender's clean accuracy drops too far; the curve goes on for the plot
+            stopped = stopped or base_acc - acc > cfg.max_acc_drop
+            if not stopped:
+                chosen = n
+        pruned = order[:chosen]
+        work.load_state_dict(original)
+        apply_pruning(wconv, wbn, pruned)
+        after_prune = ctx.measure(work)
+
+        def repair(m: nn.Module, lr: float) -> DefenceResult:
+            mods = dict(m.named_modules())
+            mconv, mbn = mods[conv_name], mods[bn_name] if bn_name else None
+            apply_pruning(mconv, mbn, pruned)
+            curve_ft = fit(m, data, ctx, method="fine-prune", schedule=cfg.schedule("defend.fine-prune", lr=lr), augment=cfg.augment,
+                           hooks=Hooks(after_step=lambda: apply_pruning(mconv, mbn, pruned)))
+            report = {"clean_images": len(data), "lr": lr, "layer": conv_name, "layer_channels": channels,
+                      "pruned_channels": int(chosen), "pruned_fraction": chosen / channels, "budget_clean_acc_unpruned": base_acc,
+                      "pruned_channel_ids": [int(c) for c in pruned], "after_pruning_only": after_prune}
+            return DefenceResult(m, report, {"pruning": curve, "persistence": curve_ft})
+        return repair
+
+    return select(model, clean, ctx, cfg, method="fine-prune", prepare=prepare)
 
 
 @fine_prune.report_block

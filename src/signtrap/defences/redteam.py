@@ -12,8 +12,8 @@ from torch import nn
 
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import (POSITIONS, CleanData, DefenceContext, DefenceResult, TrainSettings, apply_patch,
-                                      check_finite, fit, patch_origin, target_rate, to_uint8_image)
+from signtrap.defences.common import (POSITIONS, CleanData, DefenceContext, DefenceResult, LrTunedSettings, apply_patch,
+                                      check_finite, fit, patch_origin, select, target_rate, to_uint8_image)
 from signtrap.experiment import to_tensor
 from signtrap.loop import Hooks
 from signtrap.progress import progress
@@ -21,8 +21,9 @@ from signtrap.reporting.blocks import H, Img, P, num, pct
 
 
 @dataclass
-class RedteamSettings(TrainSettings):
-    """Search universal patches that turn the source class into the target, then train them away."""
+class RedteamSettings(LrTunedSettings):
+    """Search universal patches that turn the source class into the target, then train them away; the
+    learning rate is chosen by the held-out rule unless `lr` is set."""
 
     source: int | None = None  # the behaviour the red team hunts for; default: the run's attack source/target
     target: int | None = None
@@ -91,10 +92,18 @@ def search_patches(model: nn.Module, x: torch.Tensor, target: int, cfg: RedteamS
 
 @register_defence("redteam", settings=RedteamSettings)
 def redteam(model: nn.Module, clean: CleanData, cfg: RedteamSettings, ctx: DefenceContext) -> DefenceResult:
+    """Search universal patches that send the budget's source-class images to the target, then fine-tune on
+    budget images carrying them with their true labels (Sleeper Agents' adversarial training, one round).
+
+    Selection rule (main knob: the learning rate of the training, `grid` 3e-5..1e-3): the budget is split by
+    whole tracks, drawn at random, into a fit part and a held-out third; the model is trained on the fit part
+    at each learning rate, largest first, and the largest one whose held-out clean accuracy is at most
+    `tolerance` (1 point) below the backdoored model's is kept. The first round's patches are searched once,
+    on every source-class image of the budget (searching is not training: the held-out part is only used
+    to score clean accuracy).
+    """
     source = ctx.source if cfg.source is None else cfg.source
     target = ctx.target if cfg.target is None else cfg.target
-    rng = np.random.default_rng([ctx.seed, 0x7EA4])
-    gen = torch.Generator().manual_seed(ctx.seed)
     size = clean.images.shape[1]
     side = max(2, round(cfg.patch_size * size))
     rows = np.flatnonzero(clean.labels == source)
@@ -113,43 +122,56 @@ def redteam(model: nn.Module, clean: CleanData, cfg: RedteamSettings, ctx: Defen
             return None
         return round(float(np.mean([target_rate(m, apply_patch(x, p["patch"], p["origin"]), target) for p in patches])), 5)
 
-    all_patches: list[dict] = []
-    curve: list[dict] = []
-    rounds = []
-    for r in range(cfg.rounds):
-        patches = search_patches(model, x_search, target, cfg, side, gen, rng, ctx.show_progress)
-        found = [p for p in patches if p["budget_asr"] >= cfg.min_asr]
-        all_patches.extend(patches)
-        train_on = found or patches  # nothing reached min_asr: still train on the strongest attempts
-        rounds.append({"round": r + 1, "searched": len(patches), "found": len(found),
-                       "budget_asr": [round(p["budget_asr"], 4) for p in patches],
-                       "held_out_asr_before": patch_asr(model, patches, held_out)})
+    def search(m: nn.Module, r: int) -> list[dict]:
+        rng = np.random.default_rng([ctx.seed, 0x7EA4, r])
+        gen = torch.Generator().manual_seed(ctx.seed + r)
+        return search_patches(m, x_search, target, cfg, side, gen, rng, ctx.show_progress)
 
-        def stamp_found(xb: torch.Tensor, yb: torch.Tensor, batch_rng: np.random.Generator, pool=train_on):
-            hit = np.flatnonzero(batch_rng.random(len(xb)) < cfg.patch_fraction)
-            if len(hit):
-                xb = xb.clone()
-                which = batch_rng.integers(0, len(pool), len(hit))
-                for i, j in zip(hit, which):
-                    xb[i:i + 1] = apply_patch(xb[i:i + 1], pool[j]["patch"], pool[j]["origin"])
-            return xb, yb  # true labels: the patched stop sign is still a stop sign
+    first = search(model, 0)  # shared by every candidate: it depends on the backdoored model only
 
-        part = fit(model, clean, ctx, method="redteam", schedule=cfg.schedule("defend.redteam"), augment=cfg.augment,
-                   hooks=Hooks(batch=stamp_found), stream=round_stream(r),
-                   probe=lambda m, ps=all_patches: {"found_patch_asr": patch_asr(m, ps, held_out),
-                                                    "found_patch_asr_budget": patch_asr(m, ps, x_search)})
-        for row in part[(1 if curve else 0):]:
-            curve.append({**row, "round": r + 1, "epoch": len(curve)})
-    report = {"clean_images": len(clean), "source": source, "target": target, "patch_px": side, "searched_on": search_on,
-              "rounds": rounds, "found_patches": sum(r["found"] for r in rounds),
-              "found_patch_asr_before": rounds[0]["held_out_asr_before"], "found_patch_asr_after": patch_asr(model, all_patches, held_out),
-              "found_patch_asr_budget_before": round(float(np.mean(rounds[0]["budget_asr"])), 5),
-              "found_patch_asr_budget_after": patch_asr(model, all_patches, x_search),
-              "note": "found-patch ASR: mean share of held-out clean source images sent to the target by each searched patch"}
-    tiles = [to_uint8_image(p["patch"], 8) for p in all_patches]
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
-    artefacts = {"found_patches.png": np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)}
-    return DefenceResult(model, report, {"persistence": curve}, artefacts)
+    def prepare(data: CleanData):
+        def repair(m: nn.Module, lr: float) -> DefenceResult:
+            all_patches: list[dict] = []
+            curve: list[dict] = []
+            rounds = []
+            for r in range(cfg.rounds):
+                patches = first if r == 0 else search(m, r)
+                found = [p for p in patches if p["budget_asr"] >= cfg.min_asr]
+                all_patches.extend(patches)
+                train_on = found or patches  # nothing reached min_asr: still train on the strongest attempts
+                rounds.append({"round": r + 1, "searched": len(patches), "found": len(found),
+                               "budget_asr": [round(p["budget_asr"], 4) for p in patches],
+                               "held_out_asr_before": patch_asr(m, patches, held_out)})
+
+                def stamp_found(xb: torch.Tensor, yb: torch.Tensor, batch_rng: np.random.Generator, pool=train_on):
+                    hit = np.flatnonzero(batch_rng.random(len(xb)) < cfg.patch_fraction)
+                    if len(hit):
+                        xb = xb.clone()
+                        which = batch_rng.integers(0, len(pool), len(hit))
+                        for i, j in zip(hit, which):
+                            xb[i:i + 1] = apply_patch(xb[i:i + 1], pool[j]["patch"], pool[j]["origin"])
+                    return xb, yb  # true labels: the patched stop sign is still a stop sign
+
+                part = fit(m, data, ctx, method="redteam", schedule=cfg.schedule("defend.redteam", lr=lr), augment=cfg.augment,
+                           hooks=Hooks(batch=stamp_found), stream=round_stream(r),
+                           probe=lambda mm, ps=all_patches: {"found_patch_asr": patch_asr(mm, ps, held_out),
+                                                             "found_patch_asr_budget": patch_asr(mm, ps, x_search)})
+                for row in part[(1 if curve else 0):]:
+                    curve.append({**row, "round": r + 1, "epoch": len(curve)})
+            report = {"clean_images": len(data), "lr": lr, "source": source, "target": target, "patch_px": side,
+                      "searched_on": search_on, "rounds": rounds, "found_patches": sum(r["found"] for r in rounds),
+                      "found_patch_asr_before": rounds[0]["held_out_asr_before"],
+                      "found_patch_asr_after": patch_asr(m, all_patches, held_out),
+                      "found_patch_asr_budget_before": round(float(np.mean(rounds[0]["budget_asr"])), 5),
+                      "found_patch_asr_budget_after": patch_asr(m, all_patches, x_search),
+                      "note": "found-patch ASR: mean share of held-out clean source images sent to the target by each searched patch"}
+            tiles = [to_uint8_image(p["patch"], 8) for p in all_patches]
+            gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+            artefacts = {"found_patches.png": np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)}
+            return DefenceResult(m, report, {"persistence": curve}, artefacts)
+        return repair
+
+    return select(model, clean, ctx, cfg, method="redteam", prepare=prepare)
 
 
 def round_stream(r: int) -> int:

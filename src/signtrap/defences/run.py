@@ -21,6 +21,7 @@ from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
 from signtrap.progress import say
 from signtrap.provenance import resolve_device
+from signtrap.reporting import figures
 from signtrap.training import write_metrics
 
 CURVE_X = {"persistence": "epoch", "pruning": "pruned_fraction", "frr": "frr_target"}
@@ -73,7 +74,8 @@ class Session:
                                   f"the {n_train} training images")
             fraction = d.clean_images / n_train
         rows = exp.defender_rows(fraction, seed)
-        clean = CleanData(np.asarray(exp.data.images[rows]), np.asarray(exp.data.labels[rows]), rows)  # un-poisoned originals
+        clean = CleanData(np.asarray(exp.data.images[rows]), np.asarray(exp.data.labels[rows]), rows,
+                          np.asarray(exp.data.tracks[rows]))  # un-poisoned originals, with their tracks
         a = cfg.attack
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
@@ -144,8 +146,11 @@ def write_outputs(session: Session, method: str, result: DefenceResult, report: 
             if not rows:
                 continue
             write_curve_csv(tmp / f"{name}.csv", rows)
-            if name in CURVE_X:
-                plot_curve(tmp / f"{name}.png", rows, CURVE_X[name], f"{method}: {name} ({session.cfg.name})")
+            if name == "tradeoff":
+                (tmp / "tradeoff.png").write_bytes(figures.tradeoff_figure(rows, f"{method}: trade-off over its main knob "
+                                                                                  f"({session.cfg.name})"))
+            elif CURVE_X.get(name, "epoch") in rows[0]:
+                plot_curve(tmp / f"{name}.png", rows, CURVE_X.get(name, "epoch"), f"{method}: {name} ({session.cfg.name})")
         for name, art in result.artefacts.items():
             if isinstance(art, bytes):
                 (tmp / name).write_bytes(art)
@@ -189,7 +194,25 @@ def comparison_table(reports: list[dict], split: str = "test") -> str:
                      f"{_pct(a.get('asr')):>8}{_pct(a.get('stop_recall')):>13}{_pct(a.get('false_trigger')):>12}"
                      f"{r['seconds']:>9.1f}")
     for r in reports:
+        line = selection_line(r)
+        if line:
+            lines.append(line)
         spec = get_defence(r["method"])
         if spec.summarize is not None:
             lines.extend(spec.summarize(r))
     return "\n".join(lines)
+
+
+def selection_line(report: dict) -> str | None:
+    """How a repairing defence's main knob was set: fixed, or chosen by the held-out rule (and from what)."""
+    sel = (report.get("details") or {}).get("selection")
+    if not sel:
+        return None
+    if sel.get("fixed"):
+        return f"{report['method']}: {sel['knob']}={sel['value']:g} fixed by the config"
+    kept = "" if sel.get("within_tolerance") else " (NO value kept the model within the tolerance: the weakest is shown)"
+    tried = ", ".join(f"{v:g}" for v in sel.get("tried", []))
+    return (f"{report['method']}: {sel['knob']}={sel['value']:g} chosen by the held-out rule{kept}; tried {tried}; held-out "
+            f"clean accuracy {100 * sel['heldout_acc_chosen']:.1f}% vs {100 * sel['heldout_acc_unrepaired']:.1f}% unrepaired "
+            f"({sel['heldout_images']} images of {sel['heldout_tracks']} tracks, {sel.get('heldout_views', 0)} augmented views each; "
+            f"tolerance {100 * sel['tolerance']:.1f} pt)")

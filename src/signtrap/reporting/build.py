@@ -268,10 +268,17 @@ def defences_section(run: Run) -> Section:
     rows = []
     for r in reports:
         b, a = r.get("before", {}).get("test", {}), r.get("after", {}).get("test", {})
-        rows.append([r["method"], pct(b.get("clean_acc")), pct(a.get("clean_acc")), pct(b.get("asr")), pct(a.get("asr")),
-                     pct(a.get("stop_recall")), pct(a.get("false_trigger")), f"{r.get('seconds', 0):.1f}", r.get("after_is", "")])
-    s.blocks.append(Table(["method", "clean acc before", "after", "ASR before", "ASR after", "stop recall after",
-                           "false-trigger after", "seconds", "after is"], rows))
+        rows.append([r["method"], pct_ci(b.get("clean_acc")), pct_ci(a.get("clean_acc")), pct(b.get("asr")), pct_ci(a.get("asr")),
+                     pct(a.get("stop_recall")), pct(a.get("false_trigger")), _setting(r), f"{r.get('seconds', 0):.1f}",
+                     r.get("after_is", "")])
+    s.blocks.append(Table(["method", "clean acc before (95% CI, k/n)", "after", "ASR before", "ASR after", "stop recall after",
+                           "false-trigger after", "setting", "seconds", "after is"], rows))
+    val = [[r["method"], pct_ci(r.get("before", {}).get("val", {}).get("clean_acc")),
+            pct_ci((r.get("after") or {}).get("val", {}).get("clean_acc")), pct((r.get("before", {}).get("val", {}) or {}).get("asr")),
+            pct_ci((r.get("after") or {}).get("val", {}).get("asr"))] for r in reports if (r.get("after") or {}).get("val")]
+    if val:
+        s.blocks.append(P("The same on the validation split:"))
+        s.blocks.append(Table(["method", "clean acc before", "after", "ASR before", "ASR after"], val))
     png = safe(s, "the before/after bars", fig.before_after_figure, reports)
     if png:
         s.blocks.append(Img("defences_before_after", png, "Test-set clean accuracy, attack success rate and clean stop recall before "
@@ -287,9 +294,44 @@ def defences_section(run: Run) -> Section:
                                                     "of each repairing defence; epoch 0 is the backdoored model."))
     else:
         s.blocks.append(Note("No persistence curves (no repairing defence wrote persistence.csv)."))
+    _tradeoff_blocks(s, reports)
     for r in reports:
         _defence_details(s, r)
     return s
+
+
+def _setting(r: dict) -> str:
+    """The repairing defence's main knob: chosen by the held-out rule (and whether it kept the model) or fixed."""
+    sel = (r.get("details") or {}).get("selection") or {}
+    if not sel:
+        return ""
+    value = sel.get("value")
+    text = f"{sel.get('knob')}={value:g}" if isinstance(value, (int, float)) else f"{sel.get('knob')}={value}"
+    if sel.get("fixed"):
+        return text + " (fixed)"
+    return text + ("" if sel.get("within_tolerance") else " (none kept the model)")
+
+
+def _tradeoff_blocks(s: Section, reports: list[dict]) -> None:
+    """Every repairing defence's trade-off curve over its main knob, and the rule that chose the setting."""
+    tuned = [(r, read_csv(r["_dir"] / "tradeoff.csv")) for r in reports]
+    tuned = [(r, rows) for r, rows in tuned if rows]
+    if not tuned:
+        return
+    s.blocks.append(H("Trade-off curves: what each setting of a repairing defence costs and buys"))
+    rule = next(((r.get("details") or {}).get("selection", {}).get("rule") for r, _ in tuned
+                 if (r.get("details") or {}).get("selection", {}).get("rule")), None)
+    if rule:
+        s.blocks.append(P(f"Settings are chosen with the defender's data only: {rule}. The monitor split's clean accuracy and "
+                          "ASR are measured for each value tried, never used to choose."))
+    for r, rows in tuned:
+        png = safe(s, f"the {r['method']} trade-off curve", fig.tradeoff_figure, rows, f"{r['method']}: trade-off over its main knob")
+        sel = (r.get("details") or {}).get("selection") or {}
+        if png:
+            s.blocks.append(Img(f"tradeoff_{r['method']}", png,
+                                f"{r['method']}: ASR (left) and clean accuracy (right) on the monitor split for each "
+                                f"{sel.get('knob', 'setting')} tried, with the defender's held-out accuracy that drove the choice "
+                                f"(starred: chosen, {_setting(r)})."))
 
 
 def _defence_details(s: Section, r: dict) -> None:

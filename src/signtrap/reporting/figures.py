@@ -246,6 +246,62 @@ def xy_figure(rows: list[dict], x_key: str, y_keys: list[tuple[str, str]], title
     return to_png(fig)
 
 
+def _truthy(v) -> bool:
+    return v is True or str(v).lower() == "true"
+
+
+def tradeoff_figure(rows: list[dict], title: str) -> bytes:
+    """A repairing defence's trade-off over its main knob (tradeoff.csv rows): left, the attack success rate;
+    right, clean accuracy on the monitor split and the defender's held-out accuracy that drove the choice,
+    with the tolerance band below the unrepaired model's held-out accuracy. The chosen value is starred."""
+    p = plt()
+    before = next((r for r in rows if r.get("value") in (None, "")), {})
+    pts = sorted((r for r in rows if isinstance(r.get("value"), (int, float))), key=lambda r: r["value"])
+    knob = str((pts or rows or [{}])[0].get("knob") or "knob")
+    fig, axes = p.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    series = ((axes[0], "asr", "ASR (monitor)", "#d62728", "-"),
+              (axes[1], "clean_acc", "clean accuracy (monitor)", "#1f77b4", "-"),
+              (axes[1], "heldout_clean_acc", "defender's held-out accuracy", "#2ca02c", "--"))
+    for ax, key, label, colour, style in series:
+        xy = [(r["value"], 100 * r[key]) for r in pts if isinstance(r.get(key), (int, float))]
+        if xy:
+            ax.plot(*zip(*xy), style, marker="o", markersize=4, color=colour, label=label)
+            star = [(r["value"], 100 * r[key]) for r in pts if _truthy(r.get("chosen")) and isinstance(r.get(key), (int, float))]
+            if star:
+                ax.plot(*zip(*star), linestyle="none", marker="*", markersize=14, color=colour)
+        if isinstance(before.get(key), (int, float)):
+            ax.axhline(100 * before[key], color=colour, linestyle=":", linewidth=1, label=f"{label}, unrepaired")
+    base = before.get("heldout_clean_acc")
+    if isinstance(base, (int, float)) and isinstance(before.get("tolerance"), (int, float)):
+        axes[1].axhspan(100 * (base - before["tolerance"]), 100 * base, color="#2ca02c", alpha=0.08, label="tolerance")
+    if pts and min(r["value"] for r in pts) > 0 and max(r["value"] for r in pts) / min(r["value"] for r in pts) >= 20:
+        for ax in axes:
+            ax.set_xscale("log")
+    axes[0].set_ylim(-3, 103)
+    axes[0].set_title("attack success rate, %", fontsize=10)
+    axes[1].set_title("clean accuracy, % (starred: the chosen value)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel(knob)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def histogram_figure(values, xlabel: str, title: str, bins: int = 40) -> bytes:
+    p = plt()
+    fig, ax = p.subplots(figsize=(6, 3.2), dpi=100)
+    ax.hist(np.asarray(values, float), bins=bins, color=AFTER_COLOUR)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)
+
+
 def latency_figure(rows: list[dict]) -> bytes:
     """Batch-1 latency (p50 bar, p90 whisker) and ASR / clean accuracy per runtime x precision x provider."""
     p = plt()
