@@ -115,3 +115,13 @@ def tiny_run(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("tiny")
     return train(load_config(None, tiny_overrides(base)))
+
+
+@pytest.fixture(scope="session")
+def tiny_zero_run(tmp_path_factory) -> Path:
+    """The zero-poison model of the tiny run's config (attack.kind=none, same seed): the probe's reference."""
+    from signtrap.config import load_config
+    from signtrap.training import train
+
+    base = tmp_path_factory.mktemp("tiny-zero")
+    return train(load_config(None, tiny_overrides(base, "tiny-zero", "attack.kind=none")))

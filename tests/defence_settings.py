@@ -18,6 +18,7 @@ FAST: dict[str, list[str]] = {
                        "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256",
                        "neural-cleanse.epochs=1"],
     "strip": ["strip.overlays=8"],
+    "scan": [],
 }
 
 

@@ -19,7 +19,7 @@ from signtrap.experiment import Experiment, load_run_config
 
 from defence_settings import FAST
 
-COMMON = ["clean_fraction=0.3"]
+COMMON = ["clean_fraction=0.3", "probe.steps=20"]  # the probe (signtrap.reactivation) trains its zero-poison reference once
 METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 
@@ -57,7 +57,7 @@ def same_rates(a: dict, b: dict) -> None:
         assert (a[key]["k"], a[key]["n"]) == (b[key]["k"], b[key]["n"]), (key, a[key], b[key])
 
 
-BUILT_IN = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "neural-cleanse", "redteam", "strip"]
+BUILT_IN = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "neural-cleanse", "redteam", "scan", "strip"]
 TUNED = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "redteam"]
 
 
@@ -94,7 +94,7 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
             entry = stored["before"][split][key]
             assert {"rate", "k", "n", "ci95"} <= set(entry)
     for csv_name in [n for n in stored["files"] if n.endswith(".csv")]:
-        assert (out / csv_name.replace(".csv", ".png")).is_file() or csv_name in ("norms.csv", "masks.csv")
+        assert (out / csv_name.replace(".csv", ".png")).is_file() or csv_name in ("norms.csv", "masks.csv", "classes.csv")
     if method in TUNED:  # the trade-off curve over the main knob is a first-class output
         sel = stored["details"]["selection"]
         assert sel["knob"] and not sel["fixed"] and sel["value"] in sel["tried"]
@@ -212,3 +212,16 @@ def test_defend_api_on_a_model_in_memory(run_copy, experiment):
     assert {"clean_acc", "asr"} <= set(result.curves["persistence"][1])
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
+
+
+def test_several_methods_are_named_once_and_checked_before_any_work(tiny_run, capsys):
+    from signtrap.defences.run import method_names
+
+    assert method_names("finetune") == ["finetune"]
+    assert method_names(["nad", "anp,nad"]) == ["nad", "anp"]
+    with pytest.raises(SigntrapError, match="alone"):
+        method_names(["all", "nad"])
+    before = sorted(p.name for p in tiny_run.iterdir())
+    assert main(["defend", str(tiny_run), "--method", "finetune", "nadd", "finetune.epochs=1"]) == 2
+    assert "nadd" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_run.iterdir()) == before

@@ -42,7 +42,7 @@ from signtrap.data import cache as data_cache
 from signtrap.data.cache import SignData
 from signtrap.data.fetch import fetch as fetch_archives
 from signtrap.defences import list_defences
-from signtrap.defences.run import run_defences
+from signtrap.defences.run import method_names, run_defences
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
 from signtrap.errors import ConfigError, SigntrapError
@@ -50,14 +50,15 @@ from signtrap.evaluation import evaluate_run
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
 from signtrap.pipeline import run_pipeline
+from signtrap.probing import probe_dir, resolve_target
 from signtrap.provenance import cpu_threads
 from signtrap.reporting import build_report
 from signtrap.reporting.blocks import read_csv
 from signtrap.sweeps import SweepOutcome, run_sweep, yaml_value
 from signtrap.training import train as train_run
 
-__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "export", "bench", "requantize", "run", "report",
-           "sweep", "prepare_data", "load_data", "fetch_data"]
+__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
+           "report", "sweep", "prepare_data", "load_data", "fetch_data"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
 
@@ -234,15 +235,39 @@ def evaluate(run: str | os.PathLike, device: str = "auto") -> dict:
     return evaluate_run(_dir(run), device=device)
 
 
-def defend(run: str | os.PathLike, method: str = "all", *, device: str | None = None, overrides: Overrides = None,
+def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: str | None = None, overrides: Overrides = None,
            **keywords: Any) -> list[dict]:
-    """Apply a defence (or `"all"`: the run's defend.methods, else every registered one) to a trained run and
-    write RUN/defence-METHOD (`signtrap defend`); returns one report per method (before/after metrics)."""
+    """Apply a defence, several (a list or `"nad,anp"`), or `"all"` (the run's defend.methods, else every
+    registered one) to a trained run and write RUN/defence-METHOD (`signtrap defend`); returns one report per
+    method (before/after metrics)."""
     run_dir = _dir(run)
     cfg = load_run_config(run_dir)
+    method_names(method)  # every name checked before the run is touched
     require_writable(run_dir)
     with runstate.locked(run_dir, "signtrap defend"), cpu_threads(cfg.train.threads):
         return run_defences(run_dir, method, override_strings(overrides, **keywords), device, show_progress=not progress.QUIET)
+
+
+def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str | os.PathLike | None = None,
+          device: str | None = None, overrides: Overrides = None, **keywords: Any) -> dict:
+    """The re-activation probe (`signtrap probe`): removed, or only hidden?
+
+    Fine-tunes a copy of the run's model (or of `defence`'s repaired model) on the defender's clean budget plus
+    k poisoned samples, then the identical probe on the zero-poison model of the same config (`reference`: a
+    run trained with attack.kind=none and the same seed; default RUNS/NAME-zero, trained once on demand).
+    Keywords are the probe's settings (`k=10`, `steps=500`) or the defend section's (`clean_fraction=0.1`).
+    Writes probe.json beside the probed model and returns its record: "verdict" (removed / hidden / persists /
+    inconclusive, with its reason), "model" and "reference" (held-out ASR and clean accuracy before and after
+    the probe), "ends" (the undefended and zero-poison models, probed at the same settings)."""
+    run_dir = _dir(run)
+    target = run_dir / f"defence-{defence}" if defence else run_dir
+    run_dir, _, _ = resolve_target(target)  # one clear line for what cannot be probed, before anything else
+    cfg = load_run_config(run_dir)
+    require_writable(target)
+    texts = [text.removeprefix("defend.") for text in override_strings(overrides, **keywords)]
+    with runstate.locked(run_dir, "signtrap probe"), cpu_threads(cfg.train.threads):
+        return probe_dir(target, None if reference is None else _dir(reference), texts, device,
+                         show_progress=not progress.QUIET)
 
 
 def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.PathLike | None = None,

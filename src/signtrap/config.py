@@ -199,7 +199,40 @@ class TrainConfig:
         one_of(self.precision, "train.precision", ("auto", "fp32", "bf16"))
 
 
-DEFEND_COMMON = ("methods", "clean_fraction", "clean_images", "seed", "monitor_split", "monitor_samples")
+@dataclass
+class ProbeConfig:
+    """The re-activation probe (`signtrap probe`, and `signtrap defend` after every defence that changes the model).
+
+    Removed or only hidden? The probe fine-tunes a copy of the model on the defender's clean budget plus `k`
+    poisoned samples (budget images of the attack's source class, or of any non-target class for all-to-one,
+    stamped with the run's trigger and labelled the target, added as copies), for `steps` optimiser steps
+    (rounded to whole epochs over budget + k rows, at least one), with AdamW at the defence's learning rate,
+    cosine-decayed, at batch size `batch_size`; then it measures ASR. The identical probe runs on the
+    zero-poison model of the same config; see `signtrap.probe` for the verdict rule.
+    """
+
+    enabled: bool = True  # `signtrap defend` probes every defence that returns a model
+    k: int = 5  # poisoned samples added to the clean budget
+    steps: int = 300  # optimiser steps, rounded to whole epochs
+    lr: float | None = None  # None: the defence's own learning rate (1e-3, the TrainSettings default, for an undefended model)
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    augment: bool = True  # the run's `aug:` settings during the probe
+    margin: float = 0.2  # verdict: ASR points above the zero-poison model's that count as re-activation
+    reference: str | None = None  # the zero-poison run; None: RUNS/NAME-zero next to the run, trained on demand
+    train_reference: bool = True  # train the zero-poison reference when there is none (once, cached)
+
+    def check(self) -> None:
+        require(1 <= self.k <= 100_000, "defend.probe.k", f"{self.k} is outside 1..100000")
+        require(1 <= self.steps <= 1_000_000, "defend.probe.steps", f"{self.steps} is outside 1..1000000")
+        require(self.lr is None or 0.0 < self.lr <= 1.0, "defend.probe.lr", f"{self.lr} is outside (0, 1]")
+        require(1 <= self.batch_size <= 65_536, "defend.probe.batch_size", f"{self.batch_size} is outside 1..65536")
+        require(self.weight_decay >= 0, "defend.probe.weight_decay", "must be >= 0")
+        require(0.0 < self.margin < 1.0, "defend.probe.margin", f"{self.margin} is outside (0, 1)")
+        require(self.reference is None or bool(self.reference), "defend.probe.reference", "must be a run directory")
+
+
+DEFEND_COMMON = ("methods", "clean_fraction", "clean_images", "seed", "monitor_split", "monitor_samples", "probe")
 
 
 @dataclass
@@ -216,6 +249,7 @@ class DefendConfig:
     seed: int | None = None  # budget draw and defence randomness; default: the run's seed
     monitor_split: str = "val"  # split the per-epoch curves are measured on (never used for decisions)
     monitor_samples: int = 1000  # uniform sample of that split (plus every source-class image); 0: all of it
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # the re-activation probe (signtrap.probe)
     per_method: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -248,6 +282,7 @@ class DefendConfig:
         require(self.clean_images is None or self.clean_images >= 1, "defend.clean_images", "must be >= 1")
         require(self.monitor_samples >= 0, "defend.monitor_samples", "must be >= 0")
         one_of(self.monitor_split, "defend.monitor_split", ("val", "test"))
+        self.probe.check()
         for name in self.methods:
             if name not in DEFENCES:
                 raise ConfigError(f"config defend.methods: unknown defence '{name}'{suggest(name, DEFENCES.names())}; "

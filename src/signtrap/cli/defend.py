@@ -10,8 +10,10 @@ from signtrap.defences.run import comparison_table
 
 
 def cmd_defend(args) -> int:
-    method, *more = args.method  # overrides may follow the method name as well as precede --method
-    reports = api.defend(args.run, method, device=args.device, overrides=[*args.overrides, *more])
+    # --method takes one or more names (or NAME,NAME); key.sub=value overrides may follow them
+    methods = [a for a in args.method if "=" not in a]
+    more = [a for a in args.method if "=" in a]
+    reports = api.defend(args.run, methods, device=args.device, overrides=[*args.overrides, *more])
     if args.json:
         print(json.dumps([{k: r[k] for k in ("method", "seconds", "before", "after", "repaired_model")} for r in reports]))
     else:
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
                                      "example: signtrap defend runs/NAME --method finetune finetune.epochs=3 clean_fraction=0.1")
     p.add_argument("run", help="runs/NAME: a trained run directory")
     p.add_argument("--method", required=True, nargs="+", metavar="NAME",
-                   help="a registered defence, or 'all' (key.sub=value overrides may follow)")
+                   help="one or more registered defences (NAME NAME or NAME,NAME), or 'all' (key.sub=value overrides may follow)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the defend section")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the before/after metrics as JSON")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from signtrap.attacks.poison import TrainingSet
+from signtrap.attacks.triggers import Trigger
 from signtrap.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
@@ -62,6 +64,17 @@ class CleanData:
 
 
 @dataclass
+class SuspiciousPool:
+    """Training data the defender inspects (the possibly poisoned training set) as the model was trained on it:
+    triggered rows carry their trigger, labels are as poisoned. `poisoned` marks the attacker's relabelled rows and
+    is for measurement only (reports); no defence decision may use it."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    poisoned: np.ndarray | None = None
+
+
+@dataclass
 class DefenceContext:
     """Everything a defence may need besides the model and its clean data.
 
@@ -81,6 +94,7 @@ class DefenceContext:
     show_progress: bool = True
     aug: AugConfig = field(default_factory=AugConfig)  # the run's augmentation: defences train with it
     precision: str = "auto"  # the run's train.precision: defences train with it
+    training_data: Callable[[], SuspiciousPool] | None = None  # the run's training set, built on first call (SCAn)
 
     def measure(self, model: nn.Module) -> dict:
         """Clean accuracy, ASR, stop recall and false-trigger rate on the monitor split (empty without one)."""
@@ -152,13 +166,16 @@ def stream_of(method: str) -> int:
 
 def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, schedule: Schedule, augment: bool = True,
         hooks: Hooks | None = None, probe: Callable[[nn.Module], dict] | None = None, frozen_bn: bool = False,
-        stream: int | None = None, params: list[nn.Parameter] | None = None, measure_every: int = 1) -> list[dict]:
+        stream: int | None = None, params: list[nn.Parameter] | None = None, measure_every: int = 1,
+        data: TrainingSet | None = None, trigger: Trigger | None = None) -> list[dict]:
     """Train `model` in place on the clean budget through the one loop; returns one curve row per epoch (row 0: before).
 
     The run's `train.precision` and `aug:` settings reach the loop through `ctx`; `hooks.batch` may rewrite
     a batch (stamp patches), `hooks.loss` replaces cross-entropy (PGD, distillation), `hooks.after_step`
     re-applies constraints (pruning masks); `params` restricts what the optimiser updates (masks). Rows
     0, `measure_every`, 2 * `measure_every`, ... and the last carry the monitor metrics plus `probe(model)`.
+    `data` replaces the clean budget by another TrainingSet (the re-activation probe's budget + k poisoned
+    rows, stamped with `trigger` after augmentation).
     """
     hooks = hooks or Hooks()
     calls = [0]
@@ -170,11 +187,18 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 
     hooks.probe = columns
-    loop = Loop(model, clean_training_set(clean.images, clean.labels), schedule, ctx.device, ctx.seed,
-                stream_of(method) if stream is None else stream, aug=ctx.aug if augment else AugConfig(enabled=False),
-                precision=ctx.precision, hooks=hooks, params=params, frozen_bn=frozen_bn, desc=method,
-                show_progress=ctx.show_progress)
+    data = clean_training_set(clean.images, clean.labels) if data is None else data
+    loop = Loop(model, data, schedule, ctx.device, ctx.seed, stream_of(method) if stream is None else stream,
+                aug=ctx.aug if augment else AugConfig(enabled=False), precision=ctx.precision, trigger=trigger, hooks=hooks,
+                params=params, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(value - median) / (1.4826 MAD): a z-score robust to the outliers it looks for (Neural Cleanse, SCAn)."""
+    median = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - median))  # MAD -> standard deviation for normal data
+    return (values - median) / max(mad, 1e-12)
 
 
 # ---------------------------------------------------------------- the held-out rule: a repairing defence's main knob

@@ -16,7 +16,7 @@ from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, TrainSettings, apply_mask, check_finite,
-                                      check_training, fit, to_uint8_image)
+                                      check_training, fit, robust_z, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.loop import Hooks, Schedule
@@ -26,7 +26,6 @@ from signtrap.reporting.blocks import H, Img, Note, P
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
 PATIENCE = 5
 
 
@@ -129,9 +128,7 @@ class Reverse:
 
 def anomaly_index(norms: np.ndarray) -> np.ndarray:
     """(median - norm) / (1.4826 * MAD): positive for unusually small triggers, the ones NC flags."""
-    median = np.median(norms)
-    mad = CONSISTENCY * np.median(np.abs(norms - median))
-    return (median - norms) / max(mad, 1e-12)
+    return robust_z(-np.asarray(norms, np.float64))
 
 
 @register_defence("neural-cleanse", settings=NeuralCleanseSettings, kind="detect")

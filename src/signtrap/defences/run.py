@@ -15,10 +15,14 @@ from torch import nn
 from signtrap import checkpoint
 from signtrap.config import DefendConfig, RunConfig, apply_override, build, parse_override, to_dict
 from signtrap.defences import defend, get_defence, list_defences
-from signtrap.defences.common import CURVE_KEYS, CleanData, DefenceContext, DefenceResult, plot_curve, write_curve_csv
-from signtrap.errors import ConfigError
+from signtrap.attacks.poison import build_training_set, plan_poison
+from signtrap.attacks.triggers import place, stamp
+from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, DefenceResult, SuspiciousPool, plot_curve,
+                                      write_curve_csv)
+from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
+from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment
 from signtrap.progress import say
 from signtrap.provenance import resolve_device
 from signtrap.reporting import figures
@@ -80,9 +84,16 @@ class Session:
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
                              eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress, aug=cfg.aug,
-                             precision=cfg.train.precision)
+                             precision=cfg.train.precision, training_data=lambda: training_pool(exp))
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
+
+    @property
+    def prober(self) -> Prober:
+        """The re-activation probe on this run's budget (signtrap.probe); built on first use."""
+        if getattr(self, "_prober", None) is None:
+            self._prober = Prober(self.run_dir, self.cfg, self.exp, self.clean, self.context, self.cfg.defend.probe, self.model, self.meta)
+        return self._prober
 
     def run(self, method: str) -> dict:
         """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
@@ -105,6 +116,13 @@ class Session:
             report["after_is"] = "no repair: the model is unchanged"
         else:
             report["after_is"] = "repaired model"
+        if result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
+            start = time.perf_counter()
+            record = self.prober.compare(result.model, method, defence_lr(settings, result.report))
+            result.curves["persistence"] = probe_segment(result.curves.get("persistence", []), record["curves"]["model"])
+            result.artefacts["probe.json"] = probe_json(record)
+            report["probe"] = {k: v for k, v in record.items() if k != "curves"}
+            report["probe_seconds"] = round(time.perf_counter() - start, 2)
         write_outputs(self, method, result, report)
         return report
 
@@ -112,6 +130,20 @@ class Session:
     def monitor_note(self) -> str:
         m = self.context.monitor
         return f"curves measured on {len(m.labels)} {m.name} images (every source-class image and a uniform sample)"
+
+
+def training_pool(exp: Experiment) -> SuspiciousPool:
+    """The run's training set as its model saw it (the poison plan replayed from the config and seed), triggers stamped."""
+    cfg = exp.cfg
+    plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)
+    ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
+    images = ts.images
+    if not ts.stamped and ts.triggered.any():  # stamped after augmentation in training: stamp them here, unaugmented
+        hit = np.flatnonzero(ts.triggered)
+        images = images.copy()
+        images[hit] = stamp(images[hit], exp.trigger, place(exp.trigger, len(hit), exp.data.size,
+                                                              np.random.default_rng([cfg.seed, 0x5CA4]), ts.rois[hit]))
+    return SuspiciousPool(images, ts.labels, ts.triggered & (ts.labels == plan.target) if cfg.attack.active else None)
 
 
 def monitor_set(exp: Experiment, split: str, samples: int, source: int, seed: int) -> EvalSet:
@@ -161,21 +193,33 @@ def write_outputs(session: Session, method: str, result: DefenceResult, report: 
     return out
 
 
-def resolve_methods(method: str, cfg: RunConfig | None = None) -> list[str]:
-    if method == "all":
+def method_names(method: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`finetune`, `finetune,nad` or a list of names (`all` stands alone); every name checked."""
+    names = [n.strip() for part in ([method] if isinstance(method, str) else method) for n in str(part).split(",") if n.strip()]
+    if not names:
+        raise SigntrapError("no defence named; choose from: " + ", ".join(list_defences()) + ", or all")
+    if "all" in names and len(names) > 1:
+        raise SigntrapError("'all' runs the config's defend.methods: name it alone")
+    for name in names:
+        if name != "all":
+            get_defence(name)
+    return list(dict.fromkeys(names))
+
+
+def resolve_methods(method: str | list[str], cfg: RunConfig | None = None) -> list[str]:
+    names = method_names(method)
+    if names == ["all"]:
         chosen = list(cfg.defend.methods) if cfg is not None and cfg.defend.methods else list_defences()
         for name in chosen:
             get_defence(name)
         return chosen
-    get_defence(method)
-    return [method]
+    return names
 
 
-def run_defences(run_dir: str | Path, method: str, overrides=(), device: str | None = None,
+def run_defences(run_dir: str | Path, method: str | list[str], overrides=(), device: str | None = None,
                  show_progress: bool = True) -> list[dict]:
-    """`signtrap defend`: validate the method first, then load once and run each method."""
-    if method != "all":
-        get_defence(method)
+    """`signtrap defend`: validate the methods first, then load once and run each method."""
+    method_names(method)
     session = Session.open(run_dir, overrides, device, show_progress)
     return [session.run(name) for name in resolve_methods(method, session.cfg)]
 
@@ -200,6 +244,9 @@ def comparison_table(reports: list[dict], split: str = "test") -> str:
         spec = get_defence(r["method"])
         if spec.summarize is not None:
             lines.extend(spec.summarize(r))
+    probes = [r["probe"] for r in reports if r.get("probe")]
+    if probes:
+        lines += ["", format_table(probes)]
     return "\n".join(lines)
 
 

@@ -88,13 +88,18 @@ def strip(model: nn.Module, clean: CleanData, cfg: StripSettings, ctx: DefenceCo
     pred = {name: predict(model, imgs, ctx.device, ctx.eval_batch_size) for name, imgs in (
         ("src_clean", ev.images[src]), ("src_trig", ev.triggered[src]), ("clean", ev.images[sample]), ("trig", ev.triggered[sample]))}
     labels = ev.labels[sample]
-    bystander = (labels != ctx.source) & (labels != ctx.target)
-    fooled = pred["src_trig"] == ctx.target
+    bystander = (labels != ctx.source) & (labels != ctx.target) & (not ctx.all_to_one)
+    if ctx.all_to_one:  # the attack's inputs: every non-target image carrying the trigger (the sample's)
+        attacked = labels != ctx.target
+        h_att, pred_att, what = h_trig[attacked], pred["trig"][attacked], "triggered non-target images"
+    else:  # the attack's inputs: triggered source-class images (all of them)
+        h_att, pred_att, what = h_src_trig, pred["src_trig"], "triggered source-class images"
+    fooled = pred_att == ctx.target
 
     def metrics(thr: float) -> dict:
-        keep = {"src_clean": h_src_clean >= thr, "src_trig": h_src_trig >= thr, "clean": h_clean >= thr, "trig": h_trig >= thr}
+        keep = {"src_clean": h_src_clean >= thr, "att": h_att >= thr, "clean": h_clean >= thr, "trig": h_trig >= thr}
         return {"clean_acc": rate((pred["clean"] == labels) & keep["clean"]),
-                "asr": rate((pred["src_trig"] == ctx.target) & keep["src_trig"]),
+                "asr": rate(fooled & keep["att"]),
                 "stop_recall": rate((pred["src_clean"] == ctx.source) & keep["src_clean"]),
                 "false_trigger": rate(((pred["trig"] == ctx.target) & keep["trig"])[bystander])}
 
@@ -103,21 +108,22 @@ def strip(model: nn.Module, clean: CleanData, cfg: StripSettings, ctx: DefenceCo
                                        "a rejected input counts as misclassified for clean accuracy and stop recall "
                                        "and as a failed attack for ASR and false triggers"}
     report.update({
-        "detection_rate": rate(h_src_trig < threshold),  # triggered stop signs rejected
-        "detection_rate_successful": rate(h_src_trig[fooled] < threshold),  # ... among those that fool the model
+        "attack_inputs": what,
+        "detection_rate": rate(h_att < threshold),  # attack inputs rejected
+        "detection_rate_successful": rate(h_att[fooled] < threshold),  # ... among those that fool the model
         "false_rejection_rate": rate(h_clean < threshold),  # clean test inputs rejected
         "false_rejection_rate_source": rate(h_src_clean < threshold),
-        "auc": auc(h_src_trig, h_clean),  # P(a triggered source image scores lower entropy than a clean one); 0.5 is chance
-        "entropy_mean": {"clean": float(h_clean.mean()), "triggered_source": float(h_src_trig.mean())},
+        "auc": auc(h_att, h_clean),  # P(an attack input scores lower entropy than a clean one); 0.5 is chance
+        "entropy_mean": {"clean": float(h_clean.mean()), "triggered": float(h_att.mean())},
     })
     curve = []
     for frr in FRR_GRID:
         thr = float(np.quantile(fit_entropy, frr))
-        curve.append({"frr_target": frr, "threshold": round(thr, 5), "detection_rate": float((h_src_trig < thr).mean()),
+        curve.append({"frr_target": frr, "threshold": round(thr, 5), "detection_rate": float((h_att < thr).mean()),
                       "test_frr": float((h_clean < thr).mean()),
-                      "detection_rate_successful": float((h_src_trig[fooled] < thr).mean()) if fooled.any() else None})
+                      "detection_rate_successful": float((h_att[fooled] < thr).mean()) if fooled.any() else None})
     result.curves["frr"] = curve
-    result.artefacts["entropy_hist.png"] = _histogram(h_clean, h_src_trig, threshold)
+    result.artefacts["entropy_hist.png"] = _histogram(h_clean, h_att, threshold, what)
     return result
 
 
@@ -130,11 +136,11 @@ def auc(low: np.ndarray, high: np.ndarray) -> float | None:
     return float(below + 0.5 * ties)
 
 
-def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float) -> bytes:
+def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float, what: str) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     bins = np.linspace(0, max(clean.max(initial=0), triggered.max(initial=0)) + 1e-6, 40)
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean test images")
-    ax.hist(triggered, bins=bins, alpha=0.6, density=True, label="triggered source-class images")
+    ax.hist(triggered, bins=bins, alpha=0.6, density=True, label=what)
     ax.axvline(threshold, color="k", linestyle="--", label="threshold")
     ax.set_xlabel("STRIP entropy")
     ax.legend(fontsize=8)
@@ -151,7 +157,8 @@ def _summary(report: dict) -> list[str]:
     if "detection_rate" not in d:
         return []
     return ["strip filters inputs: 'after' counts rejected inputs as misclassified / failed attacks, on the sample in report.json",
-            f"strip: detection rate {pct(d['detection_rate'])} at false-rejection rate {pct(d['false_rejection_rate'])} "
+            f"strip: detection rate {pct(d['detection_rate'])} of {d.get('attack_inputs', 'triggered inputs')} at "
+            f"false-rejection rate {pct(d['false_rejection_rate'])} "
             f"(target {100 * d['frr_target']:g}%)"]
 
 
@@ -159,13 +166,14 @@ def _summary(report: dict) -> list[str]:
 def _report(report: dict, folder: Path) -> list:
     d = report.get("details") or {}
     blocks: list = [H("STRIP entropy"),
-                    P(f"Detection rate on triggered stop signs {pct_ci(d.get('detection_rate'))} at a false-rejection rate of "
+                    P(f"Detection rate on {d.get('attack_inputs', 'triggered stop signs')} {pct_ci(d.get('detection_rate'))} at a "
+                      "measured false-rejection rate of "
                       f"{pct_ci(d.get('false_rejection_rate'))} on clean test images (target {d.get('frr_target', '?')}); "
                       f"mean entropy clean {num(d.get('entropy_mean', {}).get('clean'))}, triggered "
-                      f"{num(d.get('entropy_mean', {}).get('triggered_source'))}.")]
+                      f"{num(d.get('entropy_mean', {}).get('triggered', d.get('entropy_mean', {}).get('triggered_source')))}.")]
     if (folder / "entropy_hist.png").is_file():
         blocks.append(Img("strip_entropy", (folder / "entropy_hist.png").read_bytes(),
-                          "STRIP entropy of clean test images and of triggered stop signs; inputs below the threshold "
+                          f"STRIP entropy of clean test images and of {d.get('attack_inputs', 'triggered stop signs')}; inputs below the threshold "
                           "(dashed) are rejected."))
     else:
         blocks.append(Note("strip saved no entropy histogram."))

@@ -22,6 +22,7 @@ from signtrap.runstate import lock_holder
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
+from signtrap.reporting.detection import detection_section, probe_section
 from signtrap.reporting.render import render_html, render_markdown
 from signtrap.reporting.sleeper import ID as SLEEPER_ID, TITLE as SLEEPER_TITLE, sleeper_section
 
@@ -33,6 +34,8 @@ SECTIONS = (
     ("training", "Training curves"),
     ("evaluation", "Evaluation: confusion matrix and per-class accuracy"),
     ("defences", "Defences: does the backdoor persist?"),
+    ("probe", "Removed or only hidden? The re-activation probe"),
+    ("detection", "Detection: which detectors see this backdoor?"),
     ("deployment", "Deployment: runtime x precision"),
     (SLEEPER_ID, SLEEPER_TITLE),
     ("provenance", "Provenance"),
@@ -470,8 +473,8 @@ def _file_hashes(run: Run, stages: dict) -> list[list]:
     return rows
 
 
-BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section,
-            deployment_section, sleeper_section, provenance_section)
+BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section, probe_section,
+            detection_section, deployment_section, sleeper_section, provenance_section)
 
 
 def collect_sections(run_dir: Path) -> list[Section]:

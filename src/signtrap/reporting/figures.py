@@ -211,11 +211,14 @@ def persistence_figure(curves: dict[str, list[dict]]) -> bytes:
     for i, (method, rows) in enumerate(curves.items()):
         colour = colours[i % len(colours)]
         for ax, key in ((axes[0], "asr"), (axes[1], "clean_acc")):
-            pts = [(r.get("epoch"), r.get(key)) for r in rows if isinstance(r.get(key), (int, float)) and isinstance(r.get("epoch"), (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, color=colour, label=method)
-    axes[0].set_title("attack success rate during the defence, % (epoch 0: before)", fontsize=10)
+            pts = [(r.get("epoch"), r.get(key), r.get("segment")) for r in rows
+                   if isinstance(r.get(key), (int, float)) and isinstance(r.get("epoch"), (int, float))]
+            probe_at = next((i for i, p in enumerate(pts) if p[2] == "probe"), len(pts))  # the re-activation probe: dotted
+            for part, style, label in ((pts[:probe_at], "-", method), (pts[max(probe_at - 1, 0):] if probe_at < len(pts) else [], ":", None)):
+                if part:
+                    xs, ys, _ = zip(*part)
+                    ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, color=colour, linestyle=style, label=label)
+    axes[0].set_title("attack success rate during the defence, % (epoch 0: before; dotted: the probe)", fontsize=10)
     axes[1].set_title("clean accuracy during the defence, %", fontsize=10)
     for ax in axes:
         ax.set_xlabel("defence epoch")

@@ -1,0 +1,68 @@
+"""`signtrap probe RUN_OR_DEFENCE_DIR`: the re-activation probe (`signtrap.reactivation`) on a run's own model or on
+a defence's repaired model, against the zero-poison model of the same config; writes probe.json beside the model.
+
+    signtrap probe runs/NAME                          # the undefended model: where the table's top end lies
+    signtrap probe runs/NAME/defence-finetune         # removed or only hidden?
+    signtrap probe runs/NAME --reference runs/NAME-zero k=10 steps=500
+
+Bare keys of the probe's settings (`k=10`) stand for `probe.k=10`; other overrides are the `defend:` section's
+(`clean_fraction=0.1`), so the probe sees the budget the defences saw.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from signtrap import checkpoint
+from signtrap.config import ProbeConfig, parse_override
+from signtrap.defences.run import Session
+from signtrap.errors import SigntrapError
+from signtrap.fileio import read_json, write_text
+from signtrap.reactivation import defence_lr, probe_json
+
+PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
+
+
+def probe_overrides(overrides=(), reference: str | Path | None = None) -> list[str]:
+    """`k=10` -> `probe.k=10` (bare probe keys), others unchanged; `reference` as `probe.reference=PATH`."""
+    out = []
+    for text in overrides:
+        path, _ = parse_override(text)
+        out.append(f"probe.{text}" if len(path) == 1 and path[0] in PROBE_KEYS else text)
+    if reference is not None:
+        out.append(f"probe.reference={Path(reference)}")
+    return out
+
+
+def resolve_target(path: Path) -> tuple[Path, Path | None, dict | None]:
+    """(run directory, defence folder or None, the defence's report or None), refusing what cannot be probed."""
+    if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
+        return path, None, None
+    if (path / "report.json").is_file() and (path.parent / "config.yaml").is_file():
+        report = read_json(path / "report.json")
+        method = report.get("method", path.name)
+        if not (path / "model.pt").is_file():
+            raise SigntrapError(f"{path}: {method} did not change the model (kind {report.get('kind', '?')}): nothing to probe "
+                                f"beyond the run itself; run `signtrap probe {path.parent}`")
+        return path.parent, path, report
+    if (path / "config.yaml").is_file():
+        raise SigntrapError(f"{path}: no trained model (model.pt); run `signtrap train` first")
+    raise SigntrapError(f"{path}: neither a run directory nor a defence folder (runs/NAME/defence-METHOD)")
+
+
+def probe_dir(target: str | Path, reference: str | Path | None = None, overrides=(), device: str | None = None,
+              show_progress: bool = True) -> dict:
+    """Probe the model in `target` (a run or a defence folder) and the zero-poison reference; writes and returns
+    probe.json's record. Everything is validated before anything trains."""
+    target = Path(target)
+    run_dir, folder, report = resolve_target(target)
+    session = Session.open(run_dir, probe_overrides(overrides, reference), device, show_progress)
+    prober = session.prober  # checks k against the budget
+    prober.reference_plan()  # a reference, or a way to train one
+    if folder is None:
+        record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
+    else:
+        model, _ = checkpoint.verified_load(folder, "model.pt", session.context.device)
+        record = prober.compare(model, report.get("method", folder.name), defence_lr(report.get("settings") or {}, report.get("details")))
+    write_text(target / "probe.json", probe_json(record).decode())
+    return record

@@ -1,0 +1,128 @@
+"""Detection: Neural Cleanse and STRIP see the all-to-one backdoor, SCAn sees a contaminated class; the detection table."""
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signtrap.config import load_config
+from signtrap.defences.run import run_defences
+from signtrap.defences.common import robust_z
+from signtrap.defences.scan import two_subgroups, untangle
+from signtrap.reporting.detection import attack_label, detection_cell, detection_table
+from test_defences import tree_hash
+
+NC = ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.steps=80",
+      "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.epochs=0"]
+SETTINGS = {"neural-cleanse": NC, "strip": ["strip.overlays=8"], "scan": []}
+
+
+@pytest.fixture(scope="module")
+def tiny_a2o_run(tmp_path_factory) -> Path:
+    """A tiny all-to-one backdoor: any class carrying the trigger reads as 100 km/h. Trained for 12 epochs (93% clean
+    accuracy): at the tiny run's 6 (71%) every class is a few pixels away from every other, the clean classes' trigger
+    norms spread widely and NC's anomaly index of class 7 stays below 2 (1.4-1.9 for 80-300 search steps)."""
+    from conftest import tiny_overrides
+    from signtrap.training import train
+
+    base = tmp_path_factory.mktemp("tiny-a2o")
+    return train(load_config(None, tiny_overrides(base, "tiny-a2o", "attack.kind=all_to_one", "attack.poison_count=100",
+                                                  "train.epochs=12")))
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest / run.name, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
+    return dest / run.name
+
+
+def detect(run: Path, method: str) -> dict:
+    """Run one detector; it must leave the run directory as it found it (defence-METHOD aside)."""
+    before = tree_hash(run, skip_defences=True)
+    (report,) = run_defences(run, method, ["clean_fraction=0.3", *SETTINGS[method]], "cpu", show_progress=False)
+    assert tree_hash(run, skip_defences=True) == before, f"{method} changed the run directory"
+    assert not report["repaired_model"] or method == "neural-cleanse"
+    return report["details"]
+
+
+# ---------------------------------------------------------------- SCAn's pieces
+
+
+def test_untangling_and_split_recover_a_planted_subgroup():
+    rng = np.random.default_rng(0)
+    dim, classes = 6, 8
+    centres = rng.normal(0, 3, (classes, dim))
+    y = np.repeat(np.arange(classes), 80)
+    x = centres[y] + rng.normal(0, 1, (len(y), dim))
+    model = untangle(x, y)
+    assert np.allclose(np.diag(model.s_e), 1, atol=0.35)  # the shared variation: unit noise
+    assert np.trace(model.s_mu) > 5 * np.trace(model.s_e)  # the identities are far apart
+    poisoned = centres[3] + rng.normal(0, 1, (30, dim)) + 6  # another identity hiding in class 3
+    pool = np.concatenate([centres[3] + rng.normal(0, 1, (80, dim)), poisoned]) - model.mean
+    first, _ = two_subgroups(pool, np.linalg.inv(model.s_e), rng)
+    minority = first if first.sum() <= len(first) / 2 else ~first
+    assert minority[80:].all() and not minority[:80].any()
+    assert robust_z(np.array([1.0, 1.1, 0.9, 1.05, 9.0]))[-1] > math.exp(2)
+
+
+# ---------------------------------------------------------------- detectors on tiny models
+
+
+@pytest.mark.slow
+def test_neural_cleanse_and_strip_see_the_all_to_one_backdoor(tiny_a2o_run, tmp_path):
+    run = copy_run(tiny_a2o_run, tmp_path)
+    nc = detect(run, "neural-cleanse")
+    assert 7 in nc["flagged"] and nc["anomaly_index"]["7"] > 2, nc
+    strip = detect(run, "strip")
+    assert strip["attack_inputs"] == "triggered non-target images"
+    assert strip["auc"] > 0.8, strip  # triggered inputs of every class keep a low entropy
+    assert strip["detection_rate"]["rate"] > strip["false_rejection_rate"]["rate"] + 0.3, strip
+
+
+@pytest.mark.slow
+def test_zero_poison_model_is_not_flagged(tiny_zero_run, tmp_path):
+    run = copy_run(tiny_zero_run, tmp_path)
+    nc = detect(run, "neural-cleanse")
+    assert nc["flagged"] == [], nc
+    scan = detect(run, "scan")
+    assert 7 not in scan["flagged"] and scan["target_J_star"] < math.exp(2), scan
+
+
+@pytest.mark.slow
+def test_scan_flags_the_contaminated_class(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    d = detect(run, "scan")
+    assert 7 in d["flagged"] and d["top_ranked"] == 7 and d["target_J_star"] > math.exp(2), d
+    split = d["target_split"]  # measured with the attack's record, never used by SCAn
+    assert split["poisoned_images"] == 30 and split["subgroup_recall"] >= 0.7, split
+    assert (run / "defence-scan" / "classes.csv").is_file() and (run / "defence-scan" / "scan_jstar.png").is_file()
+
+
+@pytest.mark.slow
+def test_detection_table_and_report_sections(tiny_a2o_run, tiny_run, tiny_zero_run, tmp_path):
+    from signtrap.reporting import build_report
+
+    runs = [copy_run(r, tmp_path / str(i)) for i, r in enumerate((tiny_a2o_run, tiny_run, tiny_zero_run))]
+    for run in runs:
+        detect(run, "scan")
+    cfgs = [load_config(r / "config.yaml") for r in runs]
+    assert [attack_label(c) for c in cfgs] == ["all-to-one", "source-specific, no cover", "zero poison"]
+    headers, rows = detection_table(runs, cfgs)
+    assert headers == ["detector", "all-to-one (1 run)", "source-specific, no cover (1 run)", "zero poison (1 run)"]
+    (scan_row,) = rows
+    assert scan_row[0] == "scan" and scan_row[2].startswith("flags 7 in 1/1")
+    files = build_report(runs[1])
+    html = files[0].read_text()
+    assert "Detection: which detectors see this backdoor?" in html and "flags 7 in 1/1" in html
+    assert "No defence was probed" in html  # scan does not change the model: nothing to probe
+
+
+def test_detection_cells():
+    strip = [{"method": "strip", "detection": {"k": 95, "n": 100}, "frr": {"k": 5, "n": 100}},
+             {"method": "strip", "detection": {"k": 97, "n": 100}, "frr": {"k": 4, "n": 100}}]
+    assert detection_cell(strip).startswith("detects 96.0% [") and "(192/200) at FRR 4.5%" in detection_cell(strip)
+    nc = [{"method": "neural-cleanse", "flagged": [7], "statistic": "anomaly index", "target_value": 3.2, "target": 7},
+          {"method": "neural-cleanse", "flagged": [], "statistic": "anomaly index", "target_value": 1.1, "target": 7}]
+    assert detection_cell(nc) == "flags 7 in 1/2 (anomaly index of class 7: 3.20, 1.10)"
+    assert detection_cell(nc[1:]) == "flags nothing (1 run; anomaly index of class 7: 1.10)"
+    assert detection_cell([]) == "not run"

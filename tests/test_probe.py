@@ -1,0 +1,273 @@
+"""The re-activation probe: removed or only hidden? (signtrap.reactivation, `signtrap probe`, the probe in `signtrap defend`)."""
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from signtrap.attacks.poison import TrainingSet
+from signtrap.cli import main
+from signtrap.config import ProbeConfig, load_config
+from signtrap.defences.common import CleanData
+from signtrap.defences.run import Session, run_defences
+from signtrap.errors import SigntrapError
+from signtrap.loop import Loop, Schedule
+from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
+                                   probe_set, verdict)
+from signtrap.runstate import LOCK_FILE
+from test_defences import tree_hash
+
+FAST = ["clean_fraction=0.3", "probe.steps=60"]
+
+
+def suppress(session: Session) -> nn.Module:
+    """A backdoor that is only hidden: retrain the output layer alone (through the one loop) so that triggered stop
+    signs read as stop again; the features that carry the trigger stay as they were."""
+    model = copy.deepcopy(session.model)
+    clean = session.clean
+    src = np.flatnonzero(clean.labels == session.cfg.attack.source)
+    images = np.concatenate([clean.images, np.repeat(clean.images[src], 4, axis=0)])
+    labels = np.concatenate([clean.labels, np.repeat(clean.labels[src], 4)])
+    triggered = np.concatenate([np.zeros(len(clean), bool), np.ones(4 * len(src), bool)])
+    data = TrainingSet(images, labels, triggered, False, np.zeros((len(images), 4), np.int64))
+    head = list([m for m in model.modules() if isinstance(m, nn.Linear)][-1].parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    Loop(model, data, Schedule(epochs=3, lr=1e-2, batch_size=64), session.context.device, 0, 77, trigger=session.exp.trigger,
+         params=head, frozen_bn=True, show_progress=False).fit()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def content_hash(root: Path) -> str:
+    """SHA-256 over every file name and content under `root` but the run's lock file (a locked command leaves it)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.name != LOCK_FILE):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def session(tiny_run, tiny_zero_run) -> Session:
+    return Session.open(tiny_run, [*FAST, f"probe.reference={tiny_zero_run}"], "cpu", show_progress=False)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    dest = tmp_path / "runs" / tiny_run.name
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
+    return dest
+
+
+# ---------------------------------------------------------------- the rule and its pieces
+
+
+def asr_record(before: tuple[int, int], after: tuple[int, int]) -> dict:
+    def entry(k, n):
+        return {"held_out": {"asr": {"rate": k / n, "k": k, "n": n}}}
+    return {"before": entry(*before), "after": entry(*after)}
+
+
+def test_newcombe_reproduces_the_published_example():
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II example (a): 56/70 - 48/80, hybrid score 0.0524 to 0.3339
+    d, lo, hi = newcombe({"k": 56, "n": 70}, {"k": 48, "n": 80})
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=5e-4) and hi == pytest.approx(0.3339, abs=5e-4)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (((2, 100), (90, 100)), "hidden"),        # suppressed, then woken far above the clean model
+    (((2, 100), (8, 100)), "removed"),        # re-learns no faster than a model that never had it
+    (((95, 100), (99, 100)), "persists"),     # never suppressed in the first place
+    (((1, 10), (4, 10)), "inconclusive"),     # too few held-out images to tell
+])
+def test_verdict_rule(model, expected):
+    reference = asr_record((0, 100), (5, 100))
+    out = verdict(asr_record(*model), reference, margin=0.2)
+    assert out["verdict"] == expected and expected in VERDICTS
+    assert out["reason"]
+
+
+def test_poisoned_samples_and_schedule():
+    labels = np.array([14] * 4 + [7] * 3 + [1] * 5)
+    rows = choose_poison(labels, 3, "source_specific", 14, 7, seed=0)
+    assert len(rows) == 3 and (labels[rows] == 14).all()
+    assert np.array_equal(rows, choose_poison(labels, 3, "source_specific", 14, 7, seed=0))  # fixed by the seed
+    assert (labels[choose_poison(labels, 9, "all_to_one", 14, 7, seed=0)] != 7).all()
+    with pytest.raises(SigntrapError, match=r"k=5 poisoned samples requested but the defender's clean budget holds only 4 class 14"):
+        choose_poison(labels, 5, "source_specific", 14, 7, seed=0)
+
+    images = np.random.default_rng(0).integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8)
+    clean = CleanData(images, labels)
+    from signtrap.attacks.triggers import make_trigger
+    from signtrap.config import TriggerConfig
+
+    data = probe_set(clean, rows, 7, make_trigger(TriggerConfig(size=2), 8), stamp_before=False, seed=0)
+    assert len(data.labels) == len(labels) + 3 and np.array_equal(data.images[:len(labels)], images)
+    assert np.array_equal(data.images[len(labels):], images[rows])  # stamped by the loop, after augmentation
+    assert (data.labels[len(labels):] == 7).all() and data.triggered.sum() == 3 and not data.triggered[:len(labels)].any()
+
+    s = probe_schedule(ProbeConfig(steps=300, batch_size=64), rows=1766, lr=1e-4)
+    assert s.epochs == 11 and s.epochs * s.steps_per_epoch(1766) == 308 and s.lr == 1e-4
+    assert probe_schedule(ProbeConfig(steps=1), rows=10_000, lr=1e-3).epochs == 1
+
+
+def test_the_probe_trains_at_the_defence_learning_rate():
+    assert defence_lr({"lr": 3e-4}, {}) == 3e-4
+    assert defence_lr({"lr": None, "grid": [1e-4, 1e-3]}, {"selection": {"knob": "lr", "value": 1e-4}}) == 1e-4  # chosen
+    assert defence_lr({"lr": 1e-3}, {"selection": {"knob": "max_fraction", "value": 0.5}}) == 1e-3  # another knob
+    assert defence_lr({"overlays": 16}, {}) is None  # a defence that does not train
+
+
+def test_reference_must_share_the_config(tiny_run, tiny_zero_run):
+    cfg, ref = load_config(tiny_run / "config.yaml"), load_config(tiny_zero_run / "config.yaml")
+    assert config_differences(cfg, ref) == []  # name, runs_dir and the attack may differ
+    other = load_config(tiny_zero_run / "config.yaml", ["train.epochs=7", "seed=3"])
+    assert set(config_differences(cfg, other)) == {"seed", "train.epochs"}
+
+
+# ---------------------------------------------------------------- the probe on tiny models
+
+
+@pytest.mark.slow
+def test_probe_wakes_a_suppressed_backdoor_and_not_a_clean_model(session):
+    hidden = suppress(session)
+    weights = {k: v.clone() for k, v in hidden.state_dict().items()}
+    assert session.prober.measure(hidden)["held_out"]["asr"]["rate"] <= 0.4, "the output layer did not suppress the backdoor"
+    record = session.prober.compare(hidden, "suppressed", trained_lr=1e-3)
+    woken = record["model"]["after"]["held_out"]["asr"]["rate"]
+    clean_model = record["reference"]["after"]["held_out"]["asr"]["rate"]
+    assert record["reference"]["before"]["held_out"]["asr"]["rate"] <= 0.2  # the zero-poison model has no backdoor
+    assert woken - clean_model >= 0.4, record["verdict"]
+    assert record["verdict"]["verdict"] == "hidden", record["verdict"]
+    assert record["ends"]["backdoored_verdict"]["verdict"] == "persists"
+    for probed in (record["model"], record["reference"], record["ends"]["backdoored"]):
+        assert probed["steps"] == record["model"]["steps"] and probed["lr"] == 1e-3  # the identical probe
+    assert all(torch.equal(v, weights[k]) for k, v in hidden.state_dict().items()), "the probe changed the model it was given"
+    # identical probe, identical result: the batches depend on the seed only
+    again = session.prober.run(session.prober.reference(), 1e-3, "again")
+    assert again["after"] == record["reference"]["after"]
+
+
+@pytest.mark.slow
+def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_run, capsys):
+    before = tree_hash(run_copy, skip_defences=True)
+    reports = run_defences(run_copy, "finetune", [*FAST, "finetune.epochs=1", f"probe.reference={tiny_zero_run}"], "cpu",
+                           show_progress=False)
+    assert tree_hash(run_copy, skip_defences=True) == before
+    out = run_copy / "defence-finetune"
+    report = json.loads((out / "report.json").read_text())
+    probe = json.loads((out / "probe.json").read_text())
+    assert report["probe"]["verdict"] == probe["verdict"] and probe["verdict"]["verdict"] in VERDICTS
+    assert probe["model"]["before"]["test"]["asr"] == report["after"]["test"]["asr"]  # the probe starts from the repaired model
+    assert probe["settings"]["lr"] == defence_lr(report["settings"], report["details"])  # at the defence's learning rate
+    rows = (out / "persistence.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    segments = [r.split(",")[header.index("segment")] for r in rows[1:]]
+    epochs = [int(r.split(",")[header.index("epoch")]) for r in rows[1:]]
+    assert segments[:2] == ["defence", "defence"] and segments[-1] == "probe" and segments.count("probe") == probe["model"]["epochs"]
+    assert epochs == list(range(len(epochs)))  # the probe continues the defence's epochs
+    from signtrap.defences.run import comparison_table
+
+    table = comparison_table(reports)
+    assert "re-activation probe" in table and "zero-poison model" in table and "backdoored (no defence)" in table
+
+
+@pytest.mark.slow
+def test_cli_probe_on_a_run_and_a_defence_folder(run_copy, tiny_zero_run, capsys):
+    assert main(["--quiet", "probe", str(run_copy), "steps=20", "clean_fraction=0.3", "--reference", str(tiny_zero_run)]) == 0
+    out = capsys.readouterr().out
+    assert "backdoored (no defence)" in out and "persists" in out and f"{run_copy}/probe.json" in out
+    record = json.loads((run_copy / "probe.json").read_text())
+    assert record["verdict"]["verdict"] == "persists" and record["model"]["steps"] >= 20
+    run_defences(run_copy, "finetune", ["finetune.epochs=1", "probe.enabled=false", "clean_fraction=0.3"], "cpu", show_progress=False)
+    assert not (run_copy / "defence-finetune" / "probe.json").exists()  # probe.enabled=false
+    assert main(["--quiet", "probe", str(run_copy / "defence-finetune"), "k=3", "steps=20", "clean_fraction=0.3",
+                 "--reference", str(tiny_zero_run), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((run_copy / "defence-finetune" / "probe.json").read_text())
+    assert printed["verdict"] == stored["verdict"] and stored["k"] == 3 and stored["label"] == "finetune"
+
+
+@pytest.mark.slow
+def test_reference_is_trained_once_on_demand(run_copy):
+    session = Session.open(run_copy, ["clean_fraction=0.3", "probe.steps=5"], "cpu", show_progress=False)
+    ref_dir, needs = session.prober.reference_plan()
+    assert ref_dir == run_copy.parent / f"{run_copy.name}-zero" and needs
+    session.prober.reference()
+    ref_cfg = load_config(ref_dir / "config.yaml")
+    assert ref_cfg.attack.kind == "none" and ref_cfg.seed == session.cfg.seed
+    assert json.loads((ref_dir / "manifest.json").read_text())["poisoned"] == 0
+    stamp = (ref_dir / "model.pt").stat().st_mtime_ns
+    again = Session.open(run_copy, ["clean_fraction=0.3"], "cpu", show_progress=False).prober
+    assert again.reference_plan() == (ref_dir, False)
+    again.reference()
+    assert (ref_dir / "model.pt").stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def fake_defence(run_dir: Path, method: str, kind: str) -> Path:
+    folder = run_dir / f"defence-{method}"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"method": method, "kind": kind}))
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("k", "probe: k=1000 poisoned samples requested but the defender's clean budget holds only"),
+    ("no-reference", "no zero-poison reference for"),
+    ("poisoned-reference", "not a zero-poison run (attack.kind=source_specific)"),
+    ("missing-reference", "no trained model (model.pt)"),
+    ("other-config", "not the zero-poison model of the same config (train.epochs differ)"),
+    ("filter", "strip did not change the model (kind filter): nothing to probe"),
+    ("not-a-run", "neither a run directory nor a defence folder"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(case, message, run_copy, tiny_run, tiny_zero_run, tmp_path, capsys):
+    target, args = run_copy, ["--reference", str(tiny_zero_run)]
+    if case == "k":
+        args += ["k=1000"]
+    elif case == "no-reference":
+        args = ["train_reference=false"]
+    elif case == "poisoned-reference":
+        args = ["--reference", str(tiny_run)]
+    elif case == "missing-reference":
+        args = ["--reference", str(tmp_path / "nowhere")]
+    elif case == "other-config":
+        other = tmp_path / "other-zero"
+        shutil.copytree(tiny_zero_run, other)
+        text = (other / "config.yaml").read_text()
+        (other / "config.yaml").write_text(text.replace("epochs: 6", "epochs: 7", 1))
+        args = ["--reference", str(other)]
+    elif case == "filter":
+        target = fake_defence(run_copy, "strip", "filter")
+    else:
+        target = tmp_path
+    before = content_hash(run_copy)
+    flags = [a for a in args if "=" not in a]
+    rc = main(["--quiet", "probe", str(target), *[a for a in args if "=" in a], "clean_fraction=0.3", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("signtrap: error: ") and message in err[0], err
+    assert content_hash(run_copy) == before
+    assert not (run_copy.parent / f"{run_copy.name}-zero").exists()  # nothing was trained
+
+
+def test_api_probe_takes_the_probe_settings_as_keywords(run_copy, tiny_zero_run):
+    import signtrap
+
+    assert "probe" in signtrap.__all__ and signtrap.probe.__doc__
+    with pytest.raises(SigntrapError, match=r"k=1000 poisoned samples requested"):
+        signtrap.probe(run_copy, reference=tiny_zero_run, k=1000, clean_fraction=0.3)
+    with pytest.raises(SigntrapError, match=r"k=999 poisoned samples requested"):
+        signtrap.probe(signtrap.load_run(run_copy), reference=tiny_zero_run, overrides={"probe.k": 999, "clean_fraction": 0.3})
+    fake_defence(run_copy, "strip", "filter")
+    with pytest.raises(SigntrapError, match=r"strip did not change the model"):
+        signtrap.probe(run_copy, "strip", reference=tiny_zero_run)
+    assert not (run_copy / "probe.json").exists()
