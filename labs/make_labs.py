@@ -419,6 +419,7 @@ metrics per split)."""),
     Code('''CLEAN_FRACTION = 0.1
 SETTINGS = (["finetune.epochs=2", "adv-pgd.epochs=1", "adv-pgd.steps=2", "fine-prune.epochs=1", "fine-prune.step=0.2"]
             if FAST else ["finetune.epochs=6", "adv-pgd.epochs=3", "fine-prune.epochs=4"])
+SETTINGS.append("probe.enabled=false")  # the re-activation probe after each defence is Lab 4's subject
 METHODS = ("finetune", "adv-pgd", "fine-prune")
 reports = {m: quietly(signtrap.defend, run, m, overrides=[f"clean_fraction={CLEAN_FRACTION}", *SETTINGS])[0] for m in METHODS}
 
