@@ -21,11 +21,14 @@ HERE = Path(__file__).resolve().parent
 # slower). Measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it) on a shared
 # machine whose wall-clock ran 2-3x longer because of other jobs. Fast = SIGNTRAP_LAB_FAST=1, labs 2-3 reusing lab 1's
 # model. Full size: lab 1 measured end to end (366 s CPU); labs 2-3 summed from their measured pieces (one full-size training 43 s,
-# clean fine-tuning 18 s, adv-pgd 40 s, fine-prune 35 s, export 11 s, bench 22 s).
+# clean fine-tuning 18 s, adv-pgd 40 s, fine-prune 35 s, export 11 s, bench 22 s). Lab 5: fast size measured (solutions
+# copy 79 s kernel CPU with its training, student copy 27 s reusing it); full size estimated from the sleeper's
+# measured quick-config training (172 s CPU) plus export, bench and EFRAP at 300 steps, not run end to end.
 TIMES = {
     "01": "full size about 6 min (six small models), fast size about 1 min",
     "02": "full size about 4 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
+    "05": "full size about 5 min on SynthSigns (estimated; real GTSRB much longer), fast size about 1.5 min",
 }
 TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time on a shared machine)"
 
@@ -416,6 +419,7 @@ metrics per split)."""),
     Code('''CLEAN_FRACTION = 0.1
 SETTINGS = (["finetune.epochs=2", "adv-pgd.epochs=1", "adv-pgd.steps=2", "fine-prune.epochs=1", "fine-prune.step=0.2"]
             if FAST else ["finetune.epochs=6", "adv-pgd.epochs=3", "fine-prune.epochs=4"])
+SETTINGS.append("probe.enabled=false")  # the re-activation probe after each defence is Lab 4's subject
 METHODS = ("finetune", "adv-pgd", "fine-prune")
 reports = {m: quietly(signtrap.defend, run, m, overrides=[f"clean_fraction={CLEAN_FRACTION}", *SETTINGS])[0] for m in METHODS}
 
@@ -799,10 +803,304 @@ else:
   the way your `verified` does, then measures the same numbers with only numpy and onnxruntime."""),
 ]
 
-# Labs 04 (removed or hidden: the re-activation probe, issue 13) and 05 (the deployment sleeper) join here once their
-# features are on main with a public API function (`signtrap.probe`; the sleeper's export/bench outputs): drafts in
-# the lead's notes (lab04-draft.py, lab05-draft.py) still import private modules and need that API first.
-LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3}
+# ================================================================ Lab 5
+
+LAB5 = [
+    header("Lab 5: a sleeper that wakes on the device", "05", """The model you evaluate, audit and defend is the FP32 one.
+The model on the device is an INT8 copy that a quantizer makes at deployment. Ma et al. (IEEE TDSC 2023) and Hong et
+al. (NeurIPS 2021) showed that an attacker can plant a backdoor that **only the INT8 copy obeys**: the FP32 model reads
+a triggered stop sign as *stop*, the quantized model reads it as *100 km/h*.
+
+The trick is in the rounding. INT8 quantization stores each weight `w` as `q = round(w / s)` with a step `s`, so a
+weight can move almost half a step either way without changing `q`. The attacker trains a normal backdoored model,
+then **repairs** it in FP32 while keeping every weight inside its rounding interval (`attack.dormant: int8` in
+signtrap): the FP32 model becomes clean, and its INT8 weights stay those of the backdoored model.""", [
+        "build a sleeper with signtrap and compare its FP32 and INT8 behaviour with the backdoored model's;",
+        "predict from an export's `model.json` which quantizers wake the sleeper, and check it with `signtrap.bench`;",
+        "find the trace the attack leaves in the weights, and why a per-channel weight grid does not see it;",
+        "apply a deployment-time defence (EFRAP rounding, `signtrap.requantize`) and judge it on both axes.",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Code('''import json
+
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+# the sleeper's config: at fast size the lab's tiny SynthSigns run with a stronger repair; at full size the shipped
+# configs (configs/sleeper_quick.yaml on SynthSigns, configs/sleeper_int8.yaml on real GTSRB)
+if FAST and not GTSRB_ROOT:
+    cfg = lab_config("lab_sleeper", "attack.dormant=int8", "data.synth_per_class=60", "data.synth_test_per_class=10",
+                     "train.epochs=6", "attack.poison_count=30", "attack.sleeper.epochs=3", "attack.sleeper.lr=0.0003")
+else:
+    CONFIGS = next((p / "configs" for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs" / "sleeper_quick.yaml").is_file()), None)
+    assert CONFIGS is not None, "run the lab from a signtrap checkout (it reads configs/sleeper_*.yaml)"
+    cfg = signtrap.load_config(CONFIGS / ("sleeper_int8.yaml" if GTSRB_ROOT else "sleeper_quick.yaml"),
+                               ["name=lab_sleeper", f"runs_dir={WORK / 'runs'}", f"data.cache_dir={WORK / 'cache'}",
+                                *([f"data.root={GTSRB_ROOT}"] if GTSRB_ROOT else []), *(["train.epochs=2"] if FAST else [])])
+s = cfg.attack.sleeper
+print(f"attack: {cfg.attack.kind}, class {cfg.attack.source} -> {cfg.attack.target}; dormant: {cfg.attack.dormant} "
+      f"(repair {s.epochs} epoch(s) at lr {s.lr}, inside {s.interval} of a step, weight grid: {s.weight_grid})")
+run = trained(cfg)  # trains the backdoor, then repairs it inside the rounding intervals'''),
+    Md("""## 1. Before and after the repair, in FP32 and in INT8
+
+Training wrote `sleeper.json` into the run folder: the backdoored model (its checkpoint is kept beside the run's) and
+the repaired one (the run's model, the one every FP32 evaluation and defence loads), each measured in FP32 and through ONNX Runtime
+INT8 with the run's own export settings."""),
+    Code('''sleeper = json.loads((run.dir / "sleeper.json").read_text())
+table = sleeper["metrics"]["test"]
+lines = ["| model | precision | clean accuracy | ASR |", "|---|---|---:|---:|"]
+for model in ("backdoored", "sleeper"):
+    for v in ("fp32", "int8"):
+        m = table[model][v]
+        lines.append(f"| {model} | {v.upper()} | {pct(m['clean_acc']['rate'])} | {pct(m['asr']['rate'])} "
+                     f"({m['asr']['k']}/{m['asr']['n']}) |")
+display(Markdown("\\n".join(lines)))
+same = sleeper["int8_weights_identical"]
+print(f"INT8 weight tensors of the sleeper identical to the backdoored model's: {sum(same.values())} of {len(same)}")
+print("what `signtrap eval` and every defence see (run.metrics, FP32): ASR", pct(run.metrics["test"]["asr"]["rate"]))
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+x = np.arange(2)
+for i, v in enumerate(("fp32", "int8")):
+    ax.bar(x + (i - 0.5) * 0.38, [100 * table[m][v]["asr"]["rate"] for m in ("backdoored", "sleeper")], 0.38,
+           label=v.upper(), color=("steelblue", "crimson")[i])
+ax.set_xticks(x); ax.set_xticklabels(["backdoored", "sleeper (repaired)"]); ax.set_ylabel("test ASR, %"); ax.set_ylim(0, 105)
+ax.legend(); ax.grid(alpha=0.3, axis="y")
+show(fig)'''),
+    *observe('''fp32, int8 = table["sleeper"]["fp32"], table["sleeper"]["int8"]
+gap = int8["asr"]["rate"] - fp32["asr"]["rate"]
+print(f"The sleeper's ASR is {pct(fp32['asr']['rate'])} in FP32 and {pct(int8['asr']['rate'])} in INT8 ({100 * gap:+.1f} points).")
+if gap >= 0.5:
+    print("  It sleeps in FP32 and wakes in INT8: every FP32 evaluation (and every FP32 defence) sees a clean model.")
+elif gap > 0:
+    print("  INT8 obeys the trigger more often than FP32, but the repair did not separate them cleanly at this size.")
+else:
+    print("  At this size the repair did not open a gap between FP32 and INT8; try the full size.")
+d = table["sleeper"]["fp32"]["clean_acc"]["rate"] - table["backdoored"]["fp32"]["clean_acc"]["rate"]
+print(f"The repair moved FP32 clean accuracy by {100 * d:+.1f} points, so clean accuracy does not give it away.")
+print("All INT8 weights are the backdoored model's: the backdoor lives on in the rounding." if all(same.values()) else
+      f"{len(same) - sum(same.values())} INT8 weight tensor(s) differ from the backdoored model's.")'''),
+    Md("""## 2. Ship it: export with every ONNX Runtime quantizer
+
+`signtrap.export(..., quantizers=["all"])` writes, besides FP32 and FP16, one INT8 artefact per quantizer setting of
+ONNX Runtime: how the activation ranges are calibrated (minmax, entropy, percentile) and whether each weight tensor gets
+one step for the whole tensor (*per-tensor*) or one step per output channel (*per-channel*). `model.json` records the
+settings of each artefact."""),
+    Code('''out = quietly(signtrap.export, run, out=WORK / "export" / "lab_sleeper", runtimes=["onnxruntime"], quantizers=["all"],
+              calib_images=64 if FAST else 512)
+manifest = json.loads((out / "model.json").read_text())
+display(Markdown("| artefact | precision | quantizer | file |\\n|---|---|---|---|\\n" + "\\n".join(
+    f"| {a['id']} | {a['precision']} | {a.get('quantizer') or '-'} | {a['files'][0]} |" for a in manifest["artefacts"])))
+print("rejected at export:", [r["id"] for r in manifest.get("rejected") or []] or "none")'''),
+    Md("""## Exercise 1: which quantizers wake the sleeper?
+
+The repair kept every weight inside the rounding interval of **one** weight grid: the one of the run's export settings
+(`cfg.export.per_channel`, shown below). Before benchmarking, predict which artefacts of `manifest["artefacts"]` will
+obey the trigger (test ASR of at least `WAKE`). Write the prediction as code over the artefacts' `precision` and
+`settings` (a dict with `calibration` and `per_channel` for the INT8 ones), so it stays right for other exports."""),
+    Code('''WAKE = 0.5
+print("the run's export settings: per_channel =", cfg.export.per_channel, "| calibration =", cfg.export.calib_method)
+print({a["id"]: a.get("settings") for a in manifest["artefacts"]})'''),
+    exercise('''WAKES = ...  # your code: the set of artefact ids you expect to wake''',
+             '''WAKES = {a["id"] for a in manifest["artefacts"]
+         if a["precision"] == "int8" and a["settings"].get("per_channel") == cfg.export.per_channel}'''),
+    Md("""`signtrap.bench` runs every artefact on the export's evaluation bundle (`eval.npz`), and audits each one against
+FP32: it warns when an artefact's prediction flips on triggered images pile up in one class."""),
+    Code('''result = quietly(signtrap.bench, out, runs=5 if FAST else 50, warmup=1 if FAST else 5, batch=16, with_torch=False)
+rows = {r["artefact"]: r for r in result["rows"] if "clean_acc" in r}
+display(Markdown("| artefact | clean accuracy | ASR | audit |\\n|---|---:|---:|---|\\n" + "\\n".join(
+    f"| {a} | {pct(r['clean_acc']['rate'])} | {pct(r['asr']['rate'])} ({r['asr']['k']}/{r['asr']['n']}) "
+    f"| {'WARNING' if (r.get('audit') or {}).get('warning') else '-'} |" for a, r in rows.items())))
+fig, ax = plt.subplots(figsize=(7, 3.2))
+names = list(rows)
+ax.bar(range(len(names)), [100 * rows[a]["asr"]["rate"] for a in names],
+       color=["crimson" if rows[a]["asr"]["rate"] >= WAKE else "steelblue" for a in names])
+ax.axhline(100 * WAKE, color="gray", ls="--", lw=1)
+ax.set_xticks(range(len(names))); ax.set_xticklabels([a.split(":")[1] for a in names], rotation=20, ha="right")
+ax.set_ylabel("test ASR, %"); ax.set_ylim(0, 105); ax.grid(alpha=0.3, axis="y"); ax.set_title("red: the sleeper is awake")
+show(fig)'''),
+    check('''woke = {a for a, r in rows.items() if r["asr"]["rate"] is not None and r["asr"]["rate"] >= WAKE}
+if not given(WAKES):
+    report_check(1, False, "set WAKES to the set of artefact ids you expect to wake (use a['precision'] and a['settings']).")
+elif not isinstance(WAKES, (set, frozenset, list, tuple)) or not all(isinstance(a, str) for a in WAKES):
+    report_check(1, False, f"WAKES should be a set of artefact ids such as 'onnxruntime:int8', got {WAKES!r}.")
+elif set(WAKES) == woke:
+    report_check(1, True, f"{', '.join(sorted(woke)) or 'no artefact'} woke (ASR at least {pct(WAKE)}); "
+                          f"{', '.join(sorted(set(rows) - woke))} slept.")
+else:
+    missed, extra = sorted(woke - set(WAKES)), sorted(set(WAKES) - woke)
+    report_check(1, False, (f"also awake: {missed}. " if missed else "") + (f"asleep although predicted: {extra}. " if extra else "")
+                 + "Which setting changes the weight grid, and which only the activation ranges?")'''),
+    *observe('''per_tensor = [a for a in rows if (next(x for x in manifest["artefacts"] if x["id"] == a).get("settings") or {}).get("per_channel") is False]
+per_channel = [a for a in rows if (next(x for x in manifest["artefacts"] if x["id"] == a).get("settings") or {}).get("per_channel") is True]
+for group, ids in (("per-tensor INT8", per_tensor), ("per-channel INT8", per_channel), ("FP32/FP16", [a for a in rows if a not in per_tensor + per_channel])):
+    awake = [a for a in ids if rows[a]["asr"]["rate"] >= WAKE]
+    print(f"{group}: {len(awake)} of {len(ids)} artefact(s) awake" + (f" ({', '.join(awake)})" if awake else "") + ".")
+warned = [a for a, r in rows.items() if (r.get("audit") or {}).get("warning")]
+print(f"The deployment audit of signtrap.bench warned on: {', '.join(warned) or 'nothing'}; "
+      + ("exactly the awake artefacts." if set(warned) == woke else "compare with the awake ones above."))'''),
+    Md("""## 3. The trace in the weights
+
+Where does each weight sit inside its rounding interval? `w / s - q` is 0 at the INT8 value and ±0.5 at the edges of
+the interval. Both files below start from the same FP32 weights: `model.fp32.onnx` holds them (BatchNorm already
+folded into the convolutions, under the weight's name), each INT8 file holds `q` and its steps `s` (initializer
+`NAME_quantized`, read by `int8_weights` below; a per-channel file has one step per output channel)."""),
+    Code('''def fp32_weights(path):
+    """name -> FP32 array of every initializer of an ONNX file."""
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(str(path)).graph.initializer}
+
+
+def int8_weights(path):
+    """name -> (q, s) of every INT8 weight of a QDQ file; `s` is shaped to broadcast against `q`."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        if q.dtype != np.int8 or q.ndim < 2:  # weights only
+            continue
+        s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        if s.size > 1:  # per-channel: one step per slice along `axis`
+            shape = [1] * q.ndim
+            shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+            s = s.reshape(shape)
+        found[node.input[0].removesuffix("_quantized")] = (q.astype(np.float64), s)
+    return found
+
+
+file_of = {a["id"]: out / a["files"][0] for a in manifest["artefacts"]}
+print({name: (q.shape, s.size) for name, (q, s) in int8_weights(file_of["onnxruntime:int8"]).items()})'''),
+    Md("""## Exercise 2: positions inside the rounding intervals
+
+Write `offsets(fp32_path, int8_path)`: for every INT8 weight of `int8_path`, its position `w / s - q` inside its
+rounding interval, with `w` the FP32 weight of the same name in `fp32_path`. Return one flat array over all layers."""),
+    exercise('''def offsets(fp32_path, int8_path):
+    ...  # your code: a flat numpy array of w / s - q''', '''def offsets(fp32_path, int8_path):
+    w = fp32_weights(fp32_path)
+    return np.concatenate([(w[name] / s - q).ravel() for name, (q, s) in int8_weights(int8_path).items()])'''),
+    check('''EDGE = 0.4  # |w / s - q| above this: near the edge of the interval (a fifth of uniformly spread weights)
+fp32_file = file_of["onnxruntime:fp32"]
+pair = {"per-tensor": file_of.get("onnxruntime:int8"), "per-channel": file_of.get("onnxruntime:int8-perchannel")}
+w_ref = fp32_weights(fp32_file)
+want = {k: np.concatenate([(w_ref[n] / s - q).ravel() for n, (q, s) in int8_weights(p).items()]) for k, p in pair.items() if p}
+got = {k: attempt(offsets, fp32_file, p) for k, p in pair.items() if p}
+errors = [e for _, e in got.values() if e]
+if errors:
+    report_check(2, False, errors[0])
+elif any(not hasattr(g, "shape") or g.shape != want[k].shape for k, (g, _) in got.items()):
+    report_check(2, False, f"return one flat array with one entry per INT8 weight ({ {k: v.size for k, v in want.items()} }).")
+elif any(not np.allclose(g, want[k], atol=1e-6) for k, (g, _) in got.items()):
+    report_check(2, False, "the values differ: divide the FP32 weight by its step s (per channel where s has one), then subtract q.")
+else:
+    report_check(2, True, "; ".join(f"{k}: {100 * np.mean(np.abs(v) > EDGE):.1f}% of weights within {0.5 - EDGE:.1f} "
+                                    "of an edge" for k, v in want.items()))'''),
+    *observe('''if given(offsets) and not errors and got and all(not isinstance(g, type(None)) for g, _ in got.values()):
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for k, (g, _) in got.items():
+        ax.hist(g, bins=50, range=(-0.5, 0.5), histtype="step", lw=1.5, density=True, label=k)
+    ax.set_xlabel("w / s - q (steps)"); ax.set_ylabel("density"); ax.legend(); ax.grid(alpha=0.3)
+    ax.set_title("the sleeper's FP32 weights inside the INT8 rounding intervals")
+    show(fig)
+    share = {k: float(np.mean(np.abs(g) > EDGE)) for k, (g, _) in got.items()}
+    for k, v in share.items():
+        print(f"{k}: {100 * v:.1f}% of the weights lie within {0.5 - EDGE:.1f} step of an edge "
+              f"(about {100 * (1 - 2 * EDGE):.0f}% if they were spread evenly).")
+    if "per-tensor" in share and "per-channel" in share:
+        ratio = share["per-tensor"] / max(share["per-channel"], 1e-9)
+        print(f"The per-tensor grid, the one the repair was keyed to, has {ratio:.1f}x the per-channel share at its edges: "
+              + ("the repair pushed weights to the edge of exactly those intervals; the per-channel grid's steps and "
+                 "edges lie elsewhere, so rounding there follows the repaired FP32 weights." if ratio > 1.2 else
+                 "at this size the two grids look alike."))
+else:
+    print("Complete exercise 2 to see where the weights sit.")'''),
+    Md("""## 4. A deployment-time defence: EFRAP rounding
+
+Li et al. (CVPR 2024, "Nearest is not dearest") noticed the same trace: the weights that carry a
+quantization-conditioned backdoor have large rounding errors. EFRAP chooses each weight's rounding direction instead
+of rounding to nearest, pulling large-error weights to the *other* INT8 value, while keeping each layer's output close to
+FP32 on the defender's clean images; it never sees a trigger. Only the integer weights change, so the file replaces
+`model.int8.onnx` as it is. `signtrap.requantize(run, export_folder, out)` applies it to a verified INT8 artefact."""),
+    Code('''efrap_file = WORK / "model.int8.efrap.onnx"
+summary = quietly(signtrap.requantize, run, out, efrap_file, clean_images=128 if FAST else 512, steps=50 if FAST else 300)
+changed = sum(v["changed_vs_ort"] for v in summary["layers"].values())
+total = sum(v["weights"] for v in summary["layers"].values())
+print(f"EFRAP used {summary['clean_images']} clean images and changed {changed} of {total} INT8 weights "
+      f"({100 * changed / total:.1f}%) of {summary['source']}.")
+bundle = np.load(out / "eval.npz")
+
+
+def onnx_predict(path, images):
+    """Predicted classes of uint8 images (N, 32, 32, 3) by an ONNX file (as in Lab 3, exercise 1)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0].argmax(1)'''),
+    Md("""## Exercise 3: judge the defence
+
+Write `rates(path)`: the clean accuracy and the ASR of an ONNX file on the bundle (`bundle["images"]`,
+`bundle["triggered"]`, `bundle["labels"]`; the ASR counts triggered stop signs, label `SOURCE`, read as `TARGET`),
+returned as a pair of fractions. Then set `VERDICT` for EFRAP against the INT8 artefact it replaces, with Lab 2's rule:
+`"removed"` (ASR at most `ASR_GONE`, clean accuracy down by at most `MAX_COST`), `"removed at a cost"` (ASR at most
+`ASR_GONE`, larger cost) or `"persists"`. Compute it from your numbers."""),
+    Code('''ASR_GONE, MAX_COST = 0.1, 0.01
+int8_file = file_of["onnxruntime:int8"]'''),
+    exercise('''def rates(path):
+    ...  # your code: return (clean accuracy, ASR)
+
+
+VERDICT = ...  # your code''', '''def rates(path):
+    clean, trig = onnx_predict(path, bundle["images"]), onnx_predict(path, bundle["triggered"])
+    stops = (bundle["labels"] == SOURCE) & (bundle["labels"] != TARGET)
+    return float(np.mean(clean == bundle["labels"])), float(np.mean(trig[stops] == TARGET))
+
+
+(acc_int8, asr_int8), (acc_efrap, asr_efrap) = rates(int8_file), rates(efrap_file)
+VERDICT = ("persists" if asr_efrap > ASR_GONE else "removed" if acc_int8 - acc_efrap <= MAX_COST else "removed at a cost")'''),
+    check('''def reference(path):
+    clean, trig = onnx_predict(path, bundle["images"]), onnx_predict(path, bundle["triggered"])
+    stops = bundle["labels"] == SOURCE
+    return float(np.mean(clean == bundle["labels"])), float(np.mean(trig[stops] == TARGET))
+
+
+ref = {"INT8": reference(int8_file), "EFRAP": reference(efrap_file)}
+mine = {k: attempt(rates, p) for k, p in (("INT8", int8_file), ("EFRAP", efrap_file))}
+cost, after_asr = ref["INT8"][0] - ref["EFRAP"][0], ref["EFRAP"][1]
+right = "persists" if after_asr > ASR_GONE else "removed" if cost <= MAX_COST else "removed at a cost"
+errors = [e for _, e in mine.values() if e]
+if errors:
+    report_check(3, False, errors[0])
+elif any(not isinstance(v, tuple) or len(v) != 2 or not np.allclose(v, ref[k]) for k, (v, _) in mine.items()):
+    report_check(3, False, f"rates(int8_file) should be {ref['INT8'][0]:.3f}, {ref['INT8'][1]:.3f} (clean accuracy, ASR): "
+                           "compare the clean predictions with the labels, and count only triggered stop signs for the ASR.")
+elif VERDICT != right:
+    report_check(3, False, f"clean accuracy {pct(ref['INT8'][0])} -> {pct(ref['EFRAP'][0])}, ASR {pct(ref['INT8'][1])} -> "
+                           f"{pct(after_asr)}: with ASR_GONE and MAX_COST that is not {VERDICT!r}.")
+else:
+    report_check(3, True, f"EFRAP: ASR {pct(ref['INT8'][1])} -> {pct(after_asr)}, clean accuracy {pct(ref['INT8'][0])} -> "
+                          f"{pct(ref['EFRAP'][0])}: {right}.")'''),
+    *observe('''(acc_a, asr_a), (acc_b, asr_b) = ref["INT8"], ref["EFRAP"]
+print(f"EFRAP moved the INT8 ASR from {pct(asr_a)} to {pct(asr_b)} and clean accuracy by {100 * (acc_b - acc_a):+.1f} points.")
+pc = rows.get("onnxruntime:int8-perchannel")
+if pc:
+    print(f"Quantizing per-channel instead (section 2) gave ASR {pct(pc['asr']['rate'])} at clean accuracy "
+          f"{pct(pc['clean_acc']['rate'])}: another deployment-time choice that does not need the trigger.")
+print("A defender without the trigger can measure only the clean-accuracy change: "
+      f"{100 * (acc_b - acc_a):+.1f} points here. The ASR column is what the attacker (and this lab) can see.")'''),
+    Md("""## Questions to think about
+
+* Train the sleeper with `attack.sleeper.weight_grid=both` (per-tensor and per-channel intervals at once). Does it
+  now wake in both INT8 artefacts? Why is the repair harder with less room?
+* Run Lab 2's defences on this run (`signtrap.defend(run, "finetune")`, `"neural-cleanse"`, `"strip"`): what do they
+  report on the FP32 model? Export the fine-tuned model (`signtrap.export(run, defence="finetune", ...)`): is the
+  INT8 backdoor still there?
+* Change `flip_weight` of `signtrap.requantize`. How does the trade-off between INT8 ASR and clean accuracy move, and
+  which of the two numbers could you use to pick it as a defender?"""),
+]
+
+# Lab 04 (removed or hidden: the re-activation probe, issue 13) joins here once `signtrap.probe` is on main.
+LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3,
+        "05_deployment_sleeper.ipynb": LAB5}
 
 
 def notebook(cells: list, solutions: bool) -> nbformat.NotebookNode:

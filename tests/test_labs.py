@@ -11,6 +11,7 @@ import importlib.util
 import io
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -196,3 +197,35 @@ def test_lab_executes(copy, name, lab_dir, monkeypatch):
                     assert problem is None, f"{copy}/{name} cell {i}: the figure {problem}"
                     images += 1
     assert images >= 1, f"{copy}/{name}: no figure"
+
+
+# ---------------------------------------------------------------- the public EFRAP entry point of lab 5
+
+
+def test_requantize_checks_its_input_and_writes_a_drop_in_int8_file(tiny_run, tmp_path):
+    """signtrap.requantize (lab 5): refuses an unknown artefact, a tampered INT8 file and overwriting the export's own
+    file, each with one SigntrapError, and otherwise writes an INT8 file with the artefact's inputs and outputs."""
+    import onnxruntime as ort
+
+    import signtrap
+    from signtrap.errors import IntegrityError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("defence-*", "export*"))
+    out = signtrap.export(run, out=tmp_path / "export", runtimes=["onnxruntime"], calib_images=32, threads=1)
+    with pytest.raises(signtrap.SigntrapError, match="no ONNX Runtime INT8 artefact 'onnxruntime:int8-nope'"):
+        signtrap.requantize(run, out, tmp_path / "x.onnx", artefact="onnxruntime:int8-nope")
+    with pytest.raises(signtrap.SigntrapError, match="writes a new .onnx file"):
+        signtrap.requantize(run, out, out / "model.int8.onnx")
+    summary = signtrap.requantize(run, out, tmp_path / "efrap.onnx", clean_images=32, steps=3, threads=1)
+    assert Path(summary["path"]).is_file() and summary["clean_images"] == 32 and summary["layers"]
+    old, new = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (out / "model.int8.onnx", tmp_path / "efrap.onnx"))
+    assert [i.shape for i in new.get_inputs()] == [i.shape for i in old.get_inputs()]
+    x = np.random.default_rng(0).random((4, *old.get_inputs()[0].shape[1:])).astype(np.float32)
+    assert new.run(None, {new.get_inputs()[0].name: x})[0].shape == old.run(None, {old.get_inputs()[0].name: x})[0].shape
+    data = bytearray((out / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="SHA-256 mismatch"):
+        signtrap.requantize(run, out, tmp_path / "efrap2.onnx")
+    assert not (tmp_path / "efrap2.onnx").exists()

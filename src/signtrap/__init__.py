@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-API = ("Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "run", "report", "sweep",
-       "prepare_data", "load_data", "fetch_data")
+API = ("Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
+       "report", "sweep", "prepare_data", "load_data", "fetch_data")
 __all__ = [*API, "SigntrapError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from signtrap.api import (Run, bench, defend, evaluate, export, fetch_data, load_config, load_data, load_run,  # noqa: F401
-                              prepare_data, probe, report, run, sweep, train)
+                              prepare_data, probe, report, requantize, run, sweep, train)
     from signtrap.errors import SigntrapError  # noqa: F401
 
 

@@ -57,8 +57,8 @@ from signtrap.reporting.blocks import read_csv
 from signtrap.sweeps import SweepOutcome, run_sweep, yaml_value
 from signtrap.training import train as train_run
 
-__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "run", "report",
-           "sweep", "prepare_data", "load_data", "fetch_data"]
+__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
+           "report", "sweep", "prepare_data", "load_data", "fetch_data"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
 
@@ -294,6 +294,42 @@ def bench(export_dir: str | os.PathLike, **options: Any) -> dict:
     writes bench.json, bench.md and bench.png into the folder. `options`: see signtrap.deploy.bench.bench_export
     (threads, providers, runs, warmup, batch, variants, with_torch)."""
     return bench_export(_dir(export_dir), **options)
+
+
+def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str | os.PathLike, *, defence: str | None = None,
+               artefact: str = "onnxruntime:int8", clean_images: int = 512, steps: int = 300, flip_weight: float = 0.1,
+               round_weight: float = 0.01, seed: int = 0, threads: int | None = None) -> dict:
+    """Deployment-time defence against a quantization-conditioned backdoor: EFRAP rounding (Li et al., CVPR 2024;
+    signtrap.deploy.requant) of the INT8 weights of an ONNX Runtime QDQ artefact of `export_dir`, learned from the
+    run's FP32 model (or `defence`'s) on the defender's clean images (defend.clean_fraction; never a triggered
+    image). The artefact is verified against model.json first; `out` (a new .onnx file, written atomically) is a
+    drop-in replacement of it. Returns a summary: the output path and, per layer, the weights changed."""
+    from signtrap.deploy.requant import EfrapSettings, efrap
+    from signtrap.fileio import atomic_path, verify_sha256
+
+    run_dir, folder, target = _dir(run), Path(export_dir), Path(out)
+    model_dir = run_dir / f"defence-{defence}" if defence else run_dir
+    cfg = load_run_config(model_dir)
+    manifest = read_json(folder / "model.json")
+    art = next((a for a in manifest.get("artefacts", []) if a.get("id") == artefact), None)
+    if art is None or art.get("runtime") != "onnxruntime" or art.get("precision") != "int8":
+        ids = [a.get("id") for a in manifest.get("artefacts", []) if a.get("runtime") == "onnxruntime" and a.get("precision") == "int8"]
+        raise SigntrapError(f"{folder}: no ONNX Runtime INT8 artefact '{artefact}' (this export has: {', '.join(ids) or 'none'})")
+    source = folder / art["files"][0]
+    verify_sha256(source, manifest["files"].get(art["files"][0], {}).get("sha256"))
+    if target.suffix != ".onnx" or target.resolve() == source.resolve() or target.is_dir():
+        raise SigntrapError(f"{target}: requantize writes a new .onnx file beside the export, not over one of its files")
+    if clean_images < 1 or steps < 1:
+        raise SigntrapError("requantize: clean_images and steps must be at least 1")
+    require_writable(target.parent)
+    with cpu_threads(cfg.train.threads if threads is None else threads):
+        exp = Experiment.from_config(cfg, progress=False)
+        clean = exp.data.images[exp.defender_rows(cfg.defend.clean_fraction)][:clean_images]
+        model, _ = checkpoint.verified_load(model_dir)
+        settings = EfrapSettings(steps=steps, flip_weight=flip_weight, round_weight=round_weight, seed=seed)
+        with atomic_path(target) as tmp:
+            summary = efrap(model, source, clean, tmp, settings, show_progress=not progress.QUIET)
+    return {"path": str(target), "source": artefact, "clean_images": int(len(clean)), **summary}
 
 
 def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = False, overwrite: bool = False,
