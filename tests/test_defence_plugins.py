@@ -108,7 +108,7 @@ def test_a_defence_registered_in_a_test_module_runs_in_the_pipeline(tmp_path):
     from signtrap.pipeline import run_pipeline
 
     cfg = load_config(None, tiny_overrides(tmp_path, "plug", "train.epochs=2", "defend.methods=[test-shrink]",
-                                           "defend.clean_fraction=0.3", "export.enabled=false"))
+                                           "defend.clean_fraction=0.3", "defend.probe.enabled=false", "export.enabled=false"))
     summary = run_pipeline(cfg)
     status = {s["name"]: s["status"] for s in summary["stages"]}
     assert status["defend:test-shrink"] == "ran", status

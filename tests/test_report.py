@@ -33,7 +33,7 @@ def full_run(tiny_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("report") / "tiny"
     shutil.copytree(tiny_run, run)
     for method, settings in DEFENCES.items():
-        signtrap.defend(run, method, **settings)
+        signtrap.defend(run, method, probe__steps=20, **settings)  # the probe's own figures: test_probe.py
     folder = signtrap.export(run, out=run / "export", calib_images=32, runtimes=["onnxruntime"])
     signtrap.bench(folder, runs=3, warmup=1, batch=8, runtimes=["onnxruntime"])
     signtrap.report(run)

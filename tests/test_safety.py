@@ -273,7 +273,7 @@ def test_interrupted_then_resumed_pipeline_gives_identical_defended_weights(tmp_
         # one thread, fewer than the machine's cores: before the fix only train() applied it, so a resumed
         # pipeline whose train stage was skipped defended on every core
         return [*tiny_overrides(tmp_path, name, "train.epochs=2", "train.threads=1", "defend.methods=[finetune]",
-                                "defend.finetune.epochs=3", "defend.finetune.augment=false"),
+                                "defend.finetune.epochs=3", "defend.finetune.augment=false", "defend.probe.enabled=false"),
                 "--skip", "export", "--skip", "bench", "--skip", "report"]
 
     assert cli("run", *args("whole")).returncode == 0
