@@ -85,7 +85,8 @@ def test_defend_section_is_validated_through_the_registry():
 
 
 def test_a_defence_registered_in_a_test_module_runs_from_the_cli(run_copy, capsys):
-    rc = main(["--quiet", "defend", str(run_copy), "--method", "test-shrink", "test-shrink.factor=0.75", "clean_fraction=0.3"])
+    rc = main(["--quiet", "defend", str(run_copy), "--method", "test-shrink", "test-shrink.factor=0.75", "clean_fraction=0.3",
+               "probe.enabled=false"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "test-shrink: last layer scaled by 0.75" in out  # its own summary line
