@@ -219,7 +219,8 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
                 except SigntrapError as exc:
                     if ecfg.strict or v.precision == "fp32":
                         raise
-                    for name in rt.files(v):  # files of our own temporary folder, never the destination
+                    kept = {f for a in [*artefacts, *written] for f in a["files"]}
+                    for name in set(rt.files(v)) - kept:  # our own temporary folder, never the destination
                         (tmp / name).unlink(missing_ok=True)
                     rejected.append({"id": f"{rt.name}:{v.name}", "runtime": rt.name, "variant": v.name,
                                      "precision": v.precision, "reason": str(exc)})
