@@ -781,7 +781,7 @@ def report(directory, manifest, settings, rows, skipped, tool, runtimes=()):
                        "defence": (manifest.get("source") or {}).get("defence"),
                        "model_json_sha256": sha256_file(os.path.join(directory, MANIFEST))},
             "settings": settings, "environment": environment(runtimes), "rows": rows, "skipped": skipped,
-            "audit_warnings": warnings}
+            "rejected_at_export": manifest.get("rejected") or [], "audit_warnings": warnings}
 
 
 def _pct(entry):
@@ -814,6 +814,9 @@ def markdown(result):
     for sk in result.get("skipped") or ():
         lines.append("")
         lines.append("Skipped %s (%s): %s" % (sk["runtime"], ", ".join(sk["artefacts"]), sk["reason"]))
+    for rj in result.get("rejected_at_export") or ():
+        lines.append("")
+        lines.append("Rejected at export (not written): %s" % rj["reason"])
     for w in result.get("audit_warnings") or ():
         lines.append("")
         lines.append("WARNING %s" % w)

@@ -182,6 +182,19 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
     assert "re-activation probe" in table and "zero-poison model" in table and "backdoored (no defence)" in table
 
 
+def test_a_budget_too_small_for_the_probe_skips_it_and_keeps_the_defence(run_copy, capsys):
+    reports = run_defences(run_copy, "finetune", ["finetune.epochs=1", "probe.k=1000", "clean_fraction=0.3"], "cpu",
+                           show_progress=False)
+    out = run_copy / "defence-finetune"
+    assert (out / "model.pt").exists() and not (out / "probe.json").exists()
+    assert reports[0]["probe_skipped"].startswith("probe: k=1000 poisoned samples requested")
+    assert json.loads((out / "report.json").read_text())["probe_skipped"] == reports[0]["probe_skipped"]
+    assert "warning: probe: k=1000" in capsys.readouterr().err
+    from signtrap.defences.run import comparison_table
+
+    assert "finetune: re-activation probe not run (probe: k=1000" in comparison_table(reports)
+
+
 @pytest.mark.slow
 def test_cli_probe_on_a_run_and_a_defence_folder(run_copy, tiny_zero_run, capsys):
     assert main(["--quiet", "probe", str(run_copy), "steps=20", "clean_fraction=0.3", "--reference", str(tiny_zero_run)]) == 0

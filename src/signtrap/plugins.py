@@ -58,8 +58,9 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        """Registered names, sorted: the same order whichever module registered first."""
         self.load()
-        return list(self._items)
+        return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
         self.load()

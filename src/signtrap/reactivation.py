@@ -73,13 +73,22 @@ def poison_candidates(labels: np.ndarray, kind: str, source: int, target: int) -
     return np.flatnonzero(labels != target) if kind == "all_to_one" else np.flatnonzero(labels == source)
 
 
+def shortfall(labels: np.ndarray, k: int, kind: str, source: int, target: int) -> str | None:
+    """Why the probe cannot draw `k` poisoned samples from this budget, or None when it can."""
+    candidates = poison_candidates(labels, kind, source, target)
+    if k <= len(candidates):
+        return None
+    what = "non-target" if kind == "all_to_one" else f"class {source} ({CLASS_NAMES[source]})"
+    return (f"probe: k={k} poisoned samples requested but the defender's clean budget holds only "
+            f"{len(candidates)} {what} images; lower defend.probe.k or raise defend.clean_fraction")
+
+
 def choose_poison(labels: np.ndarray, k: int, kind: str, source: int, target: int, seed: int) -> np.ndarray:
     """The `k` budget rows the probe poisons, drawn with the seed; one clear error when there are too few."""
+    reason = shortfall(labels, k, kind, source, target)
+    if reason:
+        raise SigntrapError(reason)
     candidates = poison_candidates(labels, kind, source, target)
-    if k > len(candidates):
-        what = "non-target" if kind == "all_to_one" else f"class {source} ({CLASS_NAMES[source]})"
-        raise SigntrapError(f"probe: k={k} poisoned samples requested but the defender's clean budget holds only "
-                            f"{len(candidates)} {what} images; lower probe.k or raise defend.clean_fraction")
     rng = np.random.default_rng([seed, PROBE_STREAM])
     return np.sort(rng.choice(candidates, size=k, replace=False))
 

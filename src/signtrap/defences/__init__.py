@@ -93,7 +93,7 @@ def get_defence(name: str) -> Defence:
 
 
 def list_defences() -> list[str]:
-    """Registered names, in registration order."""
+    """Registered names, sorted (independent of import order)."""
     return DEFENCES.names()
 
 

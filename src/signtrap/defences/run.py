@@ -22,7 +22,7 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
-from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment
+from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
 from signtrap.progress import say
 from signtrap.provenance import resolve_device
 from signtrap.reporting import figures
@@ -95,6 +95,12 @@ class Session:
             self._prober = Prober(self.run_dir, self.cfg, self.exp, self.clean, self.context, self.cfg.defend.probe, self.model, self.meta)
         return self._prober
 
+    @property
+    def probe_unavailable(self) -> str | None:
+        """Why this budget cannot feed the probe (too few source-class images for k), or None."""
+        a = self.cfg.attack
+        return shortfall(self.clean.labels, self.cfg.defend.probe.k, a.kind, a.source, a.target)
+
     def run(self, method: str) -> dict:
         """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
         spec = get_defence(method)
@@ -116,7 +122,11 @@ class Session:
             report["after_is"] = "no repair: the model is unchanged"
         else:
             report["after_is"] = "repaired model"
-        if result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
+        skip = self.probe_unavailable if result.model is not None and self.cfg.defend.probe.enabled else None
+        if skip:  # the defence stands; the probe is reported as not run, with its reason
+            say(f"warning: {skip}; the probe is skipped for {method}")
+            report["probe_skipped"] = skip
+        elif result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
             start = time.perf_counter()
             record = self.prober.compare(result.model, method, defence_lr(settings, result.report))
             result.curves["persistence"] = probe_segment(result.curves.get("persistence", []), record["curves"]["model"])
@@ -247,6 +257,7 @@ def comparison_table(reports: list[dict], split: str = "test") -> str:
     probes = [r["probe"] for r in reports if r.get("probe")]
     if probes:
         lines += ["", format_table(probes)]
+    lines += [f"{r['method']}: re-activation probe not run ({r['probe_skipped']})" for r in reports if r.get("probe_skipped")]
     return "\n".join(lines)
 
 

@@ -144,6 +144,10 @@ def probe_records(run_dir: Path) -> list[dict]:
 def probe_section(run) -> Section:
     s = Section("probe", "Removed or only hidden? The re-activation probe")
     records = probe_records(run.dir)
+    for folder in sorted(p for p in Path(run.dir).glob("defence-*") if p.is_dir()):
+        skipped = (_read(folder / "report.json") or {}).get("probe_skipped")
+        if isinstance(skipped, str):
+            s.blocks.append(Note(f"{folder.name}: the re-activation probe was not run: {skipped}."))
     if not records:
         s.blocks.append(Note("No defence was probed (no probe.json in a defence folder): `signtrap defend` probes every "
                              "defence that returns a model unless defend.probe.enabled=false; `signtrap probe RUN/defence-METHOD` "
