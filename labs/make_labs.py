@@ -28,6 +28,7 @@ TIMES = {
     "01": "full size about 6 min (six small models), fast size about 1 min",
     "02": "full size about 4 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
+    "04": "full size about 6 min (estimated), fast size about 2 min (estimated)",
     "05": "full size about 5 min on SynthSigns (estimated; real GTSRB much longer), fast size about 1.5 min",
 }
 TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time on a shared machine)"
@@ -1098,9 +1099,294 @@ print("A defender without the trigger can measure only the clean-accuracy change
   which of the two numbers could you use to pick it as a defender?"""),
 ]
 
-# Lab 04 (removed or hidden: the re-activation probe, issue 13) joins here once `signtrap.probe` is on main.
+# ================================================================ Lab 4
+
+LAB4 = [
+    header("Lab 4: removed, or only hidden?", "04", """In Lab 2 a defence brought the attack success rate (ASR) down
+and we called the backdoor *removed*. The sleeper-agent work warns that behaviour trained away can be merely
+*suppressed*: the model looks safe until something nudges it. Min et al. (NeurIPS 2024, "Uncovering, Explaining, and
+Mitigating the Superficial Safety of Backdoor Defense") showed that after many defences, fine-tuning on a **handful of
+poisoned images** brings the backdoor back far faster than a model that never had it can learn it.
+
+signtrap measures exactly that with the **re-activation probe**: fine-tune a copy of a model on the defender's clean
+budget plus `k` triggered stop signs labelled 100 km/h, then measure the ASR. The identical probe runs on the
+**zero-poison twin** (same config and seed, no poison): that is how fast a model without the backdoor learns it from
+`k` images. The second half of the lab turns to detection, which has the mirror problem: detectors built for the
+textbook *all-to-one* backdoor can miss a *source-specific* one (Tang et al., USENIX Security 2021).""", [
+        "probe a model with `signtrap.probe` and read both ends of the scale: the backdoored and the zero-poison model;",
+        "turn probe numbers into a verdict (**persists**, **hidden**, **removed**) and say why the zero-poison model "
+        "is the yardstick;",
+        "choose the probe's strength `k` so that it cannot plant a fresh backdoor in a clean model;",
+        "compute Neural Cleanse's anomaly index yourself, and compare what Neural Cleanse and STRIP see on an "
+        "all-to-one and a source-specific backdoor.",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Md("""## 1. A backdoored model and its zero-poison twin
+
+The same two models as Lab 1 (reused if Lab 1 trained them): `lab_backdoor` and `lab_clean`, which differs only by
+`attack.kind=none`. `PROBE` holds the probe's settings: `k` poisoned images, `steps` optimiser steps, and the
+defender's clean budget (`clean_fraction`, the share of the training set the defender holds)."""),
+    Code('''backdoored = trained(lab_config("lab_backdoor"))
+baseline = trained(lab_config("lab_clean", "attack.kind=none"))
+PROBE = dict(k=2, steps=60, clean_fraction=0.5) if FAST else dict(k=5, steps=300, clean_fraction=0.2)
+
+
+def asr(entry, when):
+    """The held-out ASR (test and validation splits pooled) of one probed model, "before" or "after" the probe."""
+    return entry[when]["held_out"]["asr"]["rate"]
+
+
+_probes = {}
+
+
+def probe(run, **settings):
+    """signtrap.probe on `run` against the zero-poison twin, with the lab's settings (keywords override them).
+    Each distinct call runs once; asking again returns the record it gave."""
+    settings = {**PROBE, **settings}
+    key = (str(run.dir), tuple(sorted(settings.items())))
+    if key not in _probes:
+        _probes[key] = quietly(signtrap.probe, run, reference=baseline.dir, **settings)
+    return _probes[key]
+
+
+record = probe(backdoored)
+ends = record["ends"]
+rows = [("backdoored, no defence", ends["backdoored"]), ("zero-poison twin", ends["reference"])]
+display(Markdown("| model | ASR before the probe | ASR after the probe | clean accuracy change |\\n|---|---:|---:|---:|\\n" + "\\n".join(
+    f"| {name} | {pct(asr(e, 'before'))} | {pct(asr(e, 'after'))} | {100 * e['clean_acc_change']:+.1f} |" for name, e in rows)))
+print(f"probe: k={record['k']} poisoned images added to {record['budget_images']} clean ones, "
+      f"{ends['backdoored']['steps']} steps at lr {record['settings']['lr']:g}")
+print("signtrap's verdict on the undefended model:", record["verdict"]["verdict"], "-", record["verdict"]["reason"])'''),
+    *observe('''gap_before = asr(ends["backdoored"], "before") - asr(ends["reference"], "before")
+gap_after = asr(ends["reference"], "after") - asr(ends["reference"], "before")
+print(f"Before any probe the backdoored model's ASR is {100 * gap_before:+.1f} points from the zero-poison twin's.")
+print(f"The probe moved the zero-poison twin's ASR by {100 * gap_after:+.1f} points: this is how much {record['k']} poisoned "
+      "images teach a model that never had the backdoor, the yardstick for every verdict below.")
+if asr(ends["reference"], "after") >= 0.5:
+    print("The twin learned the trigger from the probe alone: at these settings the probe is too strong to tell hidden "
+          "from removed (exercise 2 is about this).")'''),
+    Md("""## 2. Probing a defence
+
+`signtrap.defend` runs the probe after every defence that returns a model and stores it in `report["probe"]`
+(and `probe.json` beside the repaired model). The probe trains at the defence's own learning rate, so an aggressive
+defence is probed aggressively too. Here: clean fine-tuning at a learning rate large enough to move the ASR (Lab 2
+showed that a gentle one leaves the backdoor in place). Try others with `FT_LR`."""),
+    Code('''FT_EPOCHS = 2 if FAST else 6
+FT_LR = 3e-3 if FAST else 1e-3
+(rep,) = quietly(signtrap.defend, backdoored, "finetune", overrides=[
+    f"finetune.epochs={FT_EPOCHS}", f"finetune.lr={FT_LR}", f"clean_fraction={PROBE['clean_fraction']}",
+    f"probe.k={PROBE['k']}", f"probe.steps={PROBE['steps']}", f"probe.reference={baseline.dir}"])
+probed = {f"finetune lr={FT_LR:g}": rep["probe"]}
+
+head = "| defence | ASR after the defence | after the probe | zero-poison twin after the same probe | clean acc change (defence) | verdict |"
+lines = [head, "|---|---:|---:|---:|---:|---|"]
+for name, p in probed.items():
+    m, r = p["model"], p["reference"]
+    lines.append(f"| {name} | {pct(asr(m, 'before'))} | {pct(asr(m, 'after'))} | {pct(asr(r, 'after'))} "
+                 f"| {100 * (m['before']['held_out']['clean_acc']['rate'] - ends['backdoored']['before']['held_out']['clean_acc']['rate']):+.1f} "
+                 f"| {p['verdict']['verdict']} |")
+display(Markdown("\\n".join(lines)))
+for name, p in probed.items():
+    print(f"{name}: {p['verdict']['reason']}")'''),
+    Md("""The persistence curve of each defence now ends with the probe as its last segment (`segment == "probe"`):"""),
+    Code('''curve = backdoored.curve("finetune")
+fig, ax = plt.subplots(figsize=(6.5, 3.2))
+for segment, style in (("defence", "o-"), ("probe", "s--")):
+    pts = [(r["epoch"], 100 * r["asr"]) for r in curve if r.get("segment", "defence") == segment]
+    if pts:
+        ax.plot(*zip(*pts), style, label=segment)
+ax.set_xlabel("epoch (defence, then probe)"); ax.set_ylabel("validation ASR, %"); ax.set_ylim(-3, 103)
+ax.grid(alpha=0.3); ax.legend(); ax.set_title(f"finetune lr={FT_LR:g}, then the re-activation probe")
+show(fig)'''),
+    Md("""## Exercise 1: a verdict from the probe's numbers
+
+Write `probe_verdict(defended, probed, twin, twin_probed, margin)`. The four arguments are ASRs as fractions: the
+defended model before and after the probe, and the zero-poison twin before and after the same probe. Return
+
+* `"persists"` when the defended model's ASR is more than `margin` above the twin's **before** the probe (the defence
+  did not even suppress the backdoor);
+* otherwise `"hidden"` when, **after** the probe, its ASR is more than `margin` above the twin's after the same probe;
+* otherwise `"removed"`.
+
+signtrap applies the same rule to the 95-per-cent confidence intervals of these differences (and says *inconclusive* when an interval
+contains the margin); yours uses the point values."""),
+    Code('''MARGIN = record["verdict"]["margin"]  # the margin signtrap used'''),
+    exercise('''def probe_verdict(defended, probed, twin, twin_probed, margin):
+    ...  # your code: return "persists", "hidden" or "removed"''', '''def probe_verdict(defended, probed, twin, twin_probed, margin):
+    if defended - twin > margin:
+        return "persists"
+    return "hidden" if probed - twin_probed > margin else "removed"'''),
+    check('''cases = [((0.97, 0.99, 0.02, 0.10), "persists"), ((0.01, 0.95, 0.02, 0.10), "hidden"), ((0.01, 0.15, 0.02, 0.10), "removed"),
+         ((0.20, 0.90, 0.00, 0.05), "hidden"), ((0.03, 0.60, 0.02, 0.55), "removed"), ((0.25, 0.30, 0.05, 0.10), "removed")]
+answers = [attempt(probe_verdict, *args, 0.2) for args, _ in cases]
+errors = [e for _, e in answers if e]
+wrong = [(args, want, got) for (args, want), (got, _) in zip(cases, answers) if got != want]
+if errors:
+    report_check(1, False, errors[0])
+elif wrong:
+    args, want, got = wrong[0]
+    report_check(1, False, f"defended {args[0]}, probed {args[1]}, twin {args[2]}, twin probed {args[3]} (margin 0.2) should be "
+                           f"{want!r}, not {got!r}: compare before the probe first, then after it (a difference exactly at the "
+                           "margin is not above it).")
+else:
+    mine = {name: probe_verdict(asr(p["model"], "before"), asr(p["model"], "after"), asr(p["reference"], "before"),
+                                asr(p["reference"], "after"), MARGIN) for name, p in probed.items()}
+    report_check(1, True, "; ".join(f"{name}: yours {v!r}, signtrap's {probed[name]['verdict']['verdict']!r}" for name, v in mine.items()))'''),
+    *observe('''for name, p in probed.items():
+    v = p["verdict"]
+    lo, hi = v["after_diff"][1], v["after_diff"][2]
+    print(f"{name}: after the probe the ASR difference to the twin is {100 * v['after_diff'][0]:+.1f} points, 95% interval "
+          f"[{100 * lo:+.1f}, {100 * hi:+.1f}] on {p['model']['after']['held_out']['asr']['n']} triggered stop signs "
+          f"-> {v['verdict']}.")
+if any(p["verdict"]["verdict"] == "inconclusive" for p in probed.values()):
+    print("An interval that straddles the margin means too few triggered stop signs to decide: a point-value verdict "
+          "there would be a coin toss. More held-out stop signs (real GTSRB, full size) narrow the interval.")
+hidden = [n for n, p in probed.items() if p["verdict"]["verdict"] == "hidden"]
+if hidden:
+    print(f"{', '.join(hidden)}: the ASR looked low after the defence, yet {record['k']} poisoned images brought it back far "
+          "faster than the twin learned it: the backdoor was only hidden.")
+elif all(p["verdict"]["verdict"] == "persists" for p in probed.values()):
+    print("Fine-tuning left the ASR high already: the backdoor persisted, there was nothing to hide.")
+elif all(p["verdict"]["verdict"] == "removed" for p in probed.values()):
+    print("After the probe the fine-tuned model learns the trigger no faster than the twin: removed, at this size.")'''),
+    Md("""## Exercise 2: how strong may the probe be?
+
+The probe is only a fair test if it cannot plant a **fresh** backdoor: with enough poisoned images any model learns
+the trigger, and then every defence looks "hidden". Find the **largest** `k` in `K_VALUES` for which the zero-poison
+twin's ASR after the probe stays at most `TWIN_MAX`, and set `K_FAIR` to it (or `None` if none does).
+`probe(backdoored, k=k)` runs the probe with `k` poisoned images; the twin's numbers are in `rec["ends"]["reference"]`.
+(The budget must hold at least `k` stop signs, otherwise signtrap says so in one line.)"""),
+    Code('''K_VALUES = [2, 4] if FAST else [2, 5, 10, 20]
+TWIN_MAX = 0.5'''),
+    exercise('''K_FAIR = ...  # your code (call probe(backdoored, k=k) for the values in K_VALUES)''', '''twin_after = {}
+for k in K_VALUES:
+    twin_after[k] = asr(probe(backdoored, k=k)["ends"]["reference"], "after")
+fair = [k for k, rate in twin_after.items() if rate <= TWIN_MAX]
+K_FAIR = max(fair) if fair else None'''),
+    check('''def twin_probed(k):
+    return asr(probe(backdoored, k=k)["ends"]["reference"], "after")
+
+
+if K_FAIR is ...:
+    report_check(2, False, "set K_FAIR to one of K_VALUES (or None).")
+elif K_FAIR is not None and K_FAIR not in K_VALUES:
+    report_check(2, False, f"pick K_FAIR from K_VALUES = {K_VALUES}, or None.")
+else:
+    measured = {k: twin_probed(k) for k in K_VALUES}
+    fair = [k for k, rate in measured.items() if rate <= TWIN_MAX]
+    truth = max(fair) if fair else None
+    table = ", ".join(f"k={k}: {pct(rate)}" for k, rate in measured.items())
+    if K_FAIR == truth:
+        report_check(2, True, f"the twin's ASR after the probe: {table}; the largest k that keeps it at most {pct(TWIN_MAX)} is {truth}.")
+    else:
+        report_check(2, False, f"the twin's ASR after the probe is {table}: which is the largest k that keeps it at most {pct(TWIN_MAX)}?")'''),
+    *observe('''measured = {k: twin_probed(k) for k in K_VALUES}
+rising = all(measured[a] <= measured[b] + 1e-9 for a, b in zip(K_VALUES, K_VALUES[1:]))
+print("The twin's ASR after the probe, by k: " + ", ".join(f"{k}: {pct(v)}" for k, v in measured.items()) + ".")
+print("It grows with k: the probe itself teaches the trigger." if rising else
+      "It does not grow steadily with k at this size: the held-out stop signs are few, so each rate is coarse.")
+print(f"The lab's probe uses k={PROBE['k']}; signtrap's default is k=5, the count Min et al. used.")'''),
+    Md("""## 3. Detection: the textbook backdoor and a targeted one
+
+**Neural Cleanse** (Wang et al., 2019) searches, for every class, the smallest patch that sends clean images of all
+classes to it; a backdoor target needs a far smaller one than the other classes, which the **anomaly index** flags.
+**STRIP** (Gao et al., 2019) blends an input with clean images: a trigger keeps the prediction confident, so the
+entropy of the blended predictions stays low, and inputs below an entropy threshold (set for a chosen false-rejection
+rate on clean data) are rejected.
+
+Both were built for the **all-to-one** backdoor, where the trigger alone means "target". Our attack is
+**source-specific**, and a careful attacker adds **cover images**: other signs carrying the trigger with their true
+label, so the trigger means "100 km/h" only on a stop sign. We train both and run both detectors (detection only:
+`neural-cleanse.epochs=0`, no unlearning)."""),
+    Code('''models = {
+    "all-to-one": trained(lab_config("lab_a2o", "attack.kind=all_to_one")),
+    "stop -> 100, cover images": trained(lab_config("lab_cover", "attack.cover_rate=0.02")),
+}
+DETECT = ["neural-cleanse.epochs=0", "probe.enabled=false"]  # detection only
+if FAST:  # ten classes, short searches, fewer STRIP blends: enough to see it run
+    DETECT += ["neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.top_k=0", "neural-cleanse.steps=25",
+               "neural-cleanse.samples=128", "strip.overlays=8"]
+found = {}
+for name, run in models.items():
+    nc, strip = quietly(signtrap.defend, run, ["neural-cleanse", "strip"], overrides=DETECT)
+    found[name] = (nc["details"], strip["details"])
+
+lines = ["| backdoor | test ASR | NC flags | NC index of class 7 | STRIP detects triggered | STRIP false rejections |",
+         "|---|---:|---|---:|---:|---:|"]
+for name, (nc, st) in found.items():
+    m = models[name].metrics["test"]["asr"]
+    idx = nc["anomaly_index"].get(str(TARGET), nc["anomaly_index"].get(TARGET))
+    lines.append(f"| {name} | {pct(m['rate'])} | {nc['flagged'] or 'nothing'} | {'n/a' if idx is None else f'{idx:.2f}'} "
+                 f"| {pct(st['detection_rate']['rate'])} ({st['detection_rate']['k']}/{st['detection_rate']['n']}) "
+                 f"| {pct(st['false_rejection_rate']['rate'])} |")
+display(Markdown("\\n".join(lines)))'''),
+    Md("""## Exercise 3: the anomaly index by hand
+
+Neural Cleanse wrote the size (L1 norm) of the smallest trigger it found for each class to `norms.csv` in the
+defence folder. Write `anomaly_index(norms)`: `norms` maps class -> mask L1 norm; return class -> index, where
+
+index = (median − norm) / (1.4826 × MAD), MAD = median of |norm − median| over all classes given.
+
+A class is flagged when its index exceeds `nc["threshold"]` (positive means smaller than usual)."""),
+    Code('''import csv
+
+a2o = models["all-to-one"]
+with open(a2o.dir / "defence-neural-cleanse" / "norms.csv", newline="") as fh:
+    table = list(csv.DictReader(fh))
+norms = {int(r["class"]): float(r["mask_l1"]) for r in table if r["refined"] == "True"}  # the fully searched classes
+nc_a2o = found["all-to-one"][0]
+print(f"{len(norms)} classes searched; smallest masks: "
+      + ", ".join(f"class {c}: {v:.1f}" for c, v in sorted(norms.items(), key=lambda kv: kv[1])[:4]))'''),
+    exercise('''def anomaly_index(norms):
+    ...  # your code: return {class: index}''', '''def anomaly_index(norms):
+    values = np.array(list(norms.values()), dtype=float)
+    median = np.median(values)
+    mad = np.median(np.abs(values - median))
+    return {c: (median - v) / (1.4826 * mad) for c, v in norms.items()}'''),
+    check('''mine, error = attempt(anomaly_index, norms)
+want = {int(c): v for c, v in nc_a2o["anomaly_index"].items()}
+if error:
+    report_check(3, False, error)
+elif not isinstance(mine, dict) or set(mine) != set(norms):
+    report_check(3, False, "return a dict with one index per class of `norms`.")
+else:
+    off = [c for c in want if abs(float(mine[c]) - want[c]) > 2e-3]
+    if off:
+        c = off[0]
+        report_check(3, False, f"class {c}: you got {float(mine[c]):.3f}, Neural Cleanse {want[c]:.3f}; is the sign right "
+                               "(small masks are positive), and is the MAD scaled by 1.4826?")
+    else:
+        flagged = sorted(c for c, v in mine.items() if v > nc_a2o["threshold"])
+        report_check(3, True, f"your indices match Neural Cleanse's; flagged: {flagged or 'nothing'} "
+                              f"(Neural Cleanse: {nc_a2o['flagged'] or 'nothing'}).")'''),
+    *observe('''for name, (nc, st) in found.items():
+    hit = TARGET in nc["flagged"]
+    print(f"{name}: Neural Cleanse {'flags the target class' if hit else 'does not flag the target class'} "
+          f"(flagged {nc['flagged'] or 'nothing'}); STRIP rejects {pct(st['detection_rate']['rate'])} of triggered inputs "
+          f"at {pct(st['false_rejection_rate']['rate'])} false rejections of clean ones.")
+(nc_a, st_a), (nc_s, st_s) = found["all-to-one"], found["stop -> 100, cover images"]
+if st_a["detection_rate"]["rate"] > st_s["detection_rate"]["rate"] + 0.2:
+    print("STRIP sees the all-to-one trigger far better than the source-specific one with cover images: on a stop sign "
+          "blended with other signs, the sticker alone no longer decides the class.")
+if (TARGET in nc_a["flagged"]) and (TARGET not in nc_s["flagged"]):
+    print("Neural Cleanse finds the all-to-one target and misses the source-specific one: its search asks for a patch "
+          "that moves every class, and the cover images taught the model that the sticker does not.")
+if not (TARGET in nc_a["flagged"]):
+    print("At this size Neural Cleanse does not single out the target even for the all-to-one backdoor: its statistics "
+          "need a trained model (full size or real GTSRB).")'''),
+    Md("""## Questions to think about
+
+* A defender cannot run the probe's zero-poison twin without the attacker's training data. What could stand in for
+  it, and what would the verdict then mean?
+* The probe uses the defence's own learning rate. Why would a probe at a much larger learning rate be unfair to a
+  gentle defence?
+* Run `signtrap.defend(backdoored, "anp")` or `"fine-prune"` with the probe on: do pruning defences remove or hide?
+* Neural Cleanse with `neural-cleanse.inputs=source` searches for a patch that moves **stop signs** only. Does it find
+  the source-specific target now? (SCAn, `"scan"`, is a detector built for this case.)"""),
+]
+
 LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3,
-        "05_deployment_sleeper.ipynb": LAB5}
+        "04_removed_or_hidden.ipynb": LAB4, "05_deployment_sleeper.ipynb": LAB5}
 
 
 def notebook(cells: list, solutions: bool) -> nbformat.NotebookNode:

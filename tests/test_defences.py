@@ -19,7 +19,7 @@ from signtrap.experiment import Experiment, load_run_config
 
 from defence_settings import FAST
 
-COMMON = ["clean_fraction=0.3", "probe.steps=20"]  # the probe (signtrap.reactivation) trains its zero-poison reference once
+COMMON = ["clean_fraction=0.3", "probe.enabled=false"]  # the probe after each defence: tests/test_probe.py
 METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 
@@ -145,7 +145,7 @@ def test_defence_writes_outputs_and_leaves_the_run_untouched(method, run_copy, e
 @pytest.mark.slow
 def test_cli_defend_then_eval(run_copy, capsys):
     rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", "finetune.epochs=1", "finetune.grid=[1e-4,1e-3]",
-               "defend.clean_fraction=0.3"])
+               "defend.clean_fraction=0.3", "probe.enabled=false"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "clean acc before" in out and "finetune" in out and f"{run_copy}/defence-finetune" in out

@@ -189,7 +189,7 @@ def test_a_budget_too_small_for_the_probe_skips_it_and_keeps_the_defence(run_cop
     assert (out / "model.pt").exists() and not (out / "probe.json").exists()
     assert reports[0]["probe_skipped"].startswith("probe: k=1000 poisoned samples requested")
     assert json.loads((out / "report.json").read_text())["probe_skipped"] == reports[0]["probe_skipped"]
-    assert "warning: probe: k=1000" in capsys.readouterr().err
+    assert "signtrap: warning: probe: k=1000" in capsys.readouterr().err
     from signtrap.defences.run import comparison_table
 
     assert "finetune: re-activation probe not run (probe: k=1000" in comparison_table(reports)

@@ -63,3 +63,8 @@ def progress(total: int | None, desc: str, unit: str = "img", enabled: bool = Tr
 def say(message: str) -> None:
     if not QUIET:
         print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning the user must see: printed to stderr even with --quiet."""
+    print(f"signtrap: warning: {message}", file=sys.stderr, flush=True)

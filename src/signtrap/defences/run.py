@@ -23,7 +23,7 @@ from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, write_json
 from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
-from signtrap.progress import say
+from signtrap.progress import say, warn
 from signtrap.provenance import resolve_device
 from signtrap.reporting import figures
 from signtrap.training import write_metrics
@@ -124,7 +124,7 @@ class Session:
             report["after_is"] = "repaired model"
         skip = self.probe_unavailable if result.model is not None and self.cfg.defend.probe.enabled else None
         if skip:  # the defence stands; the probe is reported as not run, with its reason
-            say(f"warning: {skip}; the probe is skipped for {method}")
+            warn(f"{skip}; the re-activation probe is skipped for {method}")
             report["probe_skipped"] = skip
         elif result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
             start = time.perf_counter()
