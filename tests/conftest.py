@@ -11,6 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Under pytest-xdist (`make test` runs one worker per CPU) every worker and the processes it starts (CLI runs,
+# notebook kernels, torchrun ranks) get an equal share of the cores instead of each using all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 FIXTURE_CLASSES = (0, 7, 14)
 TRACKS_PER_CLASS = 4
 FRAMES_PER_TRACK = 3
