@@ -123,7 +123,7 @@ def test_flat_overrides_round_trip():
 def tiny_pipeline_args(base: Path) -> list[str]:
     return [*tiny_overrides(base, "pipe"), "defend.methods=[finetune,strip]", "defend.finetune.epochs=1",
             "defend.finetune.augment=false", "defend.strip.overlays=4", "defend.strip.eval_samples=64",
-            "export.calib_images=32", "export.bench_runs=5", "export.bench_warmup=1", "export.bench_batch=8", "train.threads=2",
+            "export.calib_images=32", "export.bench_runs=5", "export.bench_warmup=1", "export.bench_batch=8", "train.threads=1",
             # the probe and the runtime zoo have their own tests (test_probe.py, test_runtimes.py)
             "defend.probe.enabled=false", "export.runtimes=[onnxruntime]"]
 
