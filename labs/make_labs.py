@@ -1287,7 +1287,7 @@ rising = all(measured[a] <= measured[b] + 1e-9 for a, b in zip(K_VALUES, K_VALUE
 print("The twin's ASR after the probe, by k: " + ", ".join(f"{k}: {pct(v)}" for k, v in measured.items()) + ".")
 print("It grows with k: the probe itself teaches the trigger." if rising else
       "It does not grow steadily with k at this size: the held-out stop signs are few, so each rate is coarse.")
-print(f"The lab's probe uses k={PROBE['k']}; signtrap's default is k=5, the count Min et al. used.")'''),
+print(f"The lab's probe uses k={PROBE['k']}; signtrap's default (defend.probe.k) is k=5.")'''),
     Md("""## 3. Detection: the textbook backdoor and a targeted one
 
 **Neural Cleanse** (Wang et al., 2019) searches, for every class, the smallest patch that sends clean images of all
