@@ -527,29 +527,34 @@ else:
 
 A defender cannot measure the ASR (they do not know the trigger), but they can keep clean accuracy. Find the
 **largest** learning rate in `LRS` for which clean fine-tuning keeps test clean accuracy within `MAX_COST` of the
-backdoored model's, and set `FT_LR` to it. `signtrap.defend(run, "finetune", overrides=[..., f"finetune.lr={lr}"])`
+backdoored model's, and set `FT_LR` to it (`None` if none does). `signtrap.defend(run, "finetune", overrides=[..., f"finetune.lr={lr}"])`
 runs one (a few seconds at fast size). (A real defender would pick on their own held-out clean data; here the test
 split stands in for it, and the ASR plays no part in the choice.)"""),
-    Code('''LRS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4]
+    Code('''LRS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
 
 
 def finetune_at(lr):
     """The report of clean fine-tuning at learning rate `lr` (the lab's clean budget and epochs)."""
     return quietly(signtrap.defend, run, "finetune", overrides=[f"clean_fraction={CLEAN_FRACTION}", *SETTINGS, f"finetune.lr={lr}"])[0]'''),
     exercise('''FT_LR = ...  # your code (try finetune_at(lr) for the values in LRS)''', '''ft_by_lr = {}
+FT_LR = None
 for lr in LRS:  # largest first: stop at the first that keeps clean accuracy
     ft_by_lr[lr] = finetune_at(lr)
     if before["clean_acc"]["rate"] - ft_by_lr[lr]["after"]["test"]["clean_acc"]["rate"] <= MAX_COST:
-        break
-FT_LR = lr'''),
+        FT_LR = lr
+        break'''),
     check('''def keeps(lr):
     rep = finetune_at(lr)
     return before["clean_acc"]["rate"] - rep["after"]["test"]["clean_acc"]["rate"] <= MAX_COST, rep
 
 
 ft_report = None
-if not given(FT_LR):
-    report_check(2, False, "set FT_LR to one of LRS.")
+if FT_LR is ...:
+    report_check(2, False, "set FT_LR to one of LRS (or None).")
+elif FT_LR is None:
+    kept = [lr for lr in LRS if keeps(lr)[0]]
+    report_check(2, not kept, f"lr={max(kept)} keeps clean accuracy within MAX_COST." if kept else
+                 "no learning rate in LRS keeps clean accuracy within MAX_COST: fine-tuning on this budget costs accuracy.")
 elif FT_LR not in LRS:
     report_check(2, False, f"pick FT_LR from LRS = {LRS}.")
 else:
