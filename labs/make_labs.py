@@ -18,22 +18,19 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 
 # Running time of each solutions copy top to bottom with ONE CPU thread (OMP_NUM_THREADS=1; a 2-core laptop is no
-# slower). Measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it) on a shared
-# machine whose wall-clock ran 2-3x longer because of other jobs. Fast = SIGNTRAP_LAB_FAST=1, labs 2-3 reusing lab 1's
-# model. Full size: lab 1 measured end to end (366 s CPU); labs 2-3 summed from their measured pieces (one full-size training 43 s,
-# clean fine-tuning 18 s, adv-pgd 40 s, fine-prune 35 s, export 11 s, bench 22 s). Lab 5: fast size measured (solutions
-# copy 79 s kernel CPU with its training, student copy 27 s reusing it); full size estimated from the sleeper's
-# measured quick-config training (172 s CPU) plus export, bench and EFRAP at 300 steps, not run end to end.
-# Lab 4: full size measured end to end (solutions copy, fresh work dir, one thread: 1,172 s kernel CPU, of which
-# ~200 s trains lab 1's two models and ~100 s the two detection models); fast size ~115 s wall in CI's 2-worker run.
+# slower), measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it). Fast =
+# SIGNTRAP_LAB_FAST=1, labs 2-4 reusing lab 1's models. Full size, every lab run end to end (solutions copy,
+# nbclient, one thread, this project's 2-core box otherwise idle): lab 1 366 s; lab 2 373 s and lab 3 26 s reusing
+# lab 1's model; lab 4 1,172 s in a fresh work dir (of which ~200 s trains lab 1's two models and ~100 s the two
+# detection models); lab 5 215 s (fresh work dir, its sleeper included).
 TIMES = {
     "01": "full size about 6 min (six small models), fast size about 1 min",
-    "02": "full size about 4 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
+    "02": "full size about 6 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "04": "full size about 20 min (four small models, eight probes, two detector runs), fast size about 2 min",
-    "05": "full size about 5 min on SynthSigns (estimated; real GTSRB much longer), fast size about 1.5 min",
+    "05": "full size about 4 min on SynthSigns (real GTSRB much longer), fast size about 1.5 min",
 }
-TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time on a shared machine)"
+TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time)"
 
 
 @dataclass
