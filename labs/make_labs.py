@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 # Running time of each solutions copy top to bottom with ONE CPU thread (OMP_NUM_THREADS=1; a 2-core laptop is no
 # slower), measured as the kernel's CPU time (tests/test_labs.py prints it; `make lab-check` shows it). Fast =
 # SIGNTRAP_LAB_FAST=1, labs 2-4 reusing lab 1's models. Full size, every lab run end to end (solutions copy,
-# nbclient, one thread, this project's 2-core box otherwise idle): lab 1 366 s; lab 2 373 s and lab 3 26 s reusing
+# nbclient, one thread, at most two such jobs on this project's 2-core box): lab 1 312 s; lab 2 373 s and lab 3 26 s reusing
 # lab 1's model; lab 4 1,172 s in a fresh work dir (of which ~200 s trains lab 1's two models and ~100 s the two
 # detection models); lab 5 215 s (fresh work dir, its sleeper included).
 TIMES = {
