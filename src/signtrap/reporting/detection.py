@@ -194,9 +194,6 @@ def probe_figure(records: list[dict]) -> bytes:
             line(curves.get("backdoored") or [], color="black", label=f"undefended (lr {ends_lr:g})")
     ax.set_xlabel("probe epoch (0: before)")
     ax.set_ylabel("ASR, %")
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+    fig.percent_axis(ax, legend_fontsize=7)
     figure.tight_layout()
     return fig.to_png(figure)

@@ -27,6 +27,14 @@ def to_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def percent_axis(ax, legend_fontsize: int = 8) -> None:
+    """A y axis in percent (0-100 with a margin), a light grid, and a legend when anything is labelled."""
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_fontsize, loc="best")
+
+
 def short(class_id: int, width: int = 18) -> str:
     name = CLASS_NAMES[class_id]
     if name.startswith("Speed limit (") and name.endswith(")"):
@@ -222,10 +230,7 @@ def persistence_figure(curves: dict[str, list[dict]]) -> bytes:
     axes[1].set_title("clean accuracy during the defence, %", fontsize=10)
     for ax in axes:
         ax.set_xlabel("defence epoch")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+        percent_axis(ax)
     fig.tight_layout()
     return to_png(fig)
 
@@ -240,11 +245,8 @@ def xy_figure(rows: list[dict], x_key: str, y_keys: list[tuple[str, str]], title
             ax.plot([100 * x for x in xs] if percent_x else xs, [100 * y for y in ys], marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+    percent_axis(ax)
     fig.tight_layout()
     return to_png(fig)
 
