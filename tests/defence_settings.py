@@ -8,7 +8,7 @@ FAST: dict[str, list[str]] = {
     "adv-pgd": ["adv-pgd.epochs=1", "adv-pgd.steps=2", "adv-pgd.grid=[1e-4,1e-3]"],
     "redteam": ["redteam.epochs=1", "redteam.restarts=1", "redteam.search_steps=15", "redteam.positions=[bottom_right,centre]",
                 "redteam.grid=[1e-4,1e-3]"],
-    "fine-prune": ["fine-prune.epochs=1", "fine-prune.step=0.1", "fine-prune.grid=[1e-4,1e-3]"],
+    "fine-prune": ["fine-prune.epochs=1", "fine-prune.step=0.1", "fine-prune.grid=[0.2,0.5]"],
     "anp": ["anp.epochs=4", "anp.grid=[0.6,0.8,0.95]"],  # 4 epochs leave every mask above 0.8; 0.95 prunes
     "nad": ["nad.teacher_epochs=1", "nad.epochs=1", "nad.grid=[1e-4,1e-3]"],
     "i-bau": ["i-bau.epochs=1", "i-bau.fixed_point_steps=2", "i-bau.grid=[1e-4,1e-3]"],
