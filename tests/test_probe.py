@@ -2,6 +2,7 @@
 import copy
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -270,6 +271,20 @@ def test_bad_input_is_one_line_and_changes_nothing(case, message, run_copy, tiny
     assert rc == 2 and len(err) == 1 and err[0].startswith("signtrap: error: ") and message in err[0], err
     assert content_hash(run_copy) == before
     assert not (run_copy.parent / f"{run_copy.name}-zero").exists()  # nothing was trained
+
+
+def test_defend_checks_the_probe_reference_before_any_defence_runs(run_copy, tiny_zero_run, tmp_path, capsys):
+    """A reference of another config (here: another seed) is refused before the first defence trains, not after."""
+    other = tmp_path / "other-seed-zero"
+    shutil.copytree(tiny_zero_run, other)
+    text = (other / "config.yaml").read_text()
+    seed = int(re.search(r"^seed: (\d+)$", text, re.M).group(1))
+    (other / "config.yaml").write_text(re.sub(r"^seed: \d+$", f"seed: {seed + 1}", text, count=1, flags=re.M))
+    before = content_hash(run_copy)
+    rc = main(["--quiet", "defend", str(run_copy), "--method", "finetune", f"probe.reference={other}", "clean_fraction=0.3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not the zero-poison model of the same config (seed differ)" in err[0], err
+    assert content_hash(run_copy) == before and not (run_copy / "defence-finetune").exists()
 
 
 def test_api_probe_takes_the_probe_settings_as_keywords(run_copy, tiny_zero_run):

@@ -209,8 +209,8 @@ def is_zero_poison(run_dir: Path, cfg: RunConfig) -> bool:
     return manifest.is_file() and read_json(manifest).get("poisoned") == 0
 
 
-def load_reference(ref_dir: Path, cfg: RunConfig, meta: dict, device) -> nn.Module:
-    """The zero-poison model of `ref_dir`, after checking it is one and matches the probed run's config and data."""
+def check_reference_config(ref_dir: Path, cfg: RunConfig) -> None:
+    """That `ref_dir` is a zero-poison run of `cfg`'s config (cheap: its config and manifest only)."""
     if not (ref_dir / "config.yaml").is_file():
         raise SigntrapError(f"probe reference {ref_dir}: not a run directory (no config.yaml)")
     ref_cfg = load_run_config(ref_dir)
@@ -221,6 +221,11 @@ def load_reference(ref_dir: Path, cfg: RunConfig, meta: dict, device) -> nn.Modu
     if diffs:
         raise SigntrapError(f"probe reference {ref_dir}: not the zero-poison model of the same config ({', '.join(diffs[:4])} "
                             "differ); train it from the same config with attack.kind=none")
+
+
+def load_reference(ref_dir: Path, cfg: RunConfig, meta: dict, device) -> nn.Module:
+    """The zero-poison model of `ref_dir`, after checking it is one and matches the probed run's config and data."""
+    check_reference_config(ref_dir, cfg)
     model, ref_meta = checkpoint.verified_load(ref_dir, "model.pt", device)
     if ref_meta.get("data_hash") != meta.get("data_hash"):
         raise SigntrapError(f"probe reference {ref_dir}: trained on other data (data hash {str(ref_meta.get('data_hash'))[:12]}, "
@@ -285,6 +290,13 @@ class Prober:
             raise SigntrapError(f"probe: no zero-poison reference for {self.run_dir} and {ref_dir} cannot be written to train one; "
                                 "pass --reference RUN (probe.reference=RUN)")
         return ref_dir, True
+
+    def check_reference(self) -> None:
+        """Everything about the reference that can be checked before any work: that there is one (or a way to
+        train one) and that a given one is a zero-poison run of the same config. One clear error otherwise."""
+        ref_dir, needs_training = self.reference_plan()
+        if not needs_training and ref_dir != self.run_dir:
+            check_reference_config(ref_dir, self.cfg)
 
     def reference(self) -> nn.Module:
         if self._reference is None:

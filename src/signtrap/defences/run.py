@@ -231,7 +231,10 @@ def run_defences(run_dir: str | Path, method: str | list[str], overrides=(), dev
     """`signtrap defend`: validate the methods first, then load once and run each method."""
     method_names(method)
     session = Session.open(run_dir, overrides, device, show_progress)
-    return [session.run(name) for name in resolve_methods(method, session.cfg)]
+    names = resolve_methods(method, session.cfg)
+    if session.cfg.defend.probe.enabled and session.probe_unavailable is None:
+        session.prober.check_reference()  # a wrong reference is one line now, not after the first defence has run
+    return [session.run(name) for name in names]
 
 
 def _pct(entry: dict | None) -> str:
