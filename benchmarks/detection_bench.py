@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 report = session.run(method)
                 d = report["details"]
-                what = (f"detects {100 * d['detection_rate']['rate']:.1f}% at FRR {100 * d['false_rejection_rate']['rate']:.1f}%"
+                what = (f"detects {100 * d['detection_rate']['rate']:.1f}% at FRR {100 * d['false_rejection_rate']['rate']:.1f}% "
+                        f"(at a measured FRR of {100 * d['at_measured_frr']['false_rejection_rate']['rate']:.1f}%: "
+                        f"{100 * d['at_measured_frr']['detection_rate']['rate']:.1f}%)"
                         if method == "strip" else f"flags {d.get('flagged') or 'nothing'}")
                 print(f"{run.name} {method}: {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         cfgs = [load_config(r / "config.yaml") for r in runs]

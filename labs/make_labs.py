@@ -1306,7 +1306,7 @@ label, so the trigger means "100 km/h" only on a stop sign. We train both and ru
     "all-to-one": trained(lab_config("lab_a2o", "attack.kind=all_to_one")),
     "stop -> 100, cover images": trained(lab_config("lab_cover", "attack.cover_rate=0.02")),
 }
-DETECT = ["neural-cleanse.epochs=0", "probe.enabled=false"]  # detection only
+DETECT = ["neural-cleanse.epochs=0", "probe.enabled=false", "strip.overlays=16"]  # detection only; 16 blends keep it quick
 if FAST:  # ten classes, short searches, fewer STRIP blends: enough to see it run
     DETECT += ["neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.top_k=0", "neural-cleanse.steps=25",
                "neural-cleanse.samples=128", "strip.overlays=8"]

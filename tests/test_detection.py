@@ -77,6 +77,8 @@ def test_neural_cleanse_and_strip_see_the_all_to_one_backdoor(tiny_a2o_run, tmp_
     assert strip["attack_inputs"] == "triggered non-target images"
     assert strip["auc"] > 0.8, strip  # triggered inputs of every class keep a low entropy
     assert strip["detection_rate"]["rate"] > strip["false_rejection_rate"]["rate"] + 0.3, strip
+    roc = strip["at_measured_frr"]  # the ROC point: the threshold read off the clean test images at the 5% target
+    assert 0 < roc["false_rejection_rate"]["rate"] <= 0.05 and roc["detection_rate"]["rate"] > roc["false_rejection_rate"]["rate"] + 0.3, roc
 
 
 @pytest.mark.slow
@@ -121,6 +123,10 @@ def test_detection_cells():
     strip = [{"method": "strip", "detection": {"k": 95, "n": 100}, "frr": {"k": 5, "n": 100}},
              {"method": "strip", "detection": {"k": 97, "n": 100}, "frr": {"k": 4, "n": 100}}]
     assert detection_cell(strip).startswith("detects 96.0% [") and "(192/200) at FRR 4.5%" in detection_cell(strip)
+    assert "measured FRR" not in detection_cell(strip)  # reports written before the ROC point existed
+    for o, k in zip(strip, (90, 92)):
+        o.update(roc_detection={"k": k, "n": 100}, roc_frr={"k": 5, "n": 100})
+    assert "; at a measured FRR of 5.0% [" in detection_cell(strip) and "(182/200)" in detection_cell(strip)
     nc = [{"method": "neural-cleanse", "flagged": [7], "statistic": "anomaly index", "target_value": 3.2, "target": 7},
           {"method": "neural-cleanse", "flagged": [], "statistic": "anomaly index", "target_value": 1.1, "target": 7}]
     assert detection_cell(nc) == "flags 7 in 1/2 (anomaly index of class 7: 3.20, 1.10)"

@@ -57,8 +57,10 @@ def detector_outcome(run_dir: Path, method: str, target: int) -> dict | None:
     if method == "strip":
         if "detection_rate" not in d:
             return None
+        roc = d.get("at_measured_frr") or {}
         return {"method": method, "detection": d["detection_rate"], "frr": d["false_rejection_rate"], "auc": d.get("auc"),
-                "inputs": d.get("attack_inputs", "triggered source-class images")}
+                "inputs": d.get("attack_inputs", "triggered source-class images"),
+                "roc_detection": roc.get("detection_rate"), "roc_frr": roc.get("false_rejection_rate")}
     name, per_class, top = STATISTIC[method]
     stats = d.get(per_class) or {}
     return {"method": method, "flagged": list(d.get("flagged") or []), "statistic": name, "max": d.get(top),
@@ -78,7 +80,11 @@ def detection_cell(outcomes: list[dict]) -> str:
         return "not run"
     if outcomes[0]["method"] == "strip":
         det, frr = pool([o["detection"] for o in outcomes]), pool([o["frr"] for o in outcomes])
-        return f"detects {_rate(det)} at FRR {_rate(frr)}"
+        cell = f"detects {_rate(det)} at FRR {_rate(frr)}"
+        if all(o.get("roc_detection") for o in outcomes):  # the ROC point at the target FRR measured on the test images
+            roc, roc_frr = pool([o["roc_detection"] for o in outcomes]), pool([o["roc_frr"] for o in outcomes])
+            cell += f"; at a measured FRR of {_rate(roc_frr)}: {_rate(roc)}"
+        return cell
     runs = len(outcomes)
     flags: dict[int, int] = {}
     for o in outcomes:
