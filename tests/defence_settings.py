@@ -13,7 +13,7 @@ FAST: dict[str, list[str]] = {
     "nad": ["nad.teacher_epochs=1", "nad.epochs=1", "nad.grid=[1e-4,1e-3]"],
     "i-bau": ["i-bau.epochs=1", "i-bau.fixed_point_steps=2", "i-bau.grid=[1e-4,1e-3]"],
     "ft-sam": ["ft-sam.epochs=1", "ft-sam.grid=[1e-4,1e-3]"],
-    "fst": ["fst.epochs=2", "fst.grid=[1e-3,1e-2]"],
+    "fst": ["fst.epochs=2", "fst.grid=[0.01,0.2]"],
     "neural-cleanse": ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]",
                        "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256",
                        "neural-cleanse.epochs=1"],

@@ -125,6 +125,7 @@ def test_poisoned_samples_and_schedule():
 def test_the_probe_trains_at_the_defence_learning_rate():
     assert defence_lr({"lr": 3e-4}, {}) == 3e-4
     assert defence_lr({"lr": None, "grid": [1e-4, 1e-3]}, {"selection": {"knob": "lr", "value": 1e-4}}) == 1e-4  # chosen
+    assert defence_lr({"lr": 0.01}, {"probe_lr": 1e-4, "selection": {"knob": "alpha", "value": 0.01}}) == 1e-4  # fst: SGD, named AdamW rate
     assert defence_lr({"lr": 1e-3}, {"selection": {"knob": "max_fraction", "value": 0.5}}) == 1e-3  # another knob
     assert defence_lr({"overlays": 16}, {}) is None  # a defence that does not train
 

@@ -114,8 +114,11 @@ def probe_schedule(settings: ProbeConfig, rows: int, lr: float) -> Schedule:
 
 
 def defence_lr(settings: Any, details: dict | None) -> float | None:
-    """The learning rate a defence trained with: the value its held-out rule chose when its knob is the learning
-    rate (details["selection"]), else its settings' `lr`; None for a defence that does not train."""
+    """The (AdamW) learning rate to probe a defence at: the one it names (details["probe_lr"], for a defence that
+    trains with another optimiser), else the value its held-out rule chose when its knob is the learning rate
+    (details["selection"]), else its settings' `lr`; None for a defence that does not train."""
+    if isinstance((details or {}).get("probe_lr"), (int, float)):  # a defence training with another optimiser names it
+        return float(details["probe_lr"])
     selection = (details or {}).get("selection") or {}
     if selection.get("knob") == "lr" and isinstance(selection.get("value"), (int, float)):
         return float(selection["value"])
