@@ -6,8 +6,8 @@ cross-entropy plus alpha times the inner product of the new head with the old on
 at the old norm after every step: the features must move away from the ones the old head (and the
 backdoor) relied on, instead of the head re-learning them.
 
-The optimiser is the authors' (SGD, momentum 0.9 — Nesterov in the loop —, no weight decay, cosine decay), not the AdamW of the
-other defences: Adam normalises each weight's step, so the penalty's constant gradient turns the head into
+The optimiser is the authors' (SGD with momentum 0.9, Nesterov in the one loop; no weight decay; cosine
+decay), not the AdamW of the other defences: Adam normalises each weight's step, so the penalty's constant gradient turns the head into
 the old head's opposite within a few dozen steps whatever its size, faster than cross-entropy can re-learn
 it (on real GTSRB every AdamW learning rate from 3e-5 to 1e-3 left 3-49% held-out accuracy). With SGD too,
 the paper's alpha 0.2 left 13-18% at every learning rate from 1e-3 to 3e-2: the penalty scales with the old
