@@ -18,19 +18,6 @@ NC = ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,
 SETTINGS = {"neural-cleanse": NC, "strip": ["strip.overlays=8"], "scan": []}
 
 
-@pytest.fixture(scope="module")
-def tiny_a2o_run(tmp_path_factory) -> Path:
-    """A tiny all-to-one backdoor: any class carrying the trigger reads as 100 km/h. Trained for 12 epochs (93% clean
-    accuracy): at the tiny run's 6 (71%) every class is a few pixels away from every other, the clean classes' trigger
-    norms spread widely and NC's anomaly index of class 7 stays below 2 (1.4-1.9 for 80-300 search steps)."""
-    from conftest import tiny_overrides
-    from signtrap.training import train
-
-    base = tmp_path_factory.mktemp("tiny-a2o")
-    return train(load_config(None, tiny_overrides(base, "tiny-a2o", "attack.kind=all_to_one", "attack.poison_count=100",
-                                                  "train.epochs=12")))
-
-
 def copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest / run.name, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
     return dest / run.name

@@ -98,6 +98,30 @@ def test_verdict_rule(model, expected):
     assert out["reason"]
 
 
+@pytest.mark.parametrize("who", ["model", "reference"])
+def test_a_probe_that_breaks_a_model_is_inconclusive(who):
+    """ASR 0% after a probe that cost 80 points of clean accuracy (a learning rate far too high, as ANP's mask rate
+    was) is not 'removed'; a small cost does not change the verdict."""
+    model, reference = asr_record((2, 100), (0, 100)), asr_record((0, 100), (0, 100))
+    assert verdict(model, reference, margin=0.2)["verdict"] == "removed"
+    {"model": model, "reference": reference}[who]["clean_acc_change"] = -0.8
+    out = verdict(model, reference, margin=0.2, max_clean_drop=0.1)
+    assert out["verdict"] == "inconclusive" and "80.0 points of clean accuracy" in out["reason"] and "probe.lr" in out["reason"]
+    {"model": model, "reference": reference}[who]["clean_acc_change"] = -0.05
+    assert verdict(model, reference, margin=0.2, max_clean_drop=0.1)["verdict"] == "removed"
+    persisting = {**asr_record((95, 100), (0, 100)), "clean_acc_change": -0.8}  # never suppressed: the probe does not matter
+    assert verdict(persisting, asr_record((0, 100), (0, 100)), margin=0.2)["verdict"] == "persists"
+
+
+def test_anp_is_probed_at_a_weight_learning_rate():
+    """ANP's `lr` (0.2) moves its neuron masks, not weights: the probe must not fine-tune the weights at it."""
+    from signtrap.defences.anp import ANPSettings
+    from signtrap.reactivation import defence_lr
+
+    s = ANPSettings()
+    assert s.lr == 0.2 and defence_lr(s, {"probe_lr": s.probe_lr, "selection": {"knob": "threshold", "value": 0.4}}) == 1e-4
+
+
 def test_poisoned_samples_and_schedule():
     labels = np.array([14] * 4 + [7] * 3 + [1] * 5)
     rows = choose_poison(labels, 3, "source_specific", 14, 7, seed=0)

@@ -117,7 +117,9 @@ def test_settings_validation():
     LrTunedSettings().check("defend.x")
     for bad, message in (({"grid": [0.0]}, "defend.x.grid: 0.0 is outside"), ({"lr": 2.0}, "defend.x.lr: 2.0 is outside"),
                          ({"holdout": 1.0}, "defend.x.holdout"), ({"tolerance": -0.1}, "defend.x.tolerance"),
-                         ({"sweep": "some"}, "defend.x.sweep: 'some' is not one of"), ({"grid": []}, "needs at least one value")):
+                         ({"sweep": "some"}, "defend.x.sweep: 'some' is not one of"), ({"grid": []}, "needs at least one value"),
+                         ({"grid": [1e-3, 1e-4]}, r"defend.x.grid: \[0.001, 0.0001\] must be ascending"),
+                         ({"grid": [1e-4, 1e-4]}, "must be ascending without repeats")):
         with pytest.raises(ConfigError, match=message):
             LrTunedSettings(**bad).check("defend.x")
     LrTunedSettings(grid=[], lr=1e-3).check("defend.x")  # a fixed knob needs no grid

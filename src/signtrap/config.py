@@ -219,6 +219,7 @@ class ProbeConfig:
     weight_decay: float = 5e-4
     augment: bool = True  # the run's `aug:` settings during the probe
     margin: float = 0.2  # verdict: ASR points above the zero-poison model's that count as re-activation
+    max_clean_drop: float = 0.1  # verdict inconclusive when the probe itself costs a model more clean accuracy than this
     reference: str | None = None  # the zero-poison run; None: RUNS/NAME-zero next to the run, trained on demand
     train_reference: bool = True  # train the zero-poison reference when there is none (once, cached)
 
@@ -229,6 +230,7 @@ class ProbeConfig:
         require(1 <= self.batch_size <= 65_536, "defend.probe.batch_size", f"{self.batch_size} is outside 1..65536")
         require(self.weight_decay >= 0, "defend.probe.weight_decay", "must be >= 0")
         require(0.0 < self.margin < 1.0, "defend.probe.margin", f"{self.margin} is outside (0, 1)")
+        require(0.0 < self.max_clean_drop <= 1.0, "defend.probe.max_clean_drop", f"{self.max_clean_drop} is outside (0, 1]")
         require(self.reference is None or bool(self.reference), "defend.probe.reference", "must be a run directory")
 
 

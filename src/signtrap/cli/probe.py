@@ -24,8 +24,8 @@ def register(subparsers) -> None:
         "probe", help="re-activation probe: fine-tune on the clean budget + k poisoned samples; removed or only hidden?",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The same probe runs on the zero-poison model of the same config (--reference RUN, else RUNS/NAME-zero,\n"
-               "trained once on demand). Overrides: k, steps, lr, batch_size, weight_decay, augment, margin, reference,\n"
-               "train_reference (the probe's settings), or the defend section's keys (clean_fraction=0.1).\n"
+               "trained once on demand). Overrides: k, steps, lr, batch_size, weight_decay, augment, margin, max_clean_drop,\n"
+               "reference, train_reference (the probe's settings), or the defend section's keys (clean_fraction=0.1).\n"
                "example: signtrap probe runs/NAME/defence-finetune --reference runs/NAME-zero k=5")
     p.add_argument("target", help="runs/NAME (the undefended model) or runs/NAME/defence-METHOD (a repaired model)")
     p.add_argument("overrides", nargs="*", help="k=5, steps=300, ... or defend-section keys")

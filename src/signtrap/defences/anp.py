@@ -45,9 +45,11 @@ class ANPSettings(TunedSettings):
     lr: float = 0.2  # SGD with momentum 0.9 on the masks
     batch_size: int = 128
     weight_decay: float = 0.0
+    probe_lr: float = 1e-4  # AdamW rate of the re-activation probe (`lr` is the masks' SGD rate, not a weight rate)
 
     def check(self, key: str) -> None:
         super().check(key)
+        require(0.0 < self.probe_lr <= 1.0, f"{key}.probe_lr", f"{self.probe_lr} is outside (0, 1]")
         require(0.0 <= self.eps <= 1.0, f"{key}.eps", f"{self.eps} is outside [0, 1]")
         require(1 <= self.steps <= 100, f"{key}.steps", f"{self.steps} is outside 1..100")
         require(0.0 <= self.alpha <= 1.0, f"{key}.alpha", f"{self.alpha} is outside [0, 1]")
@@ -169,7 +171,8 @@ def anp(model: nn.Module, clean: CleanData, s: ANPSettings, ctx: DefenceContext)
         def repair(m: nn.Module, threshold: float) -> DefenceResult:
             pruned = prune_by_mask(m, masks, threshold)
             report = {"clean_images": len(data), "threshold": threshold, "pruned_neurons": pruned, "neurons": len(masks),
-                      "layers": len(nm.layers), "eps": s.eps, "alpha": s.alpha, "mask_updates": _updates(len(data), s)}
+                      "layers": len(nm.layers), "eps": s.eps, "alpha": s.alpha, "mask_updates": _updates(len(data), s),
+                      "probe_lr": s.probe_lr}
             return DefenceResult(m, report, {"persistence": curve, "masks": masks})
         return repair
 

@@ -216,8 +216,8 @@ SELECTION_RULE = ("split the clean budget by whole tracks, drawn at random, into
 class TunedSettings(TrainSettings):
     """A repairing defence whose main knob (the field named by `KNOB`) is chosen by the held-out rule.
 
-    The knob's field is None by default: `select` then tries every value of `grid` (weakest first in the
-    list, tried strongest first) on the fit part of the budget and keeps the strongest one that keeps the
+    The knob's field is None by default: `select` then tries every value of `grid` (a knob's strength grows
+    with its value, so the list is ascending, weakest first; tried strongest first) on the fit part of the budget and keeps the strongest one that keeps the
     model (held-out clean accuracy at most `tolerance` below the unrepaired model's). A number in the
     knob's field fixes it: no selection, the whole budget is used.
     """
@@ -238,6 +238,8 @@ class TunedSettings(TrainSettings):
                     f"{value} is outside ({lo:g}, {hi:g}]")
         require(len(self.grid) >= 1 or getattr(self, self.KNOB) is not None, f"{key}.grid",
                 f"needs at least one value (or fix {key}.{self.KNOB})")
+        require(all(a < b for a, b in zip(self.grid, self.grid[1:])), f"{key}.grid",
+                f"{list(self.grid)} must be ascending without repeats (weakest first; the rule tries the strongest first)")
         require(0.0 < self.holdout < 1.0, f"{key}.holdout", f"{self.holdout} is outside (0, 1)")
         require(0.0 <= self.tolerance < 1.0, f"{key}.tolerance", f"{self.tolerance} is outside [0, 1)")
         require(0 <= self.views <= 64, f"{key}.views", f"{self.views} is outside 0..64")

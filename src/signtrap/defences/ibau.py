@@ -5,8 +5,11 @@ A minimax problem solved round by round: the inner player finds one universal pe
 flips the model's own predictions on the clean budget (SGD, L2 penalty); the outer player updates the
 weights so that images carrying delta keep their true labels, following the implicit hypergradient
 through the inner problem's fixed point (K fixed-point iterations of the inner gradient step, as in the
-paper's code). Delta is measured in units of the data's per-channel standard deviation, as the paper's
-code perturbs normalised images, so its constants carry over.
+paper's code). Delta is measured in units of the data's per-channel standard deviation (about 0.27 of the
+pixel range on GTSRB), i.e. on normalised images as the model sees them; the authors' `defense.py` adds it to
+images scaled to [0, 1] without normalisation, so with the same constants (search lr 10, penalty 0.001)
+signtrap's search takes smaller steps in pixel units and penalises a given pixel-space norm about 14x more.
+Like the authors' released code (its L2-ball projection is commented out), delta is not projected.
 """
 from __future__ import annotations
 
