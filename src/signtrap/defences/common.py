@@ -217,9 +217,9 @@ class TunedSettings(TrainSettings):
     """A repairing defence whose main knob (the field named by `KNOB`) is chosen by the held-out rule.
 
     The knob's field is None by default: `select` then tries every value of `grid` (a knob's strength grows
-    with its value, so the list is ascending, weakest first; tried strongest first) on the fit part of the budget and keeps the strongest one that keeps the
-    model (held-out clean accuracy at most `tolerance` below the unrepaired model's). A number in the
-    knob's field fixes it: no selection, the whole budget is used.
+    with its value, so the list is ascending, weakest first; tried strongest first) on the fit part of the
+    budget and keeps the strongest one that keeps the model (held-out clean accuracy at most `tolerance`
+    below the unrepaired model's). A number in the knob's field fixes it: no selection, the whole budget is used.
     """
 
     KNOB: ClassVar[str] = "lr"
