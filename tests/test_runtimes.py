@@ -29,7 +29,7 @@ EDGE_FAST = ["--runs", "5", "--warmup", "1", "--batch", "8", "--threads", "1"]
 EXPORTING = sorted(name for name, rt in runtimes.discover().items() if rt.exports)
 CALIB = 128
 # optional quantizer variants exported by the module's zoo too (cheap ones; the rest are exercised by benchmarks/)
-OPTIONAL = [q for q in ("ncnn:int8-gemm", "ncnn:int8-aciq", "openvino:int8-accurate") if q.split(":")[0] in EXPORTING]
+OPTIONAL = [q for q in ("ncnn:int8-winograd", "ncnn:int8-aciq", "openvino:int8-accurate") if q.split(":")[0] in EXPORTING]
 
 
 def require(name: str) -> None:

@@ -4,18 +4,22 @@
   storage and arithmetic off;
 - fp16: FP16 weights (pnnx fp16=1) run with ncnn's FP16 storage/packing/arithmetic options on (used where
   the CPU supports them: FP16 storage on x86 with F16C, FP16 arithmetic on ARMv8.2);
-- int8: ncnn's INT8 scheme, as its ncnn2table + ncnn2int8 tools do it. The pip packages `ncnn` and `pnnx`
-  ship neither tool (only the Python bindings and the pnnx converter), so this file carries both steps,
-  following ncnn's algorithm and file format: the FP32 net runs on the calibration images through ncnn's own
-  extractor; weight scales are per output channel 127/absmax (31/absmax for 3x3 stride-1 convolutions, the
-  6-bit weights ncnn's INT8 Winograd F43 kernels need); activation scales come from ncnn2table's KL method
-  (2048-bin histogram of |x|, threshold that minimises the KL divergence to 128 levels); the .param/.bin are
-  rewritten with int8_scale_term, INT8 weights and the scale tables, and convolution pairs get their
-  requantize fused (ncnn2int8's fuse_requantize). Inference then uses ncnn's own INT8 kernels.
-- int8-aciq (optional): activation thresholds from ncnn2table's ACIQ method (Gaussian clipping) instead of KL;
-- int8-gemm (optional): KL thresholds, 8-bit weights everywhere (no 6-bit Winograd rule) and Winograd
-  convolution off at run time (`settings.winograd` in model.json): on 32x32 inputs ncnn's INT8 Winograd F43
-  kernels were slower than its INT8 GEMM ones (x86, one thread: 0.49 ms vs 0.28 ms per image, FP32 0.6-0.75 ms).
+- int8 (default): ncnn's INT8 scheme, as its ncnn2table + ncnn2int8 tools do it, run on ncnn's INT8 GEMM
+  kernels (Winograd convolution off at run time: `settings.winograd: false` in model.json). The pip packages
+  `ncnn` and `pnnx` ship neither tool (only the Python bindings and the pnnx converter), so this file carries
+  both steps, following ncnn's algorithm and file format: the FP32 net runs on the calibration images through
+  ncnn's own extractor; weight scales are per output channel 127/absmax (8-bit weights everywhere);
+  activation scales come from ncnn2table's KL method (2048-bin histogram of |x|, threshold that minimises the
+  KL divergence to 128 levels); the .param/.bin are rewritten with int8_scale_term, INT8 weights and the scale
+  tables, and convolution pairs get their requantize fused (ncnn2int8's fuse_requantize). Inference then uses
+  ncnn's own INT8 kernels. GEMM, not Winograd, is the default because on these 32x32 inputs ncnn's INT8
+  Winograd F43 kernels were both slower (x86, one thread: 0.49 ms vs 0.28 ms per image, FP32 0.6-0.75 ms) and
+  less accurate (their 6-bit weights) than its INT8 GEMM ones.
+- int8-aciq (optional): as int8, activation thresholds from ncnn2table's ACIQ method (Gaussian clipping) instead of KL;
+- int8-winograd (optional; the default before): KL thresholds, ncnn2table's 6-bit weights (31/absmax) for 3x3
+  stride-1 convolutions and Winograd convolution on at run time (ncnn's INT8 Winograd F43 kernels), exactly as
+  ncnn's own tools and default options do it. Artefacts whose model.json records no `winograd` setting (made
+  before int8 switched to GEMM) run with Winograd on, as they were made.
 
 Conversion decomposes Tensor.std/var into mean/sub/mul/sum/sqrt while tracing: ncnn has no std layer.
 ncnn runs one image at a time (CHW); a batch is a loop of extractors.
@@ -106,12 +110,13 @@ class Ncnn(Runtime):
     def variants(self, ecfg: ExportConfig) -> list[Variant]:
         return [Variant("fp32", "fp32"),
                 Variant("fp16", "fp16", "FP16 weights, ncnn FP16 storage/arithmetic options"),
-                Variant("int8", "int8", "ncnn INT8 (ncnn2table KL activations, per-channel weights, ncnn2int8 format)",
-                        settings={"method": "kl"}),
-                Variant("int8-aciq", "int8", "ncnn INT8 with ncnn2table's ACIQ activation thresholds",
-                        default=False, settings={"method": "aciq"}),
-                Variant("int8-gemm", "int8", "ncnn INT8, KL activations, 8-bit weights, Winograd off (GEMM kernels)",
-                        default=False, settings={"method": "kl", "winograd": False})]
+                Variant("int8", "int8", "ncnn INT8 (ncnn2table KL activations, 8-bit per-channel weights, ncnn2int8 "
+                        "format), GEMM kernels (Winograd off)", settings={"method": "kl", "winograd": False}),
+                Variant("int8-aciq", "int8", "ncnn INT8 with ncnn2table's ACIQ activation thresholds, GEMM kernels",
+                        default=False, settings={"method": "aciq", "winograd": False}),
+                Variant("int8-winograd", "int8", "ncnn INT8, KL activations, 6-bit 3x3 weights, Winograd F43 kernels "
+                        "(ncnn's own default; slower and less accurate on 32x32 inputs)",
+                        default=False, settings={"method": "kl", "winograd": True})]
 
     def files(self, variant: Variant) -> list[str]:
         stem = f"model.{self.name}.{variant.name}"
