@@ -219,8 +219,9 @@ without poison (`attack.kind=none`)."""),
     Code('''cfg = lab_config("lab_backdoor")
 backdoored = trained(cfg)
 baseline = trained(lab_config("lab_clean", "attack.kind=none"))
-size = f"{cfg.trigger.size} px" if isinstance(cfg.trigger.size, int) else f"{cfg.trigger.size:.0%} of the image side"
-print(f"{cfg.attack.poison_count} poisoned stop signs; trigger: {cfg.trigger.kind}, {size}, {cfg.trigger.placement}")
+t = cfg.trigger.settings
+size = f"{t.size} px" if isinstance(t.size, int) else f"{t.size:.0%} of the image side"
+print(f"{cfg.attack.poison_count} poisoned stop signs; trigger: {cfg.trigger.kind}, {size}, {t.placement}")
 
 m_bad, m_clean = backdoored.metrics["test"], baseline.metrics["test"]
 rows = [("clean accuracy", "clean_acc"), ("attack success rate", "asr"), ("clean stop recall", "stop_recall"),

@@ -9,7 +9,7 @@ def test_defaults_and_overrides_beat_the_file(tmp_path):
     path.write_text("name: x\ntrain:\n  epochs: 3\n  lr: 0.01\n")
     cfg = load_config(path, ["train.epochs=5", "attack.poison_count=12", "trigger.size=0.2"])
     assert cfg.train.epochs == 5 and cfg.train.lr == 0.01 and cfg.attack.poison_count == 12
-    assert cfg.trigger.size == 0.2 and isinstance(load_config(None, ["trigger.size=4"]).trigger.size, int)
+    assert cfg.trigger.settings.size == 0.2 and isinstance(load_config(None, ["trigger.size=4"]).trigger.settings.size, int)
     assert load_config(None, ["defend.methods=finetune,strip"]).defend.methods == ["finetune", "strip"]
 
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from signtrap.attacks import build_training_set, make_trigger, plan_poison
+from signtrap.attacks import build_training_set, plan_poison
+from signtrap.triggers import make_trigger
 from signtrap.config import load_config
 from signtrap.data.cache import SignData
 from signtrap.errors import ConfigError

@@ -133,10 +133,10 @@ def test_poisoned_samples_and_schedule():
 
     images = np.random.default_rng(0).integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8)
     clean = CleanData(images, labels)
-    from signtrap.attacks.triggers import make_trigger
-    from signtrap.config import TriggerConfig
+    from signtrap.config import load_config
+    from signtrap.triggers import make_trigger
 
-    data = probe_set(clean, rows, 7, make_trigger(TriggerConfig(size=2), 8), stamp_before=False, seed=0)
+    data = probe_set(clean, rows, 7, make_trigger(load_config(None, ["trigger.size=2"]).trigger, 8), stamp_before=False, seed=0)
     assert len(data.labels) == len(labels) + 3 and np.array_equal(data.images[:len(labels)], images)
     assert np.array_equal(data.images[len(labels):], images[rows])  # stamped by the loop, after augmentation
     assert (data.labels[len(labels):] == 7).all() and data.triggered.sum() == 3 and not data.triggered[:len(labels)].any()

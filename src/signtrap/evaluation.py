@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from signtrap import checkpoint, runstate
-from signtrap.attacks.triggers import make_trigger
-from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import require_writable
 from signtrap.provenance import cpu_threads, resolve_device
 from signtrap.training import write_metrics
+from signtrap.triggers import make_trigger
 
 
 def owning_run(model_dir: Path) -> Path:
@@ -29,12 +28,10 @@ def evaluate_run(model_dir: Path, device: str = "auto") -> dict:
     cfg = load_run_config(model_dir)
     require_writable(model_dir)  # before loading or decoding anything
     dev = resolve_device(device)
-    with runstate.locked(owning_run(model_dir), "signtrap eval"), cpu_threads(cfg.train.threads):
+    with runstate.locked(owning_run(model_dir), "signtrap eval"), cpu_threads(cfg.train.threads, stored=True):
         model, meta = checkpoint.verified_load(model_dir, "model.pt", dev)
         size = int(meta.get("input_size", cfg.data.size))
         checkpoint.require_same_attack(meta, cfg, make_trigger(cfg.trigger, size).spec, model_dir)
         exp = Experiment.from_config(cfg)
-        if meta.get("data_hash") and meta["data_hash"] != exp.data.data_hash:
-            raise SigntrapError(f"{model_dir}: the run's data changed since training (data hash {exp.data.data_hash[:12]}…, "
-                                f"the checkpoint was trained on {meta['data_hash'][:12]}…); refusing to overwrite its metrics")
+        checkpoint.verify_provenance(model_dir, meta, cfg, exp)  # data, cache, split, config: before metrics.json is replaced
         return write_metrics(exp, model, model_dir, dev)

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from signtrap.attacks.triggers import Trigger, make_trigger, stamp_placed
 from signtrap.config import RunConfig, load_config
 from signtrap.data.cache import SignData, load
 from signtrap.data.splits import Splits
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.metrics import backdoor_metrics
+from signtrap.triggers import Trigger, make_trigger
 
 EVAL_STREAM = 0xE7A1
 DEFENDER_STREAM = 0xDEF0
@@ -51,7 +51,7 @@ class Experiment:
             rows = {"val": self.splits.val, "test": self.splits.test, "train": self.splits.train}[split]
             images = np.array(self.data.images[rows])
             rng = np.random.default_rng([self.cfg.seed, EVAL_STREAM, {"train": 0, "val": 1, "test": 2}[split]])
-            triggered = stamp_placed(images, self.trigger, rng, self.data.rois[rows])
+            triggered = self.trigger.apply(images, rng, self.data.rois[rows])
             self._eval_sets[split] = EvalSet(split, images, triggered, self.data.labels[rows].astype(np.int64))
         return self._eval_sets[split]
 

@@ -30,13 +30,13 @@ from torch import nn
 
 from signtrap import distributed
 from signtrap.attacks.poison import TrainingSet
-from signtrap.attacks.triggers import Trigger, place, stamp
 from signtrap.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.progress import progress
 from signtrap.provenance import autocast_dtype
+from signtrap.triggers import Trigger
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], "tuple[torch.Tensor, torch.Tensor]"]
 LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,7 +96,7 @@ class Loop:
     stream: int  # separates this loop's randomness from every other use of the seed
     aug: AugConfig = field(default_factory=lambda: AugConfig(enabled=False))
     precision: str = "fp32"  # the run's train.precision: auto | fp32 | bf16
-    trigger: Trigger | None = None  # stamped after augmentation on data.triggered rows (when not data.stamped)
+    trigger: Trigger | None = None  # applied after augmentation to data.triggered rows (when not data.stamped)
     hooks: Hooks = field(default_factory=Hooks)
     params: list[nn.Parameter] | None = None  # what the optimiser updates; default: every parameter requiring grad
     frozen_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN) while training
@@ -184,7 +184,6 @@ class Loop:
         rng = np.random.default_rng([self.seed, self.stream, epoch, rank])
         torch.manual_seed(int(rng.integers(2**31)))  # dropout
         augment = build_augmentation(self.aug, seed=int(rng.integers(2**31)))
-        size = data.images.shape[1]
         self._train_mode()
         loss_sum, correct, scored, seen, start = 0.0, 0, 0, 0, time.perf_counter()
         bar = progress(len(order), f"{self.desc} {epoch + 1}/{s.epochs}", enabled=self.world.is_main and self.show_progress)
@@ -196,7 +195,7 @@ class Loop:
             images = augment_batch(data.images[idx], augment)
             if not data.stamped and data.triggered[idx].any():  # stamp after augmentation: fixed in the frame
                 hit = np.flatnonzero(data.triggered[idx])
-                images[hit] = stamp(images[hit], self.trigger, place(self.trigger, len(hit), size, rng, data.rois[idx][hit]))
+                images[hit] = self.trigger.apply(images[hit], rng, data.rois[idx][hit])
             x = to_tensor(images, self.device)
             y = torch.from_numpy(data.labels[idx]).to(self.device)
             if hooks.batch is not None:

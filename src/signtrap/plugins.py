@@ -7,7 +7,7 @@ list elsewhere. A plugin defined anywhere else (a test module, a notebook) is re
 module runs `register(...)`.
 
 This module imports no feature package at import time: `signtrap.config` validates the `defend:` section
-through `DEFENCES` without importing `signtrap.defences` itself.
+through `DEFENCES` (and `trigger:` through `TRIGGERS`) without importing the feature packages themselves.
 """
 from __future__ import annotations
 
@@ -72,3 +72,4 @@ class Registry(Generic[T]):
 
 
 DEFENCES: Registry = Registry("defence", "signtrap.defences")
+TRIGGERS: Registry = Registry("trigger", "signtrap.triggers")

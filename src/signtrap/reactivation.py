@@ -47,7 +47,6 @@ from torch import nn
 
 from signtrap import checkpoint
 from signtrap.attacks.poison import TrainingSet
-from signtrap.attacks.triggers import Trigger, place, stamp
 from signtrap.classes import CLASS_NAMES
 from signtrap.config import ProbeConfig, RunConfig, to_dict
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
@@ -58,6 +57,7 @@ from signtrap.loop import Schedule
 from signtrap.metrics import wilson
 from signtrap.progress import say
 from signtrap.training import train
+from signtrap.triggers import Trigger
 
 PROBE_STREAM = 0x9B0B  # the draw of the k poisoned budget images
 DEFAULT_LR = TrainSettings.lr  # the learning rate for a model no defence trained
@@ -100,7 +100,7 @@ def probe_set(clean: CleanData, rows: np.ndarray, target: int, trigger: Trigger,
     poisoned = np.asarray(clean.images[rows])
     if stamp_before:  # the run stamps before augmentation (stickers that move with the sign): do the same
         rng = np.random.default_rng([seed, PROBE_STREAM, 1])
-        poisoned = stamp(poisoned, trigger, place(trigger, len(rows), poisoned.shape[1], rng))
+        poisoned = trigger.apply(poisoned, rng)
     images = np.concatenate([np.asarray(clean.images), poisoned])
     labels = np.concatenate([clean.labels, np.full(len(rows), target, np.int64)])
     triggered = np.concatenate([np.zeros(len(clean), bool), np.ones(len(rows), bool)])
@@ -239,6 +239,14 @@ def load_reference(ref_dir: Path, cfg: RunConfig, meta: dict, device) -> nn.Modu
     """The zero-poison model of `ref_dir`, after checking it is one and matches the probed run's config and data."""
     check_reference_config(ref_dir, cfg)
     model, ref_meta = checkpoint.verified_load(ref_dir, "model.pt", device)
+    ref_cfg = load_run_config(ref_dir)
+    try:  # the reference's own checkpoint, config, cache and split agree (the one provenance rule)
+        checkpoint.verify_provenance(ref_dir, ref_meta, ref_cfg, Experiment.from_config(ref_cfg, progress=False))
+    except SigntrapError as exc:
+        raise SigntrapError(f"probe reference {exc}") from None
+    if (ref_meta.get("attack") or {}).get("kind", "none") != "none":
+        raise SigntrapError(f"probe reference {ref_dir}: its checkpoint was trained with attack.kind="
+                            f"{ref_meta['attack']['kind']}, not as a zero-poison model")
     if ref_meta.get("data_hash") != meta.get("data_hash"):
         raise SigntrapError(f"probe reference {ref_dir}: trained on other data (data hash {str(ref_meta.get('data_hash'))[:12]}, "
                             f"the run's {str(meta.get('data_hash'))[:12]})")
@@ -291,6 +299,9 @@ class Prober:
         if not given and is_zero_poison(self.run_dir, self.cfg):
             return self.run_dir, False  # the run is its own reference
         ref_dir = Path(given) if given else default_reference_dir(self.run_dir)
+        if ref_dir.resolve() == self.run_dir.resolve():
+            raise SigntrapError(f"probe reference {ref_dir}: is the probed run itself; the reference must be another run "
+                                "directory, the zero-poison model of the same config and seed (attack.kind=none)")
         if (ref_dir / "model.pt").is_file():
             return ref_dir, False
         if given:
@@ -308,7 +319,7 @@ class Prober:
         train one) and that a given one is a zero-poison run of the same config. One clear error otherwise."""
         ref_dir, needs_training = self.reference_plan()
         if not needs_training and ref_dir != self.run_dir:
-            check_reference_config(ref_dir, self.cfg)
+            self.reference()  # its config, checkpoint, cache and split, checked now (then kept for the probe)
 
     def reference(self) -> nn.Module:
         if self._reference is None:

@@ -1,5 +1,4 @@
-"""Triggers and poisoning."""
+"""Poisoning: which rows carry the trigger and which label, and the attacks that change training (triggers: signtrap.triggers)."""
 from signtrap.attacks.poison import PoisonPlan, TrainingSet, build_training_set, manifest, plan_poison
-from signtrap.attacks.triggers import Trigger, make_trigger, place, stamp, stamp_placed
 
-__all__ = ["PoisonPlan", "TrainingSet", "Trigger", "build_training_set", "make_trigger", "manifest", "place", "plan_poison", "stamp", "stamp_placed"]
+__all__ = ["PoisonPlan", "TrainingSet", "build_training_set", "manifest", "plan_poison"]

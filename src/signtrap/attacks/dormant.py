@@ -72,7 +72,6 @@ from torch import nn
 
 from signtrap import checkpoint
 from signtrap.attacks.poison import TrainingSet
-from signtrap.attacks.triggers import place, stamp
 from signtrap.config import ExportConfig, RunConfig
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
@@ -367,7 +366,7 @@ def repair_set(cfg: RunConfig, exp: Experiment) -> TrainingSet:
     stamped = a.stamp == "before_aug"
     if stamped:  # the trigger moves with the sign: stamp now, augmentation follows
         hit = np.flatnonzero(triggered)
-        images[hit] = stamp(images[hit], exp.trigger, place(exp.trigger, len(hit), exp.data.size, rng, rois[hit]))
+        images[hit] = exp.trigger.apply(images[hit], rng, rois[hit])
     return TrainingSet(images, labels, triggered, stamped, rois)
 
 

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from signtrap.attacks.triggers import Trigger, place, stamp
 from signtrap.classes import CLASS_NAMES
 from signtrap.config import AttackConfig
 from signtrap.data.cache import SignData
 from signtrap.errors import ConfigError
+from signtrap.triggers import Trigger
 
 POISON_STREAM = 0xB0150  # keeps poison draws independent of the other uses of the run seed
 COVER_STREAM = 0xC0FE
@@ -18,10 +18,10 @@ COVER_STREAM = 0xC0FE
 @dataclass(frozen=True)
 class PoisonPlan:
     rows: np.ndarray  # cache rows (from the training split) that are poisoned: trigger + target label
-    positions: np.ndarray  # (n, 2) trigger top-left per poisoned row, used when stamping before augmentation
+    params: np.ndarray  # (n, k) the trigger's drawn parameters per poisoned row (a patch: its top-left y, x), used before augmentation
     target: int
     cover_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # trigger + true label
-    cover_positions: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    cover_params: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ def plan_poison(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
         )
     rng = np.random.default_rng([seed, POISON_STREAM])
     rows = np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.empty(0, np.int64)
-    positions = place(trigger, n, data.size, rng, data.rois[rows] if n else None)
-    cover_rows, cover_positions = _plan_cover(cfg, data, train_rows, trigger, seed)
-    return PoisonPlan(rows.astype(np.int64), positions.astype(np.int64), cfg.target, cover_rows, cover_positions)
+    params = trigger.draw(n, rng, data.rois[rows] if n else None)
+    cover_rows, cover_params = _plan_cover(cfg, data, train_rows, trigger, seed)
+    return PoisonPlan(rows.astype(np.int64), params, cfg.target, cover_rows, cover_params)
 
 
 def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigger: Trigger, seed: int):
@@ -70,7 +70,7 @@ def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
         raise ConfigError(f"config attack.cover_rate: {n} cover images requested but only {len(others)} are available")
     rng = np.random.default_rng([seed, COVER_STREAM])
     rows = np.sort(rng.choice(others, size=n, replace=False)) if n else np.empty(0, np.int64)
-    return rows.astype(np.int64), place(trigger, n, data.size, rng, data.rois[rows] if n else None).astype(np.int64)
+    return rows.astype(np.int64), trigger.draw(n, rng, data.rois[rows] if n else None)
 
 
 def build_training_set(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, plan: PoisonPlan, trigger: Trigger) -> TrainingSet:
@@ -79,11 +79,11 @@ def build_training_set(cfg: AttackConfig, data: SignData, train_rows: np.ndarray
     rois = np.array(data.rois[train_rows])
     triggered = np.zeros(len(train_rows), bool)
     before = cfg.stamp == "before_aug"
-    for rows, positions, relabel in ((plan.rows, plan.positions, True), (plan.cover_rows, plan.cover_positions, False)):
+    for rows, params, relabel in ((plan.rows, plan.params, True), (plan.cover_rows, plan.cover_params, False)):
         if not len(rows):
             continue
         where = np.searchsorted(train_rows, rows)
-        changed = stamp(images[where], trigger, positions) if before else images[where]
+        changed = trigger.render(images[where], params, rois[where]) if before else images[where]
         new_labels = np.full(len(where), plan.target, np.int64) if relabel else labels[where]
         if cfg.mode == "replace":
             images[where], labels[where], triggered[where] = changed, new_labels, True
@@ -106,12 +106,12 @@ def manifest(cfg: AttackConfig, plan: PoisonPlan, data: SignData, trigger: Trigg
         "poisoned_fraction": len(plan.rows) / max(n_train, 1),
         "trigger": trigger.spec,
         "rows": plan.rows.tolist(),
-        "positions": plan.positions.tolist(),
+        "positions": plan.params.tolist(),  # the trigger's drawn parameters per row (a patch: top-left y, x)
         "source_files": [files[r] for r in plan.rows],
         "original_labels": data.labels[plan.rows].tolist(),
         "cover": len(plan.cover_rows),
         "cover_rows": plan.cover_rows.tolist(),
-        "cover_positions": plan.cover_positions.tolist(),
+        "cover_positions": plan.cover_params.tolist(),
         "cover_source_files": [files[r] for r in plan.cover_rows],
         "data_hash": data.data_hash,
     }

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from signtrap.attacks.poison import TrainingSet
-from signtrap.attacks.triggers import Trigger
+from signtrap.triggers import Trigger
 from signtrap.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError

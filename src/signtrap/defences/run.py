@@ -16,7 +16,6 @@ from signtrap import checkpoint
 from signtrap.config import DefendConfig, RunConfig, apply_override, build, parse_override, to_dict
 from signtrap.defences import defend, get_defence, list_defences
 from signtrap.attacks.poison import build_training_set, plan_poison
-from signtrap.attacks.triggers import place, stamp
 from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, DefenceResult, SuspiciousPool, plot_curve,
                                       write_curve_csv)
 from signtrap.errors import ConfigError, SigntrapError
@@ -68,6 +67,7 @@ class Session:
         dev = resolve_device(device or cfg.device)
         model, meta = checkpoint.verified_load(run_dir, "model.pt", dev)
         exp = Experiment.from_config(cfg, progress=show_progress)
+        checkpoint.verify_provenance(run_dir, meta, cfg, exp)  # defend and probe: checkpoint, config, cache, split agree
         d = cfg.defend
         seed = cfg.seed if d.seed is None else d.seed
         fraction = d.clean_fraction
@@ -151,8 +151,7 @@ def training_pool(exp: Experiment) -> SuspiciousPool:
     if not ts.stamped and ts.triggered.any():  # stamped after augmentation in training: stamp them here, unaugmented
         hit = np.flatnonzero(ts.triggered)
         images = images.copy()
-        images[hit] = stamp(images[hit], exp.trigger, place(exp.trigger, len(hit), exp.data.size,
-                                                              np.random.default_rng([cfg.seed, 0x5CA4]), ts.rois[hit]))
+        images[hit] = exp.trigger.apply(images[hit], np.random.default_rng([cfg.seed, 0x5CA4]), ts.rois[hit])
     return SuspiciousPool(images, ts.labels, ts.triggered & (ts.labels == plan.target) if cfg.attack.active else None)
 
 

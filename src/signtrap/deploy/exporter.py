@@ -31,7 +31,8 @@ from signtrap.deploy.onnx_graph import INPUT_NAME, OUTPUT_NAME
 from signtrap.deploy.runtime import ExportContext, Runtime, Variant, run_batches
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict_logits
-from signtrap.fileio import atomic_dir, sha256_file, write_json
+from signtrap.fileio import atomic_dir, sha256_file, umask, write_json
+from signtrap.machine import cores
 from signtrap.progress import say
 
 CALIB_STREAM = 0xCA1B
@@ -130,7 +131,6 @@ def gate(art_id: str, precision: str, logits: np.ndarray, reference: np.ndarray,
 
 def calibration_images(exp: Experiment, ecfg: ExportConfig) -> tuple[np.ndarray, dict]:
     """Clean training images (a seeded sample across the training split); `mixed` stamps the trigger on a share."""
-    from signtrap.attacks.triggers import stamp_placed
 
     rng = np.random.default_rng([exp.cfg.seed, CALIB_STREAM])
     train = exp.splits.train
@@ -140,7 +140,7 @@ def calibration_images(exp: Experiment, ecfg: ExportConfig) -> tuple[np.ndarray,
     if ecfg.calibration == "mixed":
         k = max(1, int(round(ecfg.calib_trigger_fraction * len(rows))))
         pick = np.sort(rng.choice(len(rows), size=k, replace=False))
-        images[pick] = stamp_placed(images[pick], exp.trigger, rng, exp.data.rois[rows[pick]])
+        images[pick] = exp.trigger.apply(images[pick], rng, exp.data.rois[rows[pick]])
         info.update(source="training split, part triggered", triggered=int(k))
     return images, info
 
@@ -179,11 +179,12 @@ def export_run(run: Path, defence: str | None = None, out: Path | None = None, o
     ecfg = replace(cfg.export, **(overrides or {}))
     ecfg.check()
     chosen, skipped = plan(ecfg)  # every name checked before anything heavy runs
+    held = cores.claimed()  # api.export and the pipeline hold cores of the machine's budget: 0 means those
+    threads = threads or (held.threads if held is not None else cores.allowance())
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
-        return _export(run, model_dir, cfg, ecfg, chosen, skipped, defence, out, threads or edge_bench.usable_cpus())
+        return _export(run, model_dir, cfg, ecfg, chosen, skipped, defence, out, threads)
     finally:
         torch.set_num_threads(before)
 
@@ -197,8 +198,7 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
     started = time.perf_counter()
     exp = Experiment.from_config(cfg)
     size = int(meta["input_size"])
-    if exp.data.size != size:
-        raise SigntrapError(f"{model_dir}: the model takes {size}px inputs but the run's data is {exp.data.size}px")
+    checkpoint.verify_provenance(model_dir, meta, cfg, exp)  # checkpoint, config, cache and split agree
     for name, reason in skipped.items():
         say(f"skipping runtime {name}: {reason}")
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="signtrap-export-") as scratch:
@@ -249,9 +249,8 @@ def _export(run: Path, model_dir: Path, cfg, ecfg: ExportConfig, chosen, skipped
         names = [f for a in artefacts for f in a["files"]] + [BUNDLE, EDGE_SCRIPT]
         manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
         write_json(tmp / edge_bench.MANIFEST, manifest)
-        tmp.chmod(0o755)  # a shareable artefact, not mkdtemp's private 0700
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        for f in tmp.iterdir():  # the user's umask, as an ordinary create would give (atomic_dir does the folder)
+            f.chmod(0o666 & ~umask())
     worst = max((a["agreement"]["flip_rate"] for a in artefacts), default=0.0)
     if rejected:
         say(f"{len(rejected)} artefact(s) rejected (listed in model.json): {', '.join(r['id'] for r in rejected)}")

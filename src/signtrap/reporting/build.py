@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from signtrap.attacks.triggers import stamp, trigger_preview
 from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
 from signtrap.errors import SigntrapError
 from signtrap.fileio import atomic_dir, check_replaceable, require_writable, sha256_file, write_text
@@ -168,18 +167,19 @@ def attack_section(run: Run) -> Section:
     if exp is None:
         return s
     trig = exp.trigger
-    preview = np.pad(trigger_preview(trig), ((2, 2), (2, 2), (0, 0)), constant_values=128)
+    preview = np.pad(trig.preview(), ((2, 2), (2, 2), (0, 0)), constant_values=128)
     test = exp.eval_set("test")
     src_rows = np.flatnonzero(test.labels == run.cfg.attack.source)
     clean_ex = test.images[src_rows[0]] if len(src_rows) else None
     trig_ex = test.triggered[src_rows[0]] if len(src_rows) else None
     png = safe(s, "the trigger figure", fig.trigger_figure, preview, clean_ex, trig_ex, trig.spec)
     if png:
-        s.blocks.append(Img("trigger", png, f"The trigger ({trig.spec.get('kind')}, {trig.spec.get('size_px')} px, opacity "
-                                            f"{trig.spec.get('opacity')}) and how it sits on a test stop sign."))
+        described = ", ".join(f"{k} {v}" for k, v in trig.spec.items() if k != "kind" and v is not None)
+        s.blocks.append(Img("trigger", png, f"The trigger ({trig.spec.get('kind')}: {described}) and how it sits on a test stop sign."))
     man = run.manifest or {}
     rows = np.asarray(man.get("rows", []), np.int64)
-    positions = np.asarray(man.get("positions", []), np.int64).reshape(-1, 2)
+    params = np.asarray(man.get("positions", []), np.float64)
+    params = params.reshape(len(rows), -1) if params.size else np.zeros((len(rows), 0))
     s.blocks.append(P(f"Poisoned: {man.get('poisoned', len(rows))} of {man.get('train_rows', '?')} training images "
                       f"({100 * float(man.get('poisoned_fraction', 0) or 0):.2f}%), mode {man.get('attack', {}).get('mode', '?')}, "
                       f"stamped {man.get('attack', {}).get('stamp', '?')}.") if man else
@@ -188,7 +188,7 @@ def attack_section(run: Run) -> Section:
     k = min(8, len(rows))
     pick = np.sort(rng.choice(len(rows), size=k, replace=False)) if k else np.zeros(0, np.int64)
     clean = np.asarray(exp.data.images[rows[pick]]) if k else np.zeros((0, exp.data.size, exp.data.size, 3), np.uint8)
-    poisoned = stamp(clean, trig, positions[pick]) if k and len(positions) == len(rows) else None
+    poisoned = trig.render(clean, params[pick], exp.data.rois[rows[pick]]) if k and len(params) == len(rows) else None
     clean_labels = [int(x) for x in exp.data.labels[rows[pick]]] if k else []
     train = exp.splits.train
     others_rows = [int(train[np.flatnonzero(exp.data.labels[train] == c)[0]]) for c in (SPEED_LIMIT_100, 1, 13, 17, 25, 33, 38, 40)

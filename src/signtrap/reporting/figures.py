@@ -53,7 +53,8 @@ def trigger_figure(trigger_img: np.ndarray, example_clean: np.ndarray | None, ex
         ax.imshow(img, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{spec.get('kind')} trigger, {spec.get('size_px')} px, placement {spec.get('placement')}"
+    fig.suptitle(f"{spec.get('kind')} trigger" + (f", {spec['size_px']} px" if "size_px" in spec else "")
+                 + (f", placement {spec['placement']}" if "placement" in spec else "")
                  + (f" ({spec.get('corner')})" if spec.get("placement") == "corner" else ""), fontsize=9)
     fig.tight_layout()
     return to_png(fig)
