@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -45,7 +46,7 @@ from signtrap.defences import list_defences
 from signtrap.defences.run import method_names, run_defences
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
-from signtrap.errors import ConfigError, SigntrapError
+from signtrap.errors import ConfigError, SigntrapError, unknown
 from signtrap.evaluation import evaluate_run
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
@@ -61,6 +62,109 @@ __all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "pro
            "report", "sweep", "prepare_data", "load_data", "fetch_data"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
+STAGES = ("defend", "export", "bench", "report")  # what `run(skip=...)` may leave out
+
+
+# ---------------------------------------------------------------- the input rule: every argument checked, one line
+
+
+def _fail(what: str, expected: str, value: Any) -> SigntrapError:
+    shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+    return SigntrapError(f"{what}: expected {expected}, got {type(value).__name__} {shown}")
+
+
+def _path(value: Any, what: str) -> Path:
+    """A path argument (str, os.PathLike or a Run); never None, a number or an empty string."""
+    if isinstance(value, Run):
+        return value.dir
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(what, "a path (str or os.PathLike)", value)
+    try:
+        return Path(os.fspath(value))
+    except (TypeError, ValueError) as exc:
+        raise _fail(what, f"a path ({exc})", value) from None
+
+
+def _opt_path(value: Any, what: str) -> Path | None:
+    return None if value is None else _path(value, what)
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(what, "True or False", value)
+    return value
+
+
+def _int(value: Any, what: str, low: int | None = None, high: int | None = None, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(what, "an integer", value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f"at least {low}"
+        raise SigntrapError(f"{what}: {value} is outside {bounds}")
+    return value
+
+
+def _number(value: Any, what: str, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _fail(what, "a number", value)
+    if low is not None and value < low:
+        raise SigntrapError(f"{what}: {value} is below {low}")
+    return float(value)
+
+
+def _str(value: Any, what: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(what, "a non-empty string", value)
+    return value
+
+
+def _names(value: Any, what: str, choices: Iterable[str] | None = None) -> list[str]:
+    """A list of names: a list or tuple of strings, or one string (a name, or names separated by commas) -- never
+    a string read one character at a time. Every name checked against `choices` when given."""
+    if isinstance(value, str):
+        items = [n.strip() for n in value.split(",")]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        for item in items:
+            if not isinstance(item, str):
+                raise _fail(f"{what} item", "a string", item)
+        items = [n.strip() for n in items]
+    else:
+        raise _fail(what, "a list of names (or one name as a string)", value)
+    items = [n for n in items if n]
+    if choices is not None:
+        choices = list(choices)
+        for name in items:
+            if name not in choices:
+                raise unknown(what, name, choices)
+    return list(dict.fromkeys(items))
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(value: Any, what: str = "device", optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise SigntrapError(f"{what}: {value!r} is not a device; choose auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _config_arg(config: Any) -> Any:
+    if config is None or isinstance(config, RunConfig):
+        return config
+    return _path(config, "config")
+
+
+def _callable(value: Any, what: str) -> Any:
+    if value is not None and not callable(value):
+        raise _fail(what, "a function or None", value)
+    return value
 
 
 # ---------------------------------------------------------------- configs
@@ -69,9 +173,16 @@ Overrides = Mapping[str, Any] | Iterable[str] | None
 def override_strings(overrides: Overrides = None, **keywords: Any) -> list[str]:
     """Overrides in the CLI's `key.sub=value` form, from a mapping, a list of strings and `a__b=value` keywords."""
     out: list[str] = []
+    if isinstance(overrides, str):  # one override, not a list of its characters
+        overrides = [overrides]
     if isinstance(overrides, Mapping):
+        for key in overrides:
+            if not isinstance(key, str):
+                raise _fail("override key", "a string like 'train.epochs'", key)
         out += [f"{key}={yaml_value(value)}" for key, value in overrides.items()]
     elif overrides is not None:
+        if not isinstance(overrides, Iterable):
+            raise _fail("overrides", "a mapping or a list of key.sub=value strings", overrides)
         for text in overrides:
             if not isinstance(text, str) or "=" not in text:
                 raise ConfigError(f"override {text!r} is not of the form key.sub=value")
@@ -89,6 +200,7 @@ def keyword_key(keyword: str) -> str:
 
 def load_config(config: str | os.PathLike | RunConfig | None = None, overrides: Overrides = None, **keywords: Any) -> RunConfig:
     """A validated run config from a YAML path, a RunConfig or the defaults (None), with overrides applied."""
+    config = _config_arg(config)
     texts = override_strings(overrides, **keywords)
     if not isinstance(config, RunConfig):
         return config_mod.load_config(config, texts)
@@ -113,7 +225,7 @@ class Run:
     _exp: Experiment | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.dir = Path(self.dir)
+        self.dir = _path(self.dir, "Run(dir)")
 
     def __fspath__(self) -> str:
         return str(self.dir)
@@ -204,15 +316,15 @@ class Run:
 
 def load_run(run_dir: str | os.PathLike) -> Run:
     """The run in `run_dir` (a folder made by `train` or `run`); fails with one line if it is not one."""
-    path = Path(run_dir)
+    path = _path(run_dir, "run_dir")
     if not path.is_dir():
         raise SigntrapError(f"{path}: no such run directory")
     load_run_config(path)
     return Run(path)
 
 
-def _dir(run: str | os.PathLike) -> Path:
-    return Path(os.fspath(run))
+def _dir(run: str | os.PathLike, what: str = "run") -> Path:
+    return _path(run, what)
 
 
 # ---------------------------------------------------------------- commands
@@ -224,6 +336,7 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
 
     A finished run is replaced only with `overwrite=True`, an interrupted one is continued with
     `resume=True` (bit-identical to an uninterrupted run) or restarted with `overwrite=True`."""
+    _bool(resume, "resume"), _bool(overwrite, "overwrite"), _callable(on_epoch_end, "on_epoch_end")
     cfg = load_config(config, overrides, **keywords)
     return Run(train_run(cfg, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end))
 
@@ -232,7 +345,7 @@ def evaluate(run: str | os.PathLike, device: str = "auto") -> dict:
     """Re-evaluate a run's (or a defence folder's) verified model and rewrite its metrics.json (`signtrap eval`).
 
     The attack is the one the checkpoint was trained with; a config.yaml that disagrees is refused."""
-    return evaluate_run(_dir(run), device=device)
+    return evaluate_run(_dir(run), device=_device(device))
 
 
 def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: str | None = None, overrides: Overrides = None,
@@ -241,6 +354,8 @@ def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: s
     registered one) to a trained run and write RUN/defence-METHOD (`signtrap defend`); returns one report per
     method (before/after metrics)."""
     run_dir = _dir(run)
+    method = _names(method, "defence")
+    _device(device, optional=True)
     cfg = load_run_config(run_dir)
     method_names(method)  # every name checked before the run is touched
     require_writable(run_dir)
@@ -260,6 +375,9 @@ def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str 
     inconclusive, with its reason), "model" and "reference" (held-out ASR and clean accuracy before and after
     the probe), "ends" (the undefended and zero-poison models, probed at the same settings)."""
     run_dir = _dir(run)
+    defence = _str(defence, "defence", optional=True)
+    reference = _opt_path(reference, "reference")
+    _device(device, optional=True)
     target = run_dir / f"defence-{defence}" if defence else run_dir
     run_dir, _, _ = resolve_target(target)  # one clear line for what cannot be probed, before anything else
     cfg = load_run_config(run_dir)
@@ -278,6 +396,9 @@ def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.
     `out` (default export.out_dir/NAME) is replaced only if it is empty or a previous export folder, and
     never the run itself or a folder above it. `threads` defaults to the run's train.threads."""
     run_dir = _dir(run)
+    defence = _str(defence, "defence", optional=True)
+    out = _opt_path(out, "out")
+    _int(threads, "threads", optional=True)
     model_dir = run_dir / f"defence-{defence}" if defence else run_dir
     cfg = load_run_config(model_dir)
     target = Path(out) if out else default_out(cfg, defence)
@@ -293,7 +414,14 @@ def bench(export_dir: str | os.PathLike, **options: Any) -> dict:
     """Accuracy, ASR and latency of an export per precision and execution provider (`signtrap bench`);
     writes bench.json, bench.md and bench.png into the folder. `options`: see signtrap.deploy.bench.bench_export
     (threads, providers, runs, warmup, batch, variants, with_torch)."""
-    return bench_export(_dir(export_dir), **options)
+    folder = _dir(export_dir, "export_dir")
+    for key in ("runs", "warmup", "batch", "threads"):
+        if options.get(key) is not None:
+            _int(options[key], key, 0 if key in ("warmup", "threads") else 1)
+    for key in ("providers", "runtimes", "variants"):
+        if options.get(key) is not None:
+            options[key] = _names(options[key], key)
+    return bench_export(folder, **options)
 
 
 def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str | os.PathLike, *, defence: str | None = None,
@@ -305,9 +433,12 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
     image). The artefact is verified against model.json first; `out` (a new .onnx file, written atomically) is a
     drop-in replacement of it. Returns a summary: the output path and, per layer, the weights changed."""
     from signtrap.deploy.requant import EfrapSettings, efrap
-    from signtrap.fileio import atomic_path, verify_sha256
+    from signtrap.fileio import atomic_path, refuse_foreign, sha256_file, verify_sha256
 
-    run_dir, folder, target = _dir(run), Path(export_dir), Path(out)
+    run_dir, folder, target = _dir(run), _dir(export_dir, "export_dir"), _path(out, "out")
+    defence, artefact = _str(defence, "defence", optional=True), _str(artefact, "artefact")
+    _int(clean_images, "clean_images", 1), _int(steps, "steps", 1), _int(seed, "seed", 0), _int(threads, "threads", optional=True)
+    _number(flip_weight, "flip_weight", 0.0), _number(round_weight, "round_weight", 0.0)
     model_dir = run_dir / f"defence-{defence}" if defence else run_dir
     cfg = load_run_config(model_dir)
     manifest = read_json(folder / "model.json")
@@ -317,15 +448,20 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
         raise SigntrapError(f"{folder}: no ONNX Runtime INT8 artefact '{artefact}' (this export has: {', '.join(ids) or 'none'})")
     source = folder / art["files"][0]
     verify_sha256(source, manifest["files"].get(art["files"][0], {}).get("sha256"))
-    if target.suffix != ".onnx" or target.resolve() == source.resolve() or target.is_dir():
-        raise SigntrapError(f"{target}: requantize writes a new .onnx file beside the export, not over one of its files")
-    if clean_images < 1 or steps < 1:
-        raise SigntrapError("requantize: clean_images and steps must be at least 1")
+    if target.suffix != ".onnx" or target.resolve().parent == folder.resolve() or target.is_dir():
+        raise SigntrapError(f"{target}: requantize writes a new .onnx file outside the export folder, never over one of "
+                            "its files; choose another output path")
+    refuse_foreign(target)  # the write rule: a user's own .onnx file is never replaced
+    ckpt = model_dir / "model.pt"
+    if not ckpt.is_file() or (manifest.get("source") or {}).get("checkpoint_sha256") != sha256_file(ckpt):
+        raise SigntrapError(f"{folder}: this export was not made from {ckpt} (its model.json records another checkpoint); "
+                            "pass the run (and --defence) the export was made from")
     require_writable(target.parent)
     with cpu_threads(cfg.train.threads if threads is None else threads):
         exp = Experiment.from_config(cfg, progress=False)
+        model, meta = checkpoint.verified_load(model_dir)
+        checkpoint.verify_provenance(model_dir, meta, cfg, exp)  # checkpoint, config, cache and split agree
         clean = exp.data.images[exp.defender_rows(cfg.defend.clean_fraction)][:clean_images]
-        model, _ = checkpoint.verified_load(model_dir)
         settings = EfrapSettings(steps=steps, flip_weight=flip_weight, round_weight=round_weight, seed=seed)
         with atomic_path(target) as tmp:
             summary = efrap(model, source, clean, tmp, settings, show_progress=not progress.QUIET)
@@ -339,6 +475,8 @@ def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = Fa
     Stages whose outputs are intact are skipped; returns the summary (per-stage status, report path).
     `skip`: stages to leave out ("defend", "export", "bench", "report"); `force`: re-run every stage;
     `overwrite`: replace a run trained with a different config."""
+    skip = _names(skip, "stage to skip", STAGES)
+    _bool(force, "force"), _bool(overwrite, "overwrite")
     cfg = load_config(config, overrides, **keywords)
     return run_pipeline(cfg, force=force, overwrite=overwrite, skip=tuple(skip))
 
@@ -346,6 +484,7 @@ def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = Fa
 def report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Render report.html (self-contained) and report.md of a run (`signtrap report`); returns report.html."""
     run_dir = _dir(run)
+    out = _opt_path(out, "out")
     if not run_dir.is_dir():
         raise SigntrapError(f"{run_dir}: no such run directory")
     target = Path(out) if out else run_dir
@@ -363,6 +502,9 @@ def report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path
 def sweep(path: str | os.PathLike, *, executor: str = "local", workers: int | None = None, threads: int | None = None,
           address: str | None = None, overwrite: bool = False, defend: bool = True, dry_run: bool = False) -> SweepOutcome:
     """A grid of configs x seeds as ordinary runs, each through the pipeline, with a summary (`signtrap sweep`)."""
+    path = _path(path, "sweep file")
+    _str(executor, "executor"), _int(workers, "workers", 1, optional=True), _int(threads, "threads", optional=True)
+    _str(address, "address", optional=True), _bool(overwrite, "overwrite"), _bool(defend, "defend"), _bool(dry_run, "dry_run")
     return run_sweep(path, executor, workers, threads, address, overwrite, defend=defend, dry_run=dry_run)
 
 
@@ -373,6 +515,7 @@ def prepare_data(config: str | os.PathLike | RunConfig | None = None, *, force: 
                  overrides: Overrides = None, **keywords: Any) -> Path:
     """Decode the config's data source once into the uint8 cache (`signtrap data prepare`); returns its folder.
     `verify`: check every cache file against its recorded SHA-256."""
+    _bool(force, "force"), _bool(verify, "verify")
     cfg = load_config(config, overrides, **keywords)
     path = data_cache.prepare(cfg.data, force=force)
     data_cache.open_cache(path, verify=verify)
@@ -382,10 +525,11 @@ def prepare_data(config: str | os.PathLike | RunConfig | None = None, *, force: 
 def load_data(config: str | os.PathLike | RunConfig | None = None, *, verify: bool = False, overrides: Overrides = None,
               **keywords: Any) -> SignData:
     """The config's dataset (prepared on first use), memory-mapped: images, labels, tracks, partition, rois."""
+    _bool(verify, "verify")
     cfg = load_config(config, overrides, **keywords)
     return data_cache.load(cfg.data, verify=verify)
 
 
 def fetch_data(root: str | os.PathLike) -> list[Path]:
     """Download the GTSRB archives into `root` (`signtrap data fetch`), or say what to place where offline."""
-    return fetch_archives(Path(root))
+    return fetch_archives(_path(root, "root"))
