@@ -52,6 +52,7 @@ from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
 from signtrap.pipeline import run_pipeline
 from signtrap.probing import probe_dir, resolve_target
+from signtrap.machine import cores
 from signtrap.provenance import cpu_threads
 from signtrap.reporting import build_report
 from signtrap.reporting.blocks import read_csv
@@ -359,7 +360,7 @@ def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: s
     cfg = load_run_config(run_dir)
     method_names(method)  # every name checked before the run is touched
     require_writable(run_dir)
-    with runstate.locked(run_dir, "signtrap defend"), cpu_threads(cfg.train.threads):
+    with runstate.locked(run_dir, "signtrap defend"), cpu_threads(cfg.train.threads, stored=True):
         return run_defences(run_dir, method, override_strings(overrides, **keywords), device, show_progress=not progress.QUIET)
 
 
@@ -383,7 +384,7 @@ def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str 
     cfg = load_run_config(run_dir)
     require_writable(target)
     texts = [text.removeprefix("defend.") for text in override_strings(overrides, **keywords)]
-    with runstate.locked(run_dir, "signtrap probe"), cpu_threads(cfg.train.threads):
+    with runstate.locked(run_dir, "signtrap probe"), cpu_threads(cfg.train.threads, stored=True):
         return probe_dir(target, None if reference is None else _dir(reference), texts, device,
                          show_progress=not progress.QUIET)
 
@@ -404,9 +405,12 @@ def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.
     target = Path(out) if out else default_out(cfg, defence)
     check_replaceable(target, "export", protect=(run_dir,))  # before loading anything
     require_writable(target.parent)
+    named = threads is not None
     threads = cfg.train.threads if threads is None else threads
+    threads = cores.check_threads(threads, "threads" if named else "train.threads", stored=not named)  # before anything else
     inside = run_dir.resolve() in target.resolve().parents  # e.g. RUN/export: written under the run's lock
-    with cpu_threads(threads), (runstate.locked(run_dir, "signtrap export") if inside else contextlib.nullcontext()):
+    with (runstate.locked(run_dir, "signtrap export") if inside else contextlib.nullcontext()), \
+            cpu_threads(threads, key="threads" if named else "train.threads", stored=not named) as threads:
         return export_run(run_dir, defence=defence, out=target, overrides=settings, threads=threads)
 
 
@@ -457,7 +461,8 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
         raise SigntrapError(f"{folder}: this export was not made from {ckpt} (its model.json records another checkpoint); "
                             "pass the run (and --defence) the export was made from")
     require_writable(target.parent)
-    with cpu_threads(cfg.train.threads if threads is None else threads):
+    with cpu_threads(cfg.train.threads if threads is None else threads, key="train.threads" if threads is None else "threads",
+                     stored=threads is None):
         exp = Experiment.from_config(cfg, progress=False)
         model, meta = checkpoint.verified_load(model_dir)
         checkpoint.verify_provenance(model_dir, meta, cfg, exp)  # checkpoint, config, cache and split agree
@@ -494,7 +499,7 @@ def report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path
     except SigntrapError:
         threads = 0  # the report says what is wrong with the config
     inside = target.resolve() == run_dir.resolve()
-    with cpu_threads(threads), (runstate.locked(run_dir, "signtrap report") if inside else contextlib.nullcontext()):
+    with (runstate.locked(run_dir, "signtrap report") if inside else contextlib.nullcontext()), cpu_threads(threads, stored=True):
         paths = build_report(run_dir, out_dir=target)
     return next(p for p in paths if p.name == "report.html")
 

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from signtrap.errors import SigntrapError
+from signtrap.machine import cores
 
 PACKAGES = ("signtrap", "torch", "torchvision", "timm", "albumentations", "numpy", "opencv-python-headless",
             "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript")
@@ -38,7 +39,9 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    held = cores.claimed()
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": cores.allowance(),
+            "torch_threads": torch.get_num_threads(), "cores_claimed": None if held is None else list(held.cores)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -53,20 +56,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def cpu_threads(threads: int) -> Iterator[None]:
-    """torch's CPU threads set to `threads` for the block (0: leave them as they are), then restored.
+def cpu_threads(threads: int, *, key: str = "train.threads", stored: bool = False) -> Iterator[int]:
+    """Claim CPU cores from the machine's budget for the block and set torch's CPU threads to them; yields the
+    thread count (restored afterwards). See signtrap.machine.cores for the policy.
+
+    `threads`: 0 the cores this process may use (the free ones of them); N exactly N (waiting for N free cores).
+    Above this process's allowance it is refused with one line, or capped with a warning when the value comes
+    from an existing run's config (`stored`); negative values are refused.
 
     Every command that computes (train, defend, eval, export, run, report, sweep runs) wraps its work in
     this with the run's `train.threads`, so the same run gives the same numbers whichever command, or
     which resumed pipeline, computes them."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads and torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+    with cores.claim(threads, key=key, stored=stored) as held:
+        before = torch.get_num_threads()
+        if held.threads != before:
+            torch.set_num_threads(held.threads)
+        try:
+            yield held.threads
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
 
 def cpu_has_native_bf16() -> bool:

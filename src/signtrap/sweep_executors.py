@@ -24,6 +24,7 @@ import torch
 
 from signtrap.data.cache import cache_path, prepare
 from signtrap.errors import SigntrapError
+from signtrap.machine import cores as machine_cores
 from signtrap.progress import say
 
 RAY_HINT = "the ray executor needs Ray, an optional extra: pip install 'signtrap[ray]'"
@@ -104,10 +105,8 @@ def prepare_data(data_configs: dict) -> None:
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The CPU cores this process may use (affinity, cgroup quota): each run claims its share of them."""
+    return machine_cores.allowance()
 
 
 def _report(done: int, total: int, res: Result) -> None:
@@ -122,6 +121,8 @@ def run_local(jobs: list[Job], workers: int | None = None, threads: int | None =
         raise SigntrapError(f"--workers {workers}: must be at least 1")
     if threads is not None and threads < 1:
         raise SigntrapError(f"--threads {threads}: must be at least 1")
+    if threads is not None:
+        machine_cores.check_threads(threads, "--threads")  # not above the cores this process may use
     gpus = 0
     if any(j.wants_gpu for j in jobs):
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

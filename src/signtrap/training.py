@@ -18,6 +18,7 @@ from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import one_line, require_writable, write_json, write_text
 from signtrap.loop import Hooks, Loop, Schedule
+from signtrap.machine import cores
 from signtrap.metrics import summary_table
 from signtrap.models import MEAN, STD, create_model
 from signtrap.progress import say
@@ -36,13 +37,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     locked for the whole run. Under torchrun every rank runs this same function; only rank 0 locks and
     writes files.
     """
+    cores.check_threads(cfg.train.threads)  # a thread count above this process's allowance: one line, nothing touched
     world, device = distributed.init(resolve_device(cfg.device))
     try:
-        with cpu_threads(cfg.train.threads):
-            if not world.is_main:
+        if not world.is_main:
+            with cpu_threads(cfg.train.threads):
                 return _train(cfg, world, device, resume, overwrite, on_epoch_end)
-            with runstate.locked(cfg.run_dir, "signtrap train"):
-                return _train(cfg, world, device, resume, overwrite, on_epoch_end)
+        # the run's lock first (a second process on the same run is refused at once), then the CPU cores
+        with runstate.locked(cfg.run_dir, "signtrap train"), cpu_threads(cfg.train.threads):
+            return _train(cfg, world, device, resume, overwrite, on_epoch_end)
     finally:
         distributed.shutdown(world)
 

@@ -18,7 +18,8 @@ from signtrap.deploy import runtimes as registry
 from signtrap.errors import IntegrityError, SigntrapError
 from signtrap.fileio import atomic_path, verify_sha256
 from signtrap.progress import say
-from signtrap.provenance import package_versions
+from signtrap.machine import cores
+from signtrap.provenance import cpu_threads, package_versions
 
 # the old `--providers` names of ONNX Runtime's execution providers, mapped to runtime names
 PROVIDER_RUNTIMES = {"cpu": "onnxruntime", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-tensorrt"}
@@ -76,19 +77,22 @@ def bench_export(export_dir: Path, threads: int = 0, runtimes: list[str] | None 
         raise SigntrapError(f"{export_dir}: not an export folder (run `signtrap export RUN` first)")
     registry.discover()  # fills edge_bench.EDGE_RUNTIMES with every plugin's device side
     requested = list(runtimes or []) + [_provider_runtime(p) for p in providers or ()]
-    try:
-        manifest = eb.verify_export(str(export_dir))  # before loading anything
-        eb.check_variants(manifest, variants)
-        settings = eb.settings_from(threads, runs, warmup, batch)
-        chosen = eb.select_runtimes(requested)
-        bundle = eb.load_bundle(str(export_dir), manifest)
-        rows, skipped = eb.bench_artefacts(str(export_dir), manifest, bundle, settings, chosen, variants, say, bool(requested))
-    except eb.BenchError as exc:
-        raise _signtrap_error(exc) from None
-    artefact_rows = list(rows)
-    if with_torch:
-        say("benchmarking PyTorch eager (reference)")
-        rows.insert(0, torch_row(manifest, bundle, settings))
+    cores.check_threads(threads, "threads")  # above the cores this process may use, or negative: one line
+    # every runtime's threads (ONNX Runtime intra-op, OpenVINO streams, ncnn, XNNPACK, torch) are the cores claimed
+    with cpu_threads(threads, key="threads") as claimed:
+        try:
+            manifest = eb.verify_export(str(export_dir))  # before loading anything
+            eb.check_variants(manifest, variants)
+            settings = eb.settings_from(claimed, runs, warmup, batch)
+            chosen = eb.select_runtimes(requested)
+            bundle = eb.load_bundle(str(export_dir), manifest)
+            rows, skipped = eb.bench_artefacts(str(export_dir), manifest, bundle, settings, chosen, variants, say, bool(requested))
+        except eb.BenchError as exc:
+            raise _signtrap_error(exc) from None
+        artefact_rows = list(rows)
+        if with_torch:
+            say("benchmarking PyTorch eager (reference)")
+            rows.insert(0, torch_row(manifest, bundle, settings))
     result = eb.report(str(export_dir), manifest, settings, rows, skipped, "signtrap bench", chosen)
     result["environment"]["versions"].update(package_versions())
     eb.write_outputs(result, str(export_dir / "bench.json"), str(export_dir / "bench.md"))
