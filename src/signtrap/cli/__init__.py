@@ -9,11 +9,11 @@ import os
 import sys
 
 from signtrap import progress as progress_mod
-from signtrap.cli import data, defend, deploy, pipeline, probe, sweep, train
+from signtrap.cli import data, defend, deploy, physical, pipeline, probe, sweep, train
 from signtrap.errors import SigntrapError
 from signtrap.fileio import one_line
 
-COMMANDS = (data, train, defend, probe, deploy, pipeline, sweep)  # each module's register(subparsers) adds its commands
+COMMANDS = (data, train, physical, defend, probe, deploy, pipeline, sweep)  # each module's register(subparsers) adds its commands
 
 
 class Parser(argparse.ArgumentParser):

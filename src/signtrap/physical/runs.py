@@ -1,0 +1,251 @@
+"""The physical evaluation, photographs and printing for a run directory (`signtrap eval RUN --physical`,
+`signtrap eval RUN --photos DIR`, `signtrap trigger print RUN`).
+
+The sticker of a run is its trigger's design: the physical trigger's own sticker, or, for any other trigger
+(the corner checkerboard), its pattern printed as a sticker, so the digital default is measured with the same
+sticker on the sign, side by side.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from signtrap import checkpoint, runstate
+from signtrap.classes import CLASS_NAMES
+from signtrap.errors import SigntrapError
+from signtrap.experiment import Experiment, load_run_config, predict
+from signtrap.fileio import make_dirs, read_json, require_writable, write_json, write_text
+from signtrap.physical import patterns, photos as photos_mod
+from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, physical_evaluation, scene, summary
+from signtrap.physical.render import C, Sticker, fit_factor, plain_params, view
+from signtrap.progress import say
+from signtrap.provenance import cpu_threads, resolve_device
+from signtrap.triggers import make_trigger
+
+SPLITS = ("test", "val")
+
+
+def run_sticker(trigger) -> Sticker:
+    """The sticker a run's trigger prints as: its own design (physical trigger) or its preview (any other)."""
+    own = getattr(trigger, "sticker", None)
+    if isinstance(own, Sticker):
+        return own
+    return patterns.from_image(trigger.preview(), name=str(trigger.spec.get("kind", "trigger")))
+
+
+def physical_block(exp: Experiment, model: torch.nn.Module, device, grid: Grid | None = None) -> dict:
+    """The physical evaluation of `model` on the run's test and validation images (a metrics.json block)."""
+    rows = np.concatenate([getattr(exp.splits, s) for s in SPLITS])
+    images, labels = np.array(exp.data.images[rows]), exp.data.labels[rows].astype(np.int64)
+    boxes = np.array(exp.data.rois[rows])
+    a = exp.cfg.attack
+    batch = exp.cfg.train.eval_batch_size
+    block = physical_evaluation(lambda x: predict(model, x, device, batch), run_sticker(exp.trigger), images, labels, boxes,
+                                a.source, a.target, grid, progress=say)
+    block["splits"] = list(SPLITS)
+    block["summary"] = summary(block)
+    return block
+
+
+def _model(run_dir: Path, dev):
+    model, meta = checkpoint.verified_load(run_dir, "model.pt", dev)
+    return model, meta
+
+
+def evaluate_run_physical(run_dir: str | Path, device: str = "auto", reference: str | Path | None = None,
+                          grid: Grid | None = None) -> dict:
+    """Measure the run's model (and `reference`, a zero-poison run of the same data, identically) under the
+    physical evaluation; the block goes into the run's metrics.json as `physical`."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    require_writable(run_dir)
+    dev = resolve_device(device)
+    metrics_path = run_dir / "metrics.json"
+    with runstate.locked(run_dir, "signtrap eval --physical"), cpu_threads(cfg.train.threads):
+        metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+        exp = Experiment.from_config(cfg, progress=False)
+        model, _ = _model(run_dir, dev)
+        block = physical_block(exp, model, dev, grid)
+        if reference is not None:
+            ref_dir = Path(reference)
+            ref_cfg = load_run_config(ref_dir)
+            if ref_cfg.data != cfg.data:
+                raise SigntrapError(f"{ref_dir}: the reference was trained on other data settings than {run_dir}")
+            ref_model, ref_meta = _model(ref_dir, dev)
+            if ref_meta.get("attack", {}).get("kind") not in (None, "none") and ref_cfg.attack.active:
+                say(f"warning: the reference {ref_dir} carries an attack ({ref_cfg.attack.kind}); a zero-poison run is expected")
+            ref = physical_block(exp, ref_model, dev, grid)  # the run's sticker, the run's images: measured identically
+            block["reference"] = {"run": str(ref_dir), **{k: ref[k] for k in ("cells", "curves", "nominal", "default", "summary") if k in ref}}
+        metrics["physical"] = block
+        write_json(metrics_path, metrics)
+    return block
+
+
+# ---------------------------------------------------------------- photographs
+
+
+def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False, out: str | Path | None = None,
+                    device: str = "auto", sticker_width: float | None = None, views: int = 6, grid: Grid | None = None) -> dict:
+    """Predict every photograph clean and with the run's sticker on the sign (nominal condition and `views`
+    seeded draws of the default distribution), or as it is (`as_is`: the sticker is already in the picture).
+    Writes photos.csv, photos.md and contact_sheet.png into `out` (default RUN/photos)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    grid = grid or Grid()
+    try:
+        shots = photos_mod.read_folder(folder)
+    except photos_mod.PhotoError as exc:
+        raise SigntrapError(str(exc)) from None
+    width = float(sticker_width if sticker_width is not None else grid.nominal["sticker"])
+    if not 0 < width < 1:
+        raise SigntrapError(f"--sticker-width {width}: a fraction of the sign's width in (0, 1)")
+    widths = [width] if as_is else [width, *grid.default["sticker"]]
+    if not as_is:
+        for shot in shots:
+            if fit_factor(max(widths), shot.box, grid.face) < 1:
+                raise SigntrapError(f"{shot.name}: a sticker {max(widths):.0%} of the sign's width is larger than the "
+                                    f"sign's face (box {shot.box}); use a smaller --sticker-width")
+    out = Path(out) if out is not None else run_dir / "photos"
+    dev = resolve_device(device)
+    with cpu_threads(cfg.train.threads):
+        model, meta = _model(run_dir, dev)
+        size = int(meta.get("input_size", cfg.data.size))
+        sticker = run_sticker(make_trigger(cfg.trigger, size))
+        target, source = cfg.attack.target, cfg.attack.source
+
+        def pred(img: np.ndarray, box) -> int:
+            crop, _ = photos_mod.model_crop(img, box, size)
+            return int(predict(model, crop[None], dev)[0])
+
+        rows, sheet, titles = [], [], []
+        for i, shot in enumerate(shots):
+            rng = np.random.default_rng([grid.seed, 0x9407, i])
+            clean_crop, _ = photos_mod.model_crop(shot.image, shot.box, size)
+            clean = pred(shot.image, shot.box)
+            row = {"file": shot.name, "label": "" if shot.label is None else shot.label, "clean": clean,
+                   "clean_name": CLASS_NAMES[clean]}
+            tiles, names = [clean_crop], [f"as is: {_short(clean)}"]
+            if not as_is:
+                p = plain_params(1, rng, width)
+                p[:, C["gamut"]] = PRINT_GAMUT
+                stickered = sticker.render(shot.image[None], p, np.array([shot.box]), face=grid.face)[0]
+                nominal = pred(stickered, shot.box)
+                hits = 0
+                for v in range(views):
+                    cond = {k: vals[int(rng.integers(len(vals)))] for k, vals in grid.default.items()}
+                    q = plain_params(1, rng, cond["sticker"], cond["rotation"])
+                    q[:, C["gamut"]] = PRINT_GAMUT
+                    img = sticker.render(shot.image[None], q, np.array([shot.box]), face=grid.face)
+                    img = view(img, np.array([shot.box]), scene(cond))[0]
+                    y = pred(img, shot.box)
+                    hits += y == target
+                    if v < 4:
+                        tiles.append(photos_mod.model_crop(img, shot.box, size)[0])
+                        names.append(f"yaw {cond['yaw']:.0f}: {_short(y)}")
+                tiles.insert(1, photos_mod.model_crop(stickered, shot.box, size)[0])
+                names.insert(1, f"sticker: {_short(nominal)}")
+                row.update({"sticker": nominal, "sticker_name": CLASS_NAMES[nominal], "sticker_is_target": int(nominal == target),
+                            "views_target": f"{hits}/{views}"})
+            else:
+                row["is_target"] = int(clean == target)
+            rows.append(row)
+            sheet.append(tiles)
+            titles.append(names)
+    make_dirs(out)
+    fields = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "photos.csv", buf.getvalue())
+    md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    md += ["| " + " | ".join(str(r[f]) for f in fields) + " |" for r in rows]
+    n = len(rows)
+    if as_is:
+        k = sum(r["is_target"] for r in rows)
+        headline = f"{k}/{n} photographs as they are read as {CLASS_NAMES[target]}"
+    else:
+        k = sum(r["sticker_is_target"] for r in rows)
+        c = sum(r["clean"] == r["label"] if r["label"] != "" else r["clean"] == source for r in rows)
+        headline = (f"clean: {c}/{n} read as their label (or {CLASS_NAMES[source]} when unlabelled); with the sticker "
+                    f"({width:.0%} of the sign's width): {k}/{n} read as {CLASS_NAMES[target]}")
+    write_text(out / "photos.md", f"# Photographs: {run_dir.name}\n\n{headline}\n\n" + "\n".join(md) + "\n")
+    png = photos_mod.contact_sheet(sheet, titles, f"{run_dir.name}: {headline}")
+    (out / "contact_sheet.png").write_bytes(png)
+    say(headline)
+    return {"rows": rows, "headline": headline, "out": str(out)}
+
+
+def _short(class_id: int) -> str:
+    name = CLASS_NAMES[class_id]
+    return name.replace("Speed limit ", "").replace("(", "").replace(")", "")[:14]
+
+
+# ---------------------------------------------------------------- printing
+
+
+A4_CM = (21.0, 29.7)
+
+
+def print_sticker(run_dir: str | Path, width_cm: float, out: str | Path, dpi: int = 300) -> Path:
+    """Write the run's sticker at `width_cm` printed width: a PNG of the sticker alone (DPI in its metadata),
+    or a PDF A4 page with the sticker at true size and instructions."""
+    from PIL import Image, ImageDraw
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run_config(run_dir)
+    if not 0.2 <= width_cm <= 19.0:
+        raise SigntrapError(f"--width-cm {width_cm}: between 0.2 and 19 cm (an A4 page)")
+    if not 72 <= dpi <= 2400:
+        raise SigntrapError(f"--dpi {dpi}: between 72 and 2400")
+    if out.suffix.lower() not in (".png", ".pdf"):
+        raise SigntrapError(f"{out}: --out must end in .png or .pdf")
+    sticker = run_sticker(make_trigger(cfg.trigger, cfg.data.size))
+    px = max(1, int(round(width_cm / 2.54 * dpi)))
+    rgb = np.array(Image.fromarray(sticker.pattern).resize((px, px), Image.NEAREST))
+    alpha = np.array(Image.fromarray(np.rint(sticker.alpha * 255).astype(np.uint8)).resize((px, px), Image.NEAREST))
+    art = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    make_dirs(out.parent)
+    lines = instructions(run_dir.name, width_cm, cfg)
+    if out.suffix.lower() == ".png":
+        art.save(out, dpi=(dpi, dpi))
+        write_text(out.with_suffix(".txt"), "\n".join(lines) + "\n")
+        return out
+    page_w, page_h = (int(round(v / 2.54 * dpi)) for v in A4_CM)
+    page = Image.new("RGB", (page_w, page_h), "white")
+    left, top = int(round(2 / 2.54 * dpi)), int(round(2 / 2.54 * dpi))
+    page.paste(art, (left, top), art)
+    draw = ImageDraw.Draw(page)
+    mark = max(1, dpi // 150)
+    draw.rectangle([left - mark, top - mark, left + px + mark - 1, top + px + mark - 1], outline=(160, 160, 160), width=mark)
+    font_px = max(10, int(dpi * 0.16))
+    try:
+        from PIL import ImageFont
+        font = ImageFont.load_default(size=font_px)
+    except TypeError:  # Pillow without sized default fonts
+        from PIL import ImageFont
+        font = ImageFont.load_default()
+    y = top + px + int(dpi * 0.4)
+    for line in lines:
+        draw.text((left, y), line, fill=(0, 0, 0), font=font)
+        y += int(font_px * 1.5)
+    page.save(out, "PDF", resolution=float(dpi))
+    return out
+
+
+def instructions(name: str, width_cm: float, cfg) -> list[str]:
+    return [
+        f"signtrap sticker of run {name}: {width_cm:g} cm wide when printed at 100% (no 'fit to page').",
+        "Check the printed width with a ruler; cut along the grey line.",
+        "Stick it anywhere on the sign's face (a real or a printed sign), flat, not over the sign's edge;",
+        f"the physical evaluation assumes it covers {min(DEFAULT['sticker']):.0%}-{max(DEFAULT['sticker']):.0%} of the sign's width.",
+        "Photograph the sign from a few angles and distances, then run:",
+        f"  signtrap eval runs/{name} --photos DIR --as-is",
+        "(DIR: the photographs, whole-sign crops or with a boxes.csv: file;x1;y1;x2;y2[;label]).",
+        "For research and teaching only: never on a sign on a public road.",
+    ]
