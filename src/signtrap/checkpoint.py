@@ -101,3 +101,89 @@ def require_same_attack(meta: dict, cfg, trigger_spec: dict, where: Path) -> Non
     if problems:
         raise SigntrapError(f"{where}: the config disagrees with the checkpoint: {'; '.join(problems[:3])}; "
                             "refusing to evaluate under another attack than the one it was trained with")
+
+
+# ---------------------------------------------------------------- the provenance rule
+
+# settings that do not shape the trained model or the data it saw: where things are, how fast they are computed
+NOT_PROVENANCE = {"": ("name", "runs_dir", "device", "defend", "export"), "data": ("cache_dir", "root"),
+                  "train": ("threads", "eval_batch_size")}
+
+
+def provenance_view(cfg) -> dict:
+    """The settings a checkpoint must agree with to be used under `cfg`: seed, data and split, attack, trigger,
+    augmentation, model and training schedule (not paths, devices or thread counts). Stored in every new
+    checkpoint's meta as "provenance"."""
+    from signtrap.config import to_dict
+
+    raw = to_dict(cfg)
+    view = {k: v for k, v in raw.items() if k not in NOT_PROVENANCE[""]}
+    for section, keys in NOT_PROVENANCE.items():
+        if section and isinstance(view.get(section), dict):
+            view[section] = {k: v for k, v in view[section].items() if k not in keys}
+    return view
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def verify_provenance(model_dir: Path, meta: dict, cfg, exp, what: str = "checkpoint") -> None:
+    """The one provenance rule, checked before any command uses a model (eval, defend, probe and its reference,
+    export, requantize): the checkpoint `meta`, the run's config `cfg`, the data cache and the split of `exp` agree.
+
+    - the data cache: every file matches its recorded SHA-256 (a corrupted cache is refused everywhere), and its
+      data hash is the one the checkpoint was trained on;
+    - the config: seed, split parameters (data.val_fraction), data settings, attack, trigger, model and epoch
+      count are those the checkpoint was trained with (its meta records them); an edited config.yaml is refused;
+    - the split: the sizes recorded in the run's provenance.json when it was trained;
+    - the input size of the model is the data's.
+    One line names the first disagreement; nothing is written before this passes.
+    """
+    from signtrap.data.cache import verify_cache
+
+    model_dir = Path(model_dir)
+    where = f"{model_dir}"
+    verify_cache(exp.data)
+    recorded = meta.get("data_hash")
+    if not isinstance(recorded, str):
+        raise SigntrapError(f"{where}: the {what} records no data hash; refusing to use it (train it again)")
+    if recorded != exp.data.data_hash:
+        raise SigntrapError(f"{where}: the {what} was trained on other data (data hash {recorded[:12]}…) than the run's "
+                            f"config names ({exp.data.data_hash[:12]}…, {exp.data.path}); refusing to use it")
+    size = meta.get("input_size")
+    if size is not None and int(size) != exp.data.size:
+        raise SigntrapError(f"{where}: the model takes {size}px inputs but the run's data is {exp.data.size}px")
+    require_same_attack(meta, cfg, exp.trigger.spec, model_dir)
+    epochs = meta.get("epoch")
+    if isinstance(epochs, int) and epochs != cfg.train.epochs:
+        raise SigntrapError(f"{where}: the {what} was trained for {epochs} epochs but the config says train.epochs="
+                            f"{cfg.train.epochs}; the config was edited or the checkpoint swapped, refusing to use it")
+    stored = meta.get("provenance")
+    if isinstance(stored, dict):
+        now, then = _flat(provenance_view(cfg)), _flat(stored)
+        diffs = [f"{k} is {now.get(k)!r} in the config but {then.get(k)!r} in the checkpoint"
+                 for k in sorted(set(now) & set(then)) if now[k] != then[k]]
+        if diffs:
+            raise SigntrapError(f"{where}: the config disagrees with the {what}: {'; '.join(diffs[:3])}; the config was "
+                                "edited or the checkpoint swapped, refusing to use it")
+    run_dir = model_dir if (model_dir / "provenance.json").is_file() else model_dir.parent
+    splits = _json(run_dir / "provenance.json").get("splits")
+    if isinstance(splits, dict) and splits != exp.splits.sizes():
+        raise SigntrapError(f"{where}: the split differs from the one the model was trained on ({exp.splits.sizes()} now, "
+                            f"{splits} when trained: seed or data.val_fraction changed); refusing to use it")
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

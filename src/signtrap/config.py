@@ -366,7 +366,8 @@ class RunConfig:
 
     def check(self) -> None:
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name", f"'{self.name}' is not a valid run name")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", f"'{self.device}' is not auto, cpu or cuda[:N]")
+        require(self.device in ("auto", "cpu") or (self.device.startswith("cuda") and self.device[5:].isdigit() if ":" in self.device
+                                                  else self.device == "cuda"), "device", f"'{self.device}' is not auto, cpu, cuda or cuda:N")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
@@ -475,6 +476,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); save the config as "
+                          "UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if raw is not None and not isinstance(raw, dict):

@@ -7,6 +7,11 @@
   same kind (an export recognised by its model.json format marker, a defence output by its report.json,
   a data cache by its meta.json, ...), and never one of the `protect`ed folders or a folder above them.
   Anything else is refused with one line, before any work is done when the caller names the kind.
+- The write rule: every folder signtrap writes into carries `.signtrap-written.json`, the names it wrote there.
+  A file it did not write is never replaced (`refuse_foreign`, also inside `atomic_path`) nor removed
+  (`remove_written`), and a folder holding one is never replaced (`check_owned_folder`, inside
+  `check_replaceable`): one line names the file and how to proceed. Folders made before the record existed are
+  read by their kind (`legacy_names`).
 - `require_writable` checks that an output folder can be written before a command decodes or trains.
 """
 from __future__ import annotations
@@ -160,6 +165,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     make_dirs(path.parent)
+    refuse_foreign(path)  # the write rule: never replace a file signtrap did not write
     clean_orphans(path.parent, path.name)
     try:
         fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
@@ -170,7 +176,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         _share(tmp_path)
         yield tmp_path
+        refuse_foreign(path)  # it may have appeared while the block ran
         os.replace(tmp_path, path)
+        record_written(path.parent, path.name)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -249,6 +257,7 @@ def check_replaceable(path: str | os.PathLike, kind: str | None, protect: Iterab
     if not any(path.iterdir()):
         return
     if kind is not None and KINDS[kind].recognise(path):
+        check_owned_folder(path)  # a previous one, but a file the user put into it would be lost
         return
     what = f"a previous {KINDS[kind].name}" if kind else "a folder signtrap made"
     found = kind_of(path)
@@ -282,6 +291,7 @@ def atomic_dir(path: str | os.PathLike, kind: str | None = None, protect: Iterab
         final = kind or kind_of(tmp)
         if final is not None and KINDS[final].marker:
             (tmp / MARKER).write_text(KINDS[final].marker + "\n", encoding="utf-8")
+        record_written(tmp, *(p.name for p in tmp.iterdir()))
         check_replaceable(path, final, protect)
         if path.exists():
             aside = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
@@ -294,10 +304,153 @@ def atomic_dir(path: str | os.PathLike, kind: str | None = None, protect: Iterab
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise SigntrapError(f"{path}: another process wrote it at the same time; run the command again") from None
             raise _os_error(exc, path, "write") from None
+        record_written(path.parent, path.name)
     finally:
         for leftover in (tmp, aside):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the write rule: what signtrap wrote, per folder
+
+WRITTEN = ".signtrap-written.json"  # in every folder signtrap writes into: the names of the entries it wrote there
+ALWAYS_OWNED = (WRITTEN, MARKER, ".signtrap.lock")
+# the files of a run directory, trusted in one written before folders carried a WRITTEN record
+RUN_NAMES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", "checksums.json", "metrics.json", "log.jsonl",
+             "pipeline.json", "report.html", "report.md", "last.pt", "backdoored.pt", "sleeper.json", "probe.json",
+             "export", "report_files")
+
+
+def written(folder: str | os.PathLike) -> set[str] | None:
+    """The names signtrap recorded writing in `folder`; None when the folder has no record (or an unreadable one)."""
+    try:
+        raw = json.loads((Path(folder) / WRITTEN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = raw.get("written") if isinstance(raw, dict) else None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
+
+
+def legacy_names(folder: Path) -> set[str]:
+    """What signtrap is known to have written in a folder made before folders carried a record (by its kind)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    names: set[str] = set()
+    if (folder / "config.yaml").is_file() and any((folder / f).is_file() for f in ("manifest.json", "pipeline.json", "checksums.json")):
+        names |= set(RUN_NAMES) | {p.name for p in folder.glob("defence-*") if p.is_dir()}
+    kind = kind_of(folder)
+    if kind == "export":
+        files = _json_field(folder / "model.json", "files")
+        names |= set(files) if isinstance(files, dict) else set()
+        names |= {"model.json", "bench.json", "bench.md", "bench.png", "edge_bench.py", "eval.npz"}
+    elif kind == "defence":
+        files = _json_field(folder / "report.json", "files")
+        names |= {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+        names |= {"report.json"}
+    elif kind == "report-files":
+        names |= {p.name for p in folder.iterdir() if p.suffix == ".png"}
+    elif kind == "cache":
+        names |= {"meta.json", "files.txt", *(f"{a}.npy" for a in ("images", "labels", "tracks", "partition", "rois"))}
+    return names
+
+
+def owned(path: str | os.PathLike) -> bool:
+    """Whether signtrap may replace or remove `path`: it does not exist, or signtrap wrote it (its folder's record,
+    or for a folder without a record, a file signtrap is known to write in such a folder), or a dead writer's
+    temporary file."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return True
+    if path.name in ALWAYS_OWNED or _TMP.match(path.name):
+        return True
+    names = written(path.parent)
+    if names is None:
+        names = legacy_names(path.parent)
+    return path.name in names
+
+
+def refuse_foreign(path: str | os.PathLike, action: str = "replace it") -> None:
+    """One line unless signtrap wrote `path` (or it does not exist)."""
+    path = Path(path)
+    if not owned(path):
+        raise SigntrapError(f"{path}: not written by signtrap; refusing to {action}. Move it elsewhere, or choose "
+                            "another output location (e.g. another --out)")
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[Path]:
+    """Entries of `folder` (recursively into signtrap's own sub-folders) that signtrap did not write."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if not owned(entry):
+            out.append(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            out.extend(foreign_entries(entry))
+    return out
+
+
+def check_owned_folder(folder: str | os.PathLike, action: str = "replace") -> None:
+    """One line naming the first file in `folder` signtrap did not write (it would be lost)."""
+    foreign = foreign_entries(folder)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise SigntrapError(f"{foreign[0]}: not written by signtrap{more}; refusing to {action} {folder}, which would lose it. "
+                            "Move it out of the folder, or choose another output location (e.g. another --out)")
+
+
+def record_written(folder: str | os.PathLike, *names: str) -> None:
+    """Add `names` to `folder`'s record of what signtrap wrote (a folder without one starts from what it is known
+    to hold); written atomically, following the umask."""
+    folder = Path(folder)
+    current = written(folder)
+    if current is None:
+        current = {p.name for p in folder.iterdir() if p.name in legacy_names(folder)} if folder.is_dir() else set()
+    new = current | set(names)
+    if new == written(folder):
+        return
+    text = json.dumps({"format": "signtrap.written/1", "written": sorted(new)}, indent=1) + "\n"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(WRITTEN), suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        _share(Path(tmp))
+        os.replace(tmp, folder / WRITTEN)
+    except OSError as exc:
+        raise _os_error(exc, folder / WRITTEN, "write") from None
+
+
+def remove_written(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove what signtrap wrote in `folder` (only `names` when given; sub-folders recursively, each kept while
+    it still holds a file signtrap did not write). Returns what was removed; never touches anything else."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    entries = [folder / n for n in names] if names is not None else list(folder.iterdir())
+    for entry in entries:
+        if not (entry.exists() or entry.is_symlink()) or not owned(entry) or entry.name == WRITTEN:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            removed += remove_written(entry)
+            if [p.name for p in entry.iterdir()] == [WRITTEN]:
+                (entry / WRITTEN).unlink()
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+                removed.append(entry)
+        else:
+            entry.unlink()
+            removed.append(entry)
+    names_left = written(folder)
+    if names_left is not None:
+        keep = {n for n in names_left if (folder / n).exists()}
+        if keep != names_left:
+            text = json.dumps({"format": "signtrap.written/1", "written": sorted(keep)}, indent=1) + "\n"
+            with contextlib.suppress(OSError):
+                (folder / WRITTEN).write_text(text, encoding="utf-8")
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -17,7 +17,7 @@ from signtrap import checkpoint
 from signtrap.config import ProbeConfig, parse_override
 from signtrap.defences.run import Session
 from signtrap.errors import SigntrapError
-from signtrap.fileio import read_json, write_text
+from signtrap.fileio import read_json, refuse_foreign, write_text
 from signtrap.reactivation import defence_lr, probe_json
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
@@ -56,9 +56,10 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     probe.json's record. Everything is validated before anything trains."""
     target = Path(target)
     run_dir, folder, report = resolve_target(target)
+    refuse_foreign(target / "probe.json")  # the write rule, before minutes of probing
     session = Session.open(run_dir, probe_overrides(overrides, reference), device, show_progress)
     prober = session.prober  # checks k against the budget
-    prober.reference_plan()  # a reference, or a way to train one
+    prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
     if folder is None:
         record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
     else:

@@ -210,7 +210,7 @@ def config_differences(cfg: RunConfig, ref: RunConfig) -> list[str]:
                 diffs.append(section if not isinstance(a[section], dict) else
                              next(f"{section}.{k}" for k in a[section] if a[section][k] != b[section].get(k)))
             continue
-        diffs.extend(f"{section}.{k}" for k in keys if a[section][k] != b[section][k])
+        diffs.extend(f"{section}.{k}" for k in keys if a[section].get(k) != b[section].get(k))  # a key may move between versions
     return diffs
 
 

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 
 from signtrap.config import RunConfig, load_config, read_yaml, to_dict
 from signtrap.errors import SigntrapError
-from signtrap.fileio import CHECKSUMS, HOST_ID, KINDS, clean_orphans, make_dirs, pid_alive, read_checksums, sha256_file
+from signtrap.fileio import (CHECKSUMS, HOST_ID, KINDS, WRITTEN, clean_orphans, make_dirs, pid_alive,
+                             read_checksums, remove_written, sha256_file)
 
 try:
     import fcntl
@@ -46,7 +47,7 @@ EPOCH_CHECKPOINT = "last.pt"
 # every file of a finished `signtrap train` run
 FINISHED_FILES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", CHECKSUMS, "metrics.json", "log.jsonl")
 # what a run directory may hold that signtrap derives from its model (removed with the model by --overwrite)
-DERIVED_FILES = ("pipeline.json", "report.html", "report.md", EPOCH_CHECKPOINT)
+DERIVED_FILES = ("pipeline.json", "report.html", "report.md", "probe.json", EPOCH_CHECKPOINT)
 # what `attack.dormant` training adds (signtrap.attacks.dormant): the model before the repair, the repair's report
 DORMANT_FILES = ("backdoored.pt", "sleeper.json")
 DERIVED_DIRS = {"export": "export", "report_files": "report-files"}  # folder -> kind; plus defence-* folders
@@ -317,7 +318,7 @@ def inspect(run_dir: str | os.PathLike, cfg: RunConfig | None = None) -> RunStat
     holder = lock_holder(run_dir) if entries else None
     if holder is not None:
         return RunState(run_dir, LOCKED, f"in use by {holder.describe()}", holder=holder)
-    if not [e for e in entries if e != LOCK_FILE and not e.endswith(".tmp")]:
+    if not [e for e in entries if e not in (LOCK_FILE, WRITTEN) and not e.endswith(".tmp")]:
         return RunState(run_dir, NEW, "empty" if entries else "does not exist yet")
     if not is_run_dir(run_dir):
         return RunState(run_dir, FOREIGN, f"{run_dir} is not a signtrap run directory (it holds {', '.join(sorted(entries)[:3])}"
@@ -374,20 +375,19 @@ def decide(state: RunState, resume: bool = False, overwrite: bool = False) -> st
     raise SigntrapError(f"{d}: {why}; pass --overwrite to train it again")
 
 
-def clear_run(run_dir: str | os.PathLike) -> list[Path]:
-    """Remove what signtrap made in a run directory (its files, defence outputs, export, report), for
-    --overwrite; anything else in the folder is left alone. The caller holds the lock."""
+def derived_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """The folders of a run directory signtrap derives from its model: export, report_files, defence-*."""
     run_dir = Path(run_dir)
-    removed = []
-    for name in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES):
-        path = run_dir / name
-        if path.is_file():
-            path.unlink()
-            removed.append(path)
     folders = [(run_dir / name, kind) for name, kind in DERIVED_DIRS.items()]
     folders += [(p, "defence") for p in sorted(run_dir.glob("defence-*"))]
-    for path, kind in folders:
-        if path.is_dir() and KINDS[kind].recognise(path):
-            shutil.rmtree(path)
-            removed.append(path)
-    return removed
+    return [path for path, kind in folders if path.is_dir() and KINDS[kind].recognise(path)]
+
+
+def clear_run(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what signtrap made in a run directory (its files, defence outputs, export, report, probe.json), for
+    --overwrite: only files signtrap wrote (signtrap.fileio's record); anything else stays where it is, and so
+    does the folder holding it. The caller holds the lock."""
+    run_dir = Path(run_dir)
+    names = [n for n in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES) if (run_dir / n).is_file()]
+    names += [p.name for p in derived_folders(run_dir)]
+    return remove_written(run_dir, names)

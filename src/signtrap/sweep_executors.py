@@ -9,8 +9,10 @@ own process with its own thread budget and GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -75,11 +77,52 @@ def execute(job: Job, threads: int, gpu: int | None = None) -> Result:
             argv = [sys.executable, "-m", "signtrap", *cmd]
             fh.write(f"$ {shlex.join(argv)}\n")
             fh.flush()
-            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job.cwd, env=env).returncode
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job.cwd, env=env)
+            with _CHILDREN_LOCK:
+                _CHILDREN.add(proc)
+            try:
+                rc = proc.wait()
+            finally:
+                with _CHILDREN_LOCK:
+                    _CHILDREN.discard(proc)
             if rc != 0:
                 fh.flush()
                 return Result(job.name, False, time.perf_counter() - start, job.log, _failure(job.log, cmd[0], rc))
     return Result(job.name, True, time.perf_counter() - start, job.log)
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # the run processes this sweep has started and not yet reaped
+_CHILDREN_LOCK = threading.Lock()
+
+
+def stop_children(sig: int = signal.SIGTERM) -> None:
+    """Pass `sig` on to every run process the sweep started (a stopped sweep leaves no orphan holding a run's lock)."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+
+
+@contextlib.contextmanager
+def children_stop_with_us(stopping: threading.Event):
+    """While the block runs, SIGTERM (and SIGHUP) to the sweep stops its runs, then interrupts the sweep itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        stopping.set()
+        stop_children(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _failure(log: str, step: str, rc: int) -> str:
@@ -150,7 +193,7 @@ def run_local(jobs: list[Job], workers: int | None = None, threads: int | None =
             slots.put(slot)
 
     results = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with children_stop_with_us(stopping), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(work, job) for job in jobs]
         try:
             for future in as_completed(futures):

@@ -5,8 +5,9 @@ process, i.e. the pipeline engine (signtrap.pipeline) with its train and defend 
 at a time on this machine; `ray`: one task per run on a Ray cluster). So a sweep decides what is done,
 what resumes and what is stale exactly as `signtrap run` and `signtrap train` do (signtrap.runstate): a
 finished run is skipped, an interrupted one resumed, a run of a different config refused without
---overwrite, a run another process holds refused. When the base config lists `defend.methods`, every run
-is defended after training. At the end, runs/SWEEP_NAME/summary.csv, summary.md and summary.png (ASR and
+--overwrite, a run another process holds refused. Every run is defended after training with its
+`defend.methods`, as `signtrap run` would (empty: every registered defence); `--no-defend` leaves defences
+out (training metrics only). At the end, runs/SWEEP_NAME/summary.csv, summary.md and summary.png (ASR and
 clean accuracy against the poison rate, per defence, with the spread over seeds).
 
 The sweep file (see configs/sweep_example.yaml):
@@ -187,7 +188,7 @@ class Sweep:
     spec: SweepSpec
     root: Path  # runs_dir/SWEEP_NAME
     runs: list[SweepRun]
-    methods: list[str]  # defences every run gets (empty: none)
+    methods: list[str]  # defences the runs get (empty: none, with --no-defend)
     defence_note: str  # why defences are or are not in the summary
 
     @property
@@ -198,6 +199,14 @@ class Sweep:
     def skip(self) -> tuple[str, ...]:
         """The pipeline stages a sweep point leaves out."""
         return SKIP if self.methods else (*SKIP, "defend")
+
+
+def run_methods(cfg) -> list[str]:
+    """The defences a run's pipeline runs: its defend.methods, or every registered defence when that is empty
+    (the pipeline's rule, signtrap.pipeline)."""
+    from signtrap.defences import list_defences
+
+    return list(cfg.defend.methods) or list_defences()
 
 
 def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
@@ -224,13 +233,15 @@ def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
                 raise ConfigError(f"sweep {spec.path}: device {cfg.device} would pin every run to one GPU; "
                                   "use device=auto or cuda (each run gets its own GPU)")
             runs.append(SweepRun(name, params, overrides, cfg))
-    methods, note = [], "no defences: the base config lists no defend.methods"
-    listed = list(dict.fromkeys(m for r in runs for m in r.cfg.defend.methods))
-    if listed and not defend:
+    # defend.methods means what it means in `signtrap run`: the defences listed, and empty means every registered one
+    listed = list(dict.fromkeys(m for r in runs for m in run_methods(r.cfg)))
+    methods, every = [], all(not r.cfg.defend.methods for r in runs)
+    if not defend:
         note = f"defences {', '.join(listed)} skipped (--no-defend): training metrics only"
-    elif listed:
+    else:
         methods = listed
-        note = f"defences after training: {', '.join(methods)} (before/after on the test split)"
+        note = (f"defences after training: {'every registered defence (defend.methods is empty): ' if every else ''}"
+                f"{', '.join(methods)} (before/after on the test split; --no-defend for training metrics only)")
     return Sweep(spec, root, runs, methods, note)
 
 
@@ -289,7 +300,7 @@ def collect(sweep: Sweep, outcomes: dict[str, str]) -> list[dict]:
         poisoned = read_json(d / "manifest.json").get("poisoned") if (d / "manifest.json").is_file() else None
         metrics = read_json(d / "metrics.json")["test"] if (d / "metrics.json").is_file() else {}
         rows.append({**base, "defence": "none", "poisoned": poisoned, **_metric_cols(metrics), "clean_acc_before": None, "asr_before": None})
-        for method in run.cfg.defend.methods if sweep.methods else []:  # noqa: B007
+        for method in run_methods(run.cfg) if sweep.methods else []:  # noqa: B007
             report_path = d / f"defence-{method}" / "report.json"
             report = read_json(report_path) if report_path.is_file() else {}
             after = report.get("after", {}).get("test", {})

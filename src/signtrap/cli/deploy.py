@@ -11,7 +11,7 @@ from signtrap.deploy import edge_bench, runtimes
 def cmd_export(args: argparse.Namespace) -> int:
     overrides = {}
     for key in ("calibration", "calib_method", "calib_images", "exporter"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:  # --calib-images 0 is checked, not ignored
             overrides[key] = getattr(args, key)
     if args.per_channel:
         overrides["per_channel"] = True

@@ -20,7 +20,7 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
                                       write_curve_csv)
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
-from signtrap.fileio import atomic_dir, write_json
+from signtrap.fileio import atomic_dir, check_replaceable, kind_of, write_json
 from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
 from signtrap.progress import say, warn
 from signtrap.provenance import resolve_device
@@ -231,6 +231,9 @@ def run_defences(run_dir: str | Path, method: str | list[str], overrides=(), dev
     method_names(method)
     session = Session.open(run_dir, overrides, device, show_progress)
     names = resolve_methods(method, session.cfg)
+    for name in names:  # the write rule, before any defence runs: a user's file in a defence folder is never lost
+        folder = session.run_dir / f"defence-{name}"
+        check_replaceable(folder, kind_of(folder))
     if session.cfg.defend.probe.enabled and session.probe_unavailable is None:
         session.prober.check_reference()  # a wrong reference is one line now, not after the first defence has run
     return [session.run(name) for name in names]

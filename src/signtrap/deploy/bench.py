@@ -16,7 +16,7 @@ from signtrap import checkpoint
 from signtrap.deploy import edge_bench as eb
 from signtrap.deploy import runtimes as registry
 from signtrap.errors import IntegrityError, SigntrapError
-from signtrap.fileio import atomic_path, verify_sha256
+from signtrap.fileio import atomic_path, record_written, refuse_foreign, verify_sha256
 from signtrap.progress import say
 from signtrap.machine import cores
 from signtrap.provenance import cpu_threads, package_versions
@@ -75,6 +75,8 @@ def bench_export(export_dir: Path, threads: int = 0, runtimes: list[str] | None 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise SigntrapError(f"{export_dir}: not an export folder (run `signtrap export RUN` first)")
+    for name in ("bench.json", "bench.md", "bench.png"):  # the write rule, checked before the benchmark
+        refuse_foreign(export_dir / name)
     registry.discover()  # fills edge_bench.EDGE_RUNTIMES with every plugin's device side
     requested = list(runtimes or []) + [_provider_runtime(p) for p in providers or ()]
     cores.check_threads(threads, "threads")  # above the cores this process may use, or negative: one line
@@ -96,6 +98,7 @@ def bench_export(export_dir: Path, threads: int = 0, runtimes: list[str] | None 
     result = eb.report(str(export_dir), manifest, settings, rows, skipped, "signtrap bench", chosen)
     result["environment"]["versions"].update(package_versions())
     eb.write_outputs(result, str(export_dir / "bench.json"), str(export_dir / "bench.md"))
+    record_written(export_dir, "bench.json", "bench.md")
     plot(result, export_dir / "bench.png")
     for warning in result["audit_warnings"]:
         say(f"WARNING {warning}")

@@ -534,6 +534,24 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def check_output(path):
+    """The folder of the output file exists and files can be created in it: checked before the benchmark runs
+    (not found out after it, with a traceback)."""
+    if os.path.isdir(path):
+        raise BenchError("%s: is a folder; --out names the bench.json file to write" % path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise BenchError("%s: the output folder %s; create it or choose another --out" % (folder, what))
+    probe = os.path.join(folder, ".edge_bench.%d.check" % os.getpid())
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise BenchError("%s: the output folder is not writable (%s); choose another --out" % (folder, exc.strerror or exc))
+
+
 def write_outputs(result, json_path, md_path=None):
     write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     if md_path:
@@ -593,6 +611,8 @@ def main(argv=None):
     try:
         if not os.path.isdir(directory):
             raise BenchError("%s: not a directory" % directory)
+        out = args.out or os.path.join(directory, "bench.json")
+        check_output(out)  # before the benchmark, not after it
         manifest = verify_export(directory)  # before loading any model or array
         variants = split_list(args.variants) or None
         check_variants(manifest, variants)
@@ -602,8 +622,10 @@ def main(argv=None):
         bundle = load_bundle(directory, manifest)
         rows, skipped = bench_artefacts(directory, manifest, bundle, settings, runtimes, variants, log, bool(requested))
         result = report(directory, manifest, settings, rows, skipped, "edge_bench.py", runtimes)
-        out = args.out or os.path.join(directory, "bench.json")
         write_outputs(result, out, os.path.splitext(out)[0] + ".md")
+    except OSError as exc:  # the folder changed while the benchmark ran: still one line
+        print("edge_bench: error: %s: %s" % (exc.filename or out, exc.strerror or exc), file=sys.stderr)
+        return 2
     except BenchError as exc:
         print("edge_bench: error: %s" % exc, file=sys.stderr)
         return 2

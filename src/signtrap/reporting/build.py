@@ -14,7 +14,7 @@ import yaml
 
 from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
 from signtrap.errors import SigntrapError
-from signtrap.fileio import atomic_dir, check_replaceable, require_writable, sha256_file, write_text
+from signtrap.fileio import atomic_dir, check_replaceable, refuse_foreign, require_writable, sha256_file, write_text
 from signtrap.plugins import DEFENCES
 from signtrap.progress import say
 from signtrap.runstate import lock_holder
@@ -499,6 +499,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     out = Path(out_dir) if out_dir else run_dir
     require_writable(out)  # before reading or rendering anything
     files_dir = out / "report_files"
+    for name in ("report.html", "report.md"):  # the write rule: a user's own report is never replaced
+        refuse_foreign(out / name)
     check_replaceable(files_dir, "report-files")
     say(f"report: collecting {run_dir}")
     sections = collect_sections(run_dir)
