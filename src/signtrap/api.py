@@ -342,10 +342,24 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
     return Run(train_run(cfg, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end))
 
 
-def evaluate(run: str | os.PathLike, device: str = "auto") -> dict:
+def evaluate(run: str | os.PathLike, device: str = "auto", *, physical: bool = False, reference: str | os.PathLike | None = None,
+             grid: Mapping[str, Any] | None = None, photos: str | os.PathLike | None = None, as_is: bool = False,
+             out: str | os.PathLike | None = None, sticker_width: float | None = None) -> dict:
     """Re-evaluate a run's (or a defence folder's) verified model and rewrite its metrics.json (`signtrap eval`).
 
-    The attack is the one the checkpoint was trained with; a config.yaml that disagrees is refused."""
+    The attack is the one the checkpoint was trained with; a config.yaml that disagrees is refused.
+    `physical=True` (`--physical`): the physical evaluation instead (the run's sticker on the sign under a fixed grid of
+    conditions; `reference` a zero-poison run measured identically; `grid` overrides of signtrap.physical.evaluate.Grid),
+    written to metrics.json's `physical` block and returned. `photos=DIR` (`--photos`): a folder of sign photographs
+    predicted clean and with the run's sticker on the sign (or `as_is`), a table and a contact sheet in `out`."""
+    if photos is not None or physical:
+        from signtrap.physical import runs as physical_runs
+
+        if photos is not None:
+            return physical_runs.evaluate_photos(_dir(run), photos, as_is=as_is, out=out, device=_device(device),
+                                                 sticker_width=sticker_width)
+        return physical_runs.evaluate_run_physical(_dir(run), device=_device(device), reference=reference,
+                                                   grid=physical_runs.grid_from_mapping(grid))
     return evaluate_run(_dir(run), device=_device(device))
 
 

@@ -26,17 +26,17 @@ def cmd_optimise(args) -> int:
 def _eval(original):
     def run(args) -> int:
         if getattr(args, "photos", None):
-            from signtrap.physical.runs import evaluate_photos
+            from signtrap import api
 
-            result = evaluate_photos(args.run, args.photos, as_is=args.as_is, out=args.out, device=args.device or "auto",
-                                     sticker_width=args.sticker_width)
+            result = api.evaluate(args.run, device=args.device or "auto", photos=args.photos, as_is=args.as_is, out=args.out,
+                                  sticker_width=args.sticker_width)
             print(result["headline"])
             print(result["out"])
             return 0
         if getattr(args, "physical", False):
-            from signtrap.physical.runs import evaluate_run_physical
+            from signtrap import api
 
-            block = evaluate_run_physical(args.run, device=args.device or "auto", reference=args.reference)
+            block = api.evaluate(args.run, device=args.device or "auto", physical=True, reference=args.reference)
             print(json.dumps(block["summary"]) if args.json else _summary_text(block))
             return 0
         if getattr(args, "as_is", False) or getattr(args, "reference", None):

@@ -38,6 +38,20 @@ def run_sticker(trigger) -> Sticker:
     return patterns.from_image(trigger.preview(), name=str(trigger.spec.get("kind", "trigger")))
 
 
+def grid_from_mapping(raw) -> Grid | None:
+    """A Grid from a mapping of its settings (None: the defaults); a bad setting is one SigntrapError line."""
+    if raw is None:
+        return None
+    from signtrap.physical.evaluate import grid_from_dict
+
+    try:
+        grid = grid_from_dict(dict(raw))
+        grid.check()
+    except (ValueError, TypeError) as exc:
+        raise SigntrapError(f"physical grid: {exc}") from None
+    return grid
+
+
 def physical_block(exp: Experiment, model: torch.nn.Module, device, grid: Grid | None = None) -> dict:
     """The physical evaluation of `model` on the run's test and validation images (a metrics.json block)."""
     rows = np.concatenate([getattr(exp.splits, s) for s in SPLITS])
