@@ -678,6 +678,11 @@ def test_empty_defend_methods_mean_the_same_in_run_and_sweep(tmp_path):
     ("bench", "{export}", "--runs", "0"),
     ("report", "{base}/nosuch"),
     ("data", "info", "data.size=-3"),
+    # thread counts (the machine's core budget, issue 24): above the usable CPUs, or negative
+    ("train", "train.threads=64"),
+    ("export", "{run}", "--out", "{base}/exp", "--threads", "64"),
+    ("export", "{run}", "--out", "{base}/exp", "--threads", "-3"),
+    ("bench", "{export}", "--threads", "-3"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(world, tmp_path, capsys, args):
     args = [a.format(run=world.bd, export=world.export, base=tmp_path) for a in args]
