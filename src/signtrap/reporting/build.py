@@ -23,6 +23,7 @@ from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
 from signtrap.reporting.detection import detection_section, probe_section
 from signtrap.reporting.render import render_html, render_markdown
+from signtrap.reporting.physical import ID as PHYSICAL_ID, TITLE as PHYSICAL_TITLE, physical_section
 from signtrap.reporting.sleeper import ID as SLEEPER_ID, TITLE as SLEEPER_TITLE, sleeper_section
 
 REPORT_VERSION = 1
@@ -36,6 +37,7 @@ SECTIONS = (
     ("probe", "Removed or only hidden? The re-activation probe"),
     ("detection", "Detection: which detectors see this backdoor?"),
     ("deployment", "Deployment: runtime x precision"),
+    (PHYSICAL_ID, PHYSICAL_TITLE),
     (SLEEPER_ID, SLEEPER_TITLE),
     ("provenance", "Provenance"),
 )
@@ -474,7 +476,7 @@ def _file_hashes(run: Run, stages: dict) -> list[list]:
 
 
 BUILDERS = (summary_section, attack_section, training_section, evaluation_section, defences_section, probe_section,
-            detection_section, deployment_section, sleeper_section, provenance_section)
+            detection_section, deployment_section, physical_section, sleeper_section, provenance_section)
 
 
 def collect_sections(run_dir: Path) -> list[Section]:
