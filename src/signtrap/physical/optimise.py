@@ -107,7 +107,7 @@ def optimise_cli(args) -> Path:
     then the pattern (written as a PNG with one pixel per printed cell)."""
     from signtrap.config import load_config
     from signtrap.errors import SigntrapError
-    from signtrap.experiment import Experiment, predict
+    from signtrap.experiment import Experiment
     from signtrap.loop import Loop, Schedule, clean_training_set
     from signtrap.models import create_model
     from signtrap.physical.patterns import save_png
