@@ -15,9 +15,12 @@ FAST: dict[str, list[str]] = {
     "ft-sam": ["ft-sam.epochs=1", "ft-sam.grid=[1e-4,1e-3]"],
     "fst": ["fst.epochs=2", "fst.grid=[0.01,0.2]"],
     "neural-cleanse": ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]",
-                       "neural-cleanse.steps=80", "neural-cleanse.batch_size=16", "neural-cleanse.samples=256",
-                       "neural-cleanse.epochs=1"],
+                       "neural-cleanse.steps=60", "neural-cleanse.samples=128", "neural-cleanse.epochs=1"],
     "strip": ["strip.overlays=8"],
+    "bti-dbf": ["bti-dbf.mask_epochs=2", "bti-dbf.gen_epochs=2"],
+    "bti-dbf-u": ["bti-dbf-u.mask_epochs=1", "bti-dbf-u.gen_epochs=1", "bti-dbf-u.epochs=1", "bti-dbf-u.grid=[1e-4,1e-3]"],
+    "pam": ["pam.mask_epochs=1", "pam.gen_epochs=1", "pam.epochs=1", "pam.grid=[1e-4,1e-3]"],
+    "sau": ["sau.epochs=1", "sau.steps=2", "sau.grid=[1e-4,1e-3]"],
     "scan": [],
 }
 

@@ -57,8 +57,9 @@ def same_rates(a: dict, b: dict) -> None:
         assert (a[key]["k"], a[key]["n"]) == (b[key]["k"], b[key]["n"]), (key, a[key], b[key])
 
 
-BUILT_IN = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "neural-cleanse", "redteam", "scan", "strip"]
-TUNED = ["adv-pgd", "anp", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "redteam"]
+BUILT_IN = ["adv-pgd", "anp", "bti-dbf", "bti-dbf-u", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "neural-cleanse",
+            "pam", "redteam", "sau", "scan", "strip"]
+TUNED = ["adv-pgd", "anp", "bti-dbf-u", "fine-prune", "finetune", "fst", "ft-sam", "i-bau", "nad", "pam", "redteam", "sau"]
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():

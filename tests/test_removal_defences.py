@@ -1,0 +1,132 @@
+"""The defences built against superficial safety (issue 23): BTI-DBF's inversion, BTI-DBF(U), PAM and SAU on tiny
+SynthSigns models; Neural Cleanse with the authors' optimisation; bad budgets and options through `signtrap defend`."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from signtrap.cli import main
+
+from conftest import tiny_overrides
+
+COMMON = ["clean_fraction=0.3", "probe.enabled=false"]
+LR, EPOCHS = 1e-3, 4  # the same learning rate and epochs for fine-tuning and the defences compared with it
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / run.name
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def a2o(tiny_a2o_run, tmp_path_factory) -> Path:
+    """A private copy of the tiny all-to-one run (any class carrying the trigger reads as 100 km/h)."""
+    return copy_run(tiny_a2o_run, tmp_path_factory.mktemp("removal"))
+
+
+@pytest.fixture(scope="module")
+def a2o_zero(tmp_path_factory) -> Path:
+    """The zero-poison twin of the tiny all-to-one run (attack.kind=none, the same 12 epochs and seed)."""
+    from signtrap.config import load_config
+    from signtrap.training import train
+
+    base = tmp_path_factory.mktemp("tiny-a2o-zero")
+    return train(load_config(None, tiny_overrides(base, "tiny-a2o-zero", "attack.kind=none", "train.epochs=12",
+                                                  "train.threads=1")))
+
+
+def defend_one(run: Path, method: str, *settings: str) -> dict:
+    from signtrap.defences.run import run_defences
+
+    (report,) = run_defences(run, method, [*COMMON, *settings], "cpu", show_progress=False)
+    return report
+
+
+@pytest.fixture(scope="module")
+def finetuned(a2o) -> dict:
+    """Plain fine-tuning at LR for EPOCHS: the baseline SAU and PAM must beat."""
+    return defend_one(a2o, "finetune", f"finetune.lr={LR}", f"finetune.epochs={EPOCHS}")
+
+
+def rates(report: dict) -> tuple[float, float]:
+    after = report["after"]["test"]
+    return after["asr"]["rate"], after["clean_acc"]["rate"]
+
+
+@pytest.mark.slow
+def test_bti_dbf_inverts_a_trigger_that_sends_clean_images_to_the_target(a2o):
+    report = defend_one(a2o, "bti-dbf")
+    d = report["details"]
+    assert report["kind"] == "detect" and not report["repaired_model"]
+    assert d["inverted_target"] == 7, d  # the all-to-one target
+    assert d["flip_rate"] > 0.5, d  # most clean images of other classes are sent there
+    assert d["target_match"] and d["points_at_attack"], d
+    assert (a2o / "defence-bti-dbf" / "inverted_trigger.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sau", "pam"])
+def test_sau_and_pam_lower_asr_more_than_finetuning(method, a2o, finetuned):
+    """At the same learning rate and epochs, the defence leaves less of the backdoor than plain fine-tuning."""
+    report = defend_one(a2o, method, f"{method}.lr={LR}", f"{method}.epochs={EPOCHS}")
+    before = report["before"]["test"]["asr"]["rate"]
+    asr, clean = rates(report)
+    ft_asr, ft_clean = rates(finetuned)
+    summary = (f"{method}: ASR {before:.3f} -> {asr:.3f} (clean {clean:.3f}); finetune: ASR -> {ft_asr:.3f} "
+               f"(clean {ft_clean:.3f})")
+    assert before > 0.9, summary
+    assert asr < ft_asr, summary
+
+
+@pytest.mark.slow
+def test_bti_dbf_u_repairs_and_reports_its_inversion(a2o):
+    report = defend_one(a2o, "bti-dbf-u", "bti-dbf-u.epochs=2", "bti-dbf-u.grid=[1e-4,1e-3]", "bti-dbf-u.gen_epochs=4")
+    d = report["details"]
+    assert report["repaired_model"] and d["selection"]["knob"] == "lr" and not d["selection"]["fixed"]
+    assert {"inverted_target", "flip_rate", "verdict"} <= set(d)
+    out = a2o / "defence-bti-dbf-u"
+    assert (out / "tradeoff.csv").is_file() and (out / "inverted_trigger.png").is_file()
+
+
+@pytest.mark.slow
+def test_neural_cleanse_flags_the_all_to_one_target_and_nothing_on_zero_poison(a2o, a2o_zero):
+    """The authors' optimisation (cost schedule, early stop) on every class: class 7 flagged on the all-to-one
+    model, its reversed mask near the real trigger's size; nothing flagged on the zero-poison twin."""
+    nc = ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.steps=100",
+          "neural-cleanse.samples=128", "neural-cleanse.epochs=0"]
+    d = defend_one(a2o, "neural-cleanse", *nc)["details"]
+    assert d["flagged"] == [7], d["anomaly_index"]
+    assert d["trigger_pixels"] == 36  # the tiny runs' 6 x 6 trigger
+    assert d["target_mask_l1"] < d["median_mask_l1"] / 2, d
+    zero = defend_one(a2o_zero, "neural-cleanse", *nc)["details"]
+    assert zero["flagged"] == [], zero["anomaly_index"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["clean_fraction=0"], "defend.clean_fraction: 0.0 is outside (0, 1]"),
+    (["clean_images=0"], "defend.clean_images: must be >= 1"),
+    (["clean_fraction=1.0"], "the attacker did not touch"),
+    (["sau.epsilon=0.1"], "unknown config key 'defend.sau.epsilon' (did you mean 'eps'?)"),
+    (["pam.rho=-1"], "defend.pam.rho: -1.0 is outside [0, 100]"),
+])
+def test_bad_budget_or_option_is_one_line_and_exit_2(tiny_run, tmp_path, capsys, args, message):
+    run = copy_run(tiny_run, tmp_path)
+    rc = main(["--quiet", "defend", str(run), "--method", "sau", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("signtrap: error: ") and message in err[0], err
+    assert not any(p.name.startswith("defence-") for p in run.iterdir())
+
+
+def test_new_defences_are_registered_one_file_each():
+    from signtrap.defences import get_defence
+
+    for name, kind in (("bti-dbf", "detect"), ("bti-dbf-u", "repair"), ("pam", "repair"), ("sau", "repair")):
+        spec = get_defence(name)
+        assert spec.kind == kind and spec.module == f"signtrap.defences.{name.replace('-', '_')}"
+        assert spec.summarize is not None and spec.report is not None
+        spec.settings().check(f"defend.{name}")
+        assert json.dumps(spec.doc)  # a docstring that states the rule
