@@ -21,7 +21,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # 2 epochs of a 1161-image SynthSigns set: seconds per epoch; the global batch is 64 in both runs (2 x 32 under torchrun)
 EXTRA = ("data.synth_per_class=30", "attack.poison_count=20", "train.epochs=2", "train.threads=1")
 RUN_FILES = {"config.yaml", "manifest.json", "provenance.json", "last.pt", "model.pt", "checksums.json", "metrics.json", "log.jsonl",
-             ".signtrap.lock"}  # the run's lock, held by rank 0
+             ".signtrap.lock", ".signtrap-written.json"}  # the run's lock, held by rank 0; the record of what signtrap wrote
 
 # Tolerances against the single-process run with the same global batch. The runs are not identical
 # because (1) each rank normalises its 32 images with its own BatchNorm batch statistics (no SyncBatchNorm)
