@@ -27,7 +27,6 @@ def worker(args) -> None:
     from signtrap import distributed
     from signtrap.attacks.poison import TrainingSet
     from signtrap.config import load_config
-    from signtrap.classes import NUM_CLASSES
     from signtrap.loop import Loop, Schedule
     from signtrap.models import create_model
 
@@ -41,7 +40,7 @@ def worker(args) -> None:
         ts = TrainingSet(rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8), rng.integers(0, 43, n).astype(np.int64),
                          np.zeros(n, bool), True, np.tile(np.array([0, 0, args.size, args.size]), (n, 1)))
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+        model = create_model(cfg.model.name, num_classes=43, dropout=cfg.model.dropout)  # random labels 0..42 above
         loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, 0xE90C, aug=cfg.aug,
                     precision=cfg.train.precision, world=world, show_progress=False)
         loop.epoch(0)  # warm-up: allocator, autotuning, first DDP buckets

@@ -49,13 +49,13 @@ def main() -> int:
 
 
 def signtrap_route(cfg, exp, ts, steps: int) -> float:
-    from signtrap.classes import NUM_CLASSES
     from signtrap.loop import Loop, Schedule
     from signtrap.models import create_model
     from signtrap.training import EPOCH_STREAM
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+    space = exp.classes
+    model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
     loop = Loop(model, ts, Schedule.from_train(cfg.train), torch.device("cpu"), cfg.seed, EPOCH_STREAM, aug=cfg.aug,
                 precision=cfg.train.precision, trigger=exp.trigger)
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def naive_route(cfg, exp, rows, work: Path, workers: int) -> float:
     from signtrap.data.archive import safe_extract
     from signtrap.models import create_model
 
-    root = Path(cfg.data.resolved_root())
+    root = Path(cfg.data.settings.resolved_root())
     safe_extract(root / "GTSRB-Training_fixed.zip", work / "tv" / "gtsrb")
     transform = transforms.Compose([
         transforms.Resize((32, 32)),
@@ -85,7 +85,7 @@ def naive_route(cfg, exp, rows, work: Path, workers: int) -> float:
     subset = Subset(dataset, [index[exp.data.files[r].split("GTSRB/Training/")[-1]] for r in rows])
     loader = DataLoader(subset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers, persistent_workers=False)
     torch.manual_seed(0)
-    model = create_model(cfg.model.name, dropout=cfg.model.dropout)
+    model = create_model(cfg.model.name, exp.classes.num_classes, dropout=cfg.model.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model.train()
     seen, start = 0, time.perf_counter()

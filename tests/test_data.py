@@ -144,7 +144,7 @@ def csv_labels(root: Path) -> tuple[list[int], list[int]]:
 
 
 def test_real_gtsrb(real_gtsrb, tmp_path_factory):
-    from signtrap.classes import STOP
+    from signtrap.datasets.gtsrb import STOP
 
     cfg = load_config(None, ["data.source=gtsrb", f"data.root={real_gtsrb}", f"data.cache_dir={tmp_path_factory.mktemp('c')}"]).data
     data = load(cfg, progress=False)

@@ -4,13 +4,16 @@ import torch.nn.functional as F
 
 from signtrap import checkpoint
 from signtrap.errors import SigntrapError
-from signtrap.models import MEAN, STD, create_model, list_models
+from signtrap.datasets.gtsrb import LABELS
+from signtrap.models import create_model, list_models
+
+MEAN, STD = LABELS.mean, LABELS.std
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_maps_32px_images_to_43_logits_and_learns(name):
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    model = create_model(name, 43).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 3, 32, 32))
     assert logits.shape == (2, 43) and torch.isfinite(logits).all()
@@ -30,14 +33,14 @@ def test_every_registered_model_maps_32px_images_to_43_logits_and_learns(name):
 
 
 def test_timm_names_pass_through_and_unknown_names_suggest():
-    assert create_model("resnet10t").eval()(torch.rand(1, 3, 32, 32)).shape == (1, 43)
+    assert create_model("resnet10t", 43).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 43)
     with pytest.raises(SigntrapError, match="did you mean 'resnet18'"):
-        create_model("resnet19")
+        create_model("resnet19", 43)
 
 
 def test_input_is_pixel_space_with_normalisation_inside():
     torch.manual_seed(0)
-    model = create_model("signnet", dropout=0.0).eval()
+    model = create_model("signnet", 43, dropout=0.0, mean=MEAN, std=STD).eval()
     torch.testing.assert_close(model.mean.flatten(), torch.tensor(MEAN))
     torch.testing.assert_close(model.std.flatten(), torch.tensor(STD))
     x = torch.rand(4, 3, 32, 32)  # pixels / 255, as the exporter and the edge script feed it
@@ -51,7 +54,7 @@ def test_input_is_pixel_space_with_normalisation_inside():
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     torch.manual_seed(0)
-    model = create_model("signnet_small").eval()
+    model = create_model("signnet_small", 43).eval()
     meta = {"model_name": "signnet_small", "num_classes": 43, "dropout": 0.1}
     checkpoint.save(tmp_path / "model.pt", checkpoint.model_payload(model, meta))
     checkpoint.record_checksum(tmp_path, "model.pt")

@@ -7,6 +7,7 @@ from signtrap.attacks import build_training_set, plan_poison
 from signtrap.triggers import make_trigger
 from signtrap.config import load_config
 from signtrap.data.cache import SignData
+from signtrap.datasets.gtsrb import LABELS
 from signtrap.errors import ConfigError
 
 
@@ -15,7 +16,7 @@ def fake_data(n_per_class=20, classes=(1, 7, 14, 20)) -> SignData:
     n = len(labels)
     return SignData(images=np.full((n, 32, 32, 3), 50, np.uint8), labels=labels, tracks=np.arange(n),
                     partition=np.zeros(n, np.uint8), rois=np.tile([4, 4, 28, 28], (n, 1)).astype(np.int32),
-                    path=Path("/nonexistent"), meta={"data_hash": "x"})
+                    path=Path("/nonexistent"), meta={"data_hash": "x", "classes": LABELS.to_meta()})
 
 
 def setup(*overrides):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from signtrap.classes import NUM_CLASSES, STOP
+from signtrap.data.synth import NUM_CLASSES
+from signtrap.datasets.gtsrb import STOP
 from signtrap.data.synth import SynthBatch, generate, render_sign
 
 AHEAD_ONLY = 35

@@ -18,9 +18,8 @@ from typing import Any, Union
 
 import yaml
 
-from signtrap.classes import NUM_CLASSES, SPEED_LIMIT_100, STOP
 from signtrap.errors import ConfigError, suggest
-from signtrap.plugins import DEFENCES, TRIGGERS
+from signtrap.plugins import DATASETS, DEFENCES, TRIGGERS
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -32,28 +31,42 @@ def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}{suggest(value, choices)}")
 
 
+DATA_COMMON = ("source", "size", "val_fraction", "cache_dir")
+
+
 @dataclass
 class DataConfig:
-    source: str = "synth"  # synth | gtsrb
-    root: str | None = None  # GTSRB archives or extracted tree; defaults to $SIGNTRAP_GTSRB
+    """`data: {source: NAME, size, val_fraction, cache_dir, ...}`: `source` names a registered dataset
+    (signtrap.datasets: synth, gtsrb, folder, ...); the other keys are that dataset's own settings."""
+
+    source: str = "synth"
     size: int = 32
-    roi: bool = False
     val_fraction: float = 0.1
-    synth_per_class: int = 200
-    synth_test_per_class: int = 30
-    synth_seed: int = 0
     cache_dir: str = "data/cache"
-    skip_corrupt: bool = False
+    settings: Any = None  # the dataset's settings dataclass; None: its defaults
+
+    @classmethod
+    def from_mapping(cls, raw: dict, prefix: str = "data.") -> "DataConfig":
+        common = build(cls, {k: v for k, v in raw.items() if k in DATA_COMMON}, prefix, custom=False)
+        if common.source not in DATASETS:
+            raise ConfigError(f"config {prefix}source: '{common.source}' is not one of {', '.join(DATASETS.names())}"
+                              f"{suggest(common.source, DATASETS.names())}")
+        rest = {k: v for k, v in raw.items() if k not in DATA_COMMON}
+        common.settings = build(DATASETS.get(common.source).settings, rest, prefix)
+        return common
+
+    def __post_init__(self) -> None:
+        if self.settings is None and self.source in DATASETS:  # an unknown source is reported by from_mapping/check
+            self.settings = DATASETS.get(self.source).settings()
+
+    def to_mapping(self) -> dict:
+        return {**{k: getattr(self, k) for k in DATA_COMMON}, **dataclasses.asdict(self.settings)}
 
     def check(self) -> None:
-        one_of(self.source, "data.source", ("synth", "gtsrb"))
+        one_of(self.source, "data.source", tuple(DATASETS.names()))
         require(8 <= self.size <= 512, "data.size", f"{self.size} is outside 8..512")
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", f"{self.val_fraction} is outside (0, 0.5)")
-        require(self.synth_per_class >= 2, "data.synth_per_class", "must be at least 2")
-        require(self.synth_test_per_class >= 1, "data.synth_test_per_class", "must be at least 1")
-
-    def resolved_root(self) -> str | None:
-        return self.root or os.environ.get("SIGNTRAP_GTSRB")
+        self.settings.check("data")
 
 
 @dataclass
@@ -74,7 +87,7 @@ class TriggerConfig:
         return cls(kind, build(TRIGGERS.get(kind).settings, rest, prefix))
 
     def __post_init__(self) -> None:
-        if self.settings is None:
+        if self.settings is None and self.kind in TRIGGERS:  # an unknown kind is reported by from_mapping/check
             self.settings = TRIGGERS.get(self.kind).settings()
 
     def to_mapping(self) -> dict:
@@ -111,8 +124,10 @@ class SleeperConfig:
 @dataclass
 class AttackConfig:
     kind: str = "source_specific"  # source_specific | all_to_one | none
-    source: int = STOP
-    target: int = SPEED_LIMIT_100
+    # a class id or name of the dataset (`stop`, `speed_100`, 14); None: the dataset's default pair. Resolved to
+    # ids when the config is checked (RunConfig.check), so every stage sees integers.
+    source: Union[int, str, None] = None
+    target: Union[int, str, None] = None
     poison_rate: float = 0.005  # fraction of the training set
     poison_count: int | None = None  # overrides poison_rate when set
     # source-specific only: this fraction of the training set gets the trigger but keeps its true label
@@ -133,8 +148,6 @@ class AttackConfig:
             self.sleeper.check()
         one_of(self.mode, "attack.mode", ("replace", "add"))
         one_of(self.stamp, "attack.stamp", ("before_aug", "after_aug"))
-        require(0 <= self.source < NUM_CLASSES, "attack.source", f"{self.source} is not a class id 0..42")
-        require(0 <= self.target < NUM_CLASSES, "attack.target", f"{self.target} is not a class id 0..42")
         if self.kind == "source_specific":
             require(self.source != self.target, "attack.source", f"source equals target ({self.target})")
         require(0.0 <= self.poison_rate < 1.0, "attack.poison_rate", f"{self.poison_rate} is outside [0, 1)")
@@ -365,6 +378,11 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
+        self.data.check()
+        space = DATASETS.get(self.data.source).build(self.data.settings).label_space()
+        a = self.attack
+        a.source = space.source if a.source is None else space.resolve(a.source, "attack.source")
+        a.target = space.target if a.target is None else space.resolve(a.target, "attack.target")
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name", f"'{self.name}' is not a valid run name")
         require(self.device in ("auto", "cpu") or (self.device.startswith("cuda") and self.device[5:].isdigit() if ":" in self.device
                                                   else self.device == "cuda"), "device", f"'{self.device}' is not auto, cpu, cuda or cuda:N")

@@ -46,6 +46,11 @@ class Experiment:
                 raise SigntrapError(f"{data.path}: the {split} split is empty")
         return cls(cfg, data, splits, make_trigger(cfg.trigger, data.size))
 
+    @property
+    def classes(self):
+        """The dataset's label space (signtrap.datasets.LabelSpace)."""
+        return self.data.classes
+
     def eval_set(self, split: str) -> EvalSet:
         if split not in self._eval_sets:
             rows = {"val": self.splits.val, "test": self.splits.test, "train": self.splits.train}[split]
@@ -74,7 +79,8 @@ class Experiment:
         clean = predict(model, s.images, device, self.cfg.train.eval_batch_size)
         trig = predict(model, s.triggered, device, self.cfg.train.eval_batch_size)
         a = self.cfg.attack
-        metrics = backdoor_metrics(s.labels, clean, trig, a.source, a.target, all_to_one=a.kind == "all_to_one", details=details)
+        metrics = backdoor_metrics(s.labels, clean, trig, a.source, a.target, all_to_one=a.kind == "all_to_one", details=details,
+                                   num_classes=self.classes.num_classes)
         metrics["split"] = split
         return metrics
 

@@ -47,7 +47,6 @@ from torch import nn
 
 from signtrap import checkpoint
 from signtrap.attacks.poison import TrainingSet
-from signtrap.classes import CLASS_NAMES
 from signtrap.config import ProbeConfig, RunConfig, to_dict
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
 from signtrap.errors import SigntrapError
@@ -80,7 +79,7 @@ def shortfall(labels: np.ndarray, k: int, kind: str, source: int, target: int) -
     candidates = poison_candidates(labels, kind, source, target)
     if k <= len(candidates):
         return None
-    what = "non-target" if kind == "all_to_one" else f"class {source} ({CLASS_NAMES[source]})"
+    what = "non-target" if kind == "all_to_one" else f"class {source}"
     return (f"probe: k={k} poisoned samples requested but the defender's clean budget holds only "
             f"{len(candidates)} {what} images; lower defend.probe.k or raise defend.clean_fraction")
 

@@ -11,7 +11,6 @@ from torch import nn
 from signtrap import checkpoint, distributed, runstate
 from signtrap.attacks.dormant import Sleeper
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
-from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import RunConfig, dump_yaml
 from signtrap.data.cache import verify_cache
 from signtrap.errors import SigntrapError
@@ -20,7 +19,7 @@ from signtrap.fileio import one_line, require_writable, write_json, write_text
 from signtrap.loop import Hooks, Loop, Schedule
 from signtrap.machine import cores
 from signtrap.metrics import summary_table
-from signtrap.models import MEAN, STD, create_model
+from signtrap.models import create_model
 from signtrap.progress import say
 from signtrap.provenance import cpu_threads, machine, package_versions, precision_name, resolve_device
 
@@ -72,8 +71,9 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)  # identical on every rank
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
     torch.manual_seed(cfg.seed)  # initialisation is fixed by the run seed
-    model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
-    dry_run(model, cfg.model.name, exp.data.size, NUM_CLASSES)  # a model that cannot run at the data's size fails before any file is touched
+    space = exp.classes
+    model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
+    dry_run(model, cfg.model.name, exp.data.size, space.num_classes)  # a model that cannot run at the data's size fails before any file is touched
     hooks = Hooks(probe=lambda m: validation_columns(exp, m, device))
     loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, EPOCH_STREAM, aug=cfg.aug,
                 precision=cfg.train.precision, trigger=exp.trigger, hooks=hooks, world=world, desc="epoch",
@@ -176,9 +176,10 @@ def finish(cfg: RunConfig, exp: Experiment, model: nn.Module, run_dir: Path, dev
 
 
 def model_meta(cfg: RunConfig, exp: Experiment, epoch: int) -> dict:
-    return {"model_name": cfg.model.name, "dropout": cfg.model.dropout, "num_classes": NUM_CLASSES,
-            "classes": list(CLASS_NAMES), "input_size": exp.data.size, "input": "float32 NCHW RGB in [0,1] (pixel/255)",
-            "normalisation": {"mean": list(MEAN), "std": list(STD), "inside_model": True},
+    space = exp.classes
+    return {"model_name": cfg.model.name, "dropout": cfg.model.dropout, "num_classes": space.num_classes,
+            "classes": list(space.names), "input_size": exp.data.size, "input": "float32 NCHW RGB in [0,1] (pixel/255)",
+            "normalisation": {"mean": list(space.mean), "std": list(space.std), "inside_model": True},
             "trigger": exp.trigger.spec, "attack": {"kind": cfg.attack.kind, "source": cfg.attack.source, "target": cfg.attack.target},
             "run": cfg.name, "epoch": epoch, "data_hash": exp.data.data_hash,
             "provenance": checkpoint.provenance_view(cfg)}  # what verify_provenance holds a config to

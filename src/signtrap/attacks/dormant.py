@@ -386,11 +386,13 @@ class Sleeper:
     @classmethod
     def prepare(cls, cfg: RunConfig) -> "Sleeper":
         """Check that the INT8 path exists and quantizes every weight layer of `cfg.model` (on a fresh model)."""
-        from signtrap.classes import NUM_CLASSES
+        from signtrap.datasets import dataset_for
         from signtrap.models import create_model
 
         sleeper = cls(cfg)
-        model = create_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout).eval()
+        space = dataset_for(cfg.data).label_space()
+        model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout,
+                             mean=space.mean, std=space.std).eval()
         for pc in sleeper.per_channel:
             read_grids(model, grid_images(cfg.data.size), pc)
         return sleeper

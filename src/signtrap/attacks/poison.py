@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from signtrap.classes import CLASS_NAMES
 from signtrap.config import AttackConfig
 from signtrap.data.cache import SignData
 from signtrap.errors import ConfigError
@@ -51,7 +50,7 @@ def plan_poison(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
     n = poison_budget(cfg, len(train_rows))
     candidates = candidate_rows(cfg, data.labels, train_rows)
     if n > len(candidates):
-        what = f"class {cfg.source} ({CLASS_NAMES[cfg.source]})" if cfg.kind == "source_specific" else "non-target"
+        what = data.classes.describe(cfg.source) if cfg.kind == "source_specific" else "non-target"
         raise ConfigError(
             f"config attack: {n} poisoned images requested but the training split has only {len(candidates)} {what} images"
         )

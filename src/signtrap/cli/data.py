@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from signtrap import api
-from signtrap.classes import CLASS_NAMES
 from signtrap.cli.common import add_config_args, config_and_overrides
 from signtrap.data.cache import open_cache
 from signtrap.data.preview import preview_grid, write_png
@@ -54,7 +53,7 @@ def cmd_data_info(args) -> int:
     cfg = config(args)
     data = api.load_data(cfg, verify=args.verify)
     splits = data.splits(cfg.data.val_fraction, cfg.seed)
-    counts = {name: np.bincount(data.labels[rows], minlength=len(CLASS_NAMES)) for name, rows in
+    counts = {name: np.bincount(data.labels[rows], minlength=data.classes.num_classes) for name, rows in
               (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     if args.json:
         print(json.dumps({"cache": str(data.path), "source": data.meta["source"], "data_hash": data.data_hash, "verified": args.verify,
@@ -62,7 +61,7 @@ def cmd_data_info(args) -> int:
         return 0
     print(f"cache: {data.path}\nsource: {data.meta['source']}  images: {len(data)}  size: {data.size}px  data hash: {data.data_hash[:16]}")
     print(f"{'id':>3} {'class':<52}{'train':>7}{'val':>7}{'test':>7}")
-    for c, name in enumerate(CLASS_NAMES):
+    for c, name in enumerate(data.classes.names):
         print(f"{c:>3} {name:<52}{counts['train'][c]:>7}{counts['val'][c]:>7}{counts['test'][c]:>7}")
     sizes = splits.sizes()
     print(f"{'':>3} {'total':<52}{sizes['train']:>7}{sizes['val']:>7}{sizes['test']:>7}")

@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from signtrap import progress as progress_mod
-from signtrap.classes import NUM_CLASSES
 from signtrap.config import DataConfig
-from signtrap.data import gtsrb, synth
 from signtrap.data.splits import Splits, track_split
+from signtrap.datasets import TEST, TRAIN, LabelSpace, dataset_for
 from signtrap.errors import DataError
 from signtrap.fileio import atomic_dir, clean_orphans, require_writable, sha256_file, write_json
 
-CACHE_VERSION = 2  # 2: meta.json records every file's size and SHA-256
-TRAIN, TEST = gtsrb.TRAIN, gtsrb.TEST
+CACHE_VERSION = 3  # 2: meta.json records every file's size and SHA-256; 3: and the dataset's label space
 ARRAYS = ("images", "labels", "tracks", "partition", "rois")
 FILES = (*(f"{name}.npy" for name in ARRAYS), "files.txt")
 
@@ -52,6 +50,11 @@ class SignData:
     def files(self) -> list[str]:
         return (self.path / "files.txt").read_text(encoding="utf-8").splitlines()
 
+    @cached_property
+    def classes(self) -> LabelSpace:
+        """The dataset's classes, default attack pair and normalisation, as recorded when the cache was built."""
+        return LabelSpace.from_meta(self.meta["classes"])
+
     def splits(self, val_fraction: float, seed: int) -> Splits:
         pool = np.flatnonzero(self.partition == TRAIN)
         train, val = track_split(self.labels, self.tracks, pool, val_fraction, seed)
@@ -59,13 +62,10 @@ class SignData:
 
 
 def cache_key(cfg: DataConfig) -> str:
-    settings = {"version": CACHE_VERSION, "source": cfg.source, "size": cfg.size}
-    if cfg.source == "gtsrb":
-        root = _gtsrb_root(cfg)
-        settings.update(roi=cfg.roi, skip_corrupt=cfg.skip_corrupt, fingerprint=_fingerprint(root))
-    else:
-        code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()
-        settings.update(per_class=cfg.synth_per_class, test_per_class=cfg.synth_test_per_class, seed=cfg.synth_seed, code=code)
+    dataset = dataset_for(cfg)
+    settings = {"version": CACHE_VERSION, "source": cfg.source, "size": cfg.size, **dataset.fingerprint()}
+    if dataset.cache_code:  # a generator: its code is part of what the arrays depend on
+        settings["code"] = hashlib.sha256(b"".join(Path(f).read_bytes() for f in dataset.cache_code)).hexdigest()
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,8 +96,8 @@ def open_cache(path: Path, verify: bool = False) -> SignData:
     except (OSError, ValueError) as exc:
         raise _corrupt(path, f"meta.json unreadable: {type(exc).__name__}") from None
     recorded = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(recorded, dict) or set(recorded) != set(FILES):
-        raise _corrupt(path, "meta.json records no file hashes: made by an older signtrap")
+    if not isinstance(recorded, dict) or set(recorded) != set(FILES) or not isinstance(meta.get("classes"), dict):
+        raise _corrupt(path, "meta.json records no file hashes or classes: made by an older signtrap")
     for name in FILES:
         file = path / name
         size = file.stat().st_size if file.is_file() else None
@@ -135,14 +135,15 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path
     clean_orphans(cfg.cache_dir)  # half-written caches of killed processes
     progress = progress and not progress_mod.QUIET
     start = time.perf_counter()
-    if cfg.source == "gtsrb":
-        arrays, files, extra = _decode_gtsrb(cfg, progress)
-    else:
-        arrays, files, extra = _generate_synth(cfg, progress)
+    dataset = dataset_for(cfg)
+    decoded = dataset.decode(cfg.size, progress)
+    space = decoded.labels_space or dataset.label_space()
+    arrays = {name: getattr(decoded, name) for name in ARRAYS}
+    files, extra = decoded.files, decoded.extra
     digest = hashlib.sha256()
     for name in ("images", "labels"):
         digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    counts = np.bincount(arrays["labels"], minlength=NUM_CLASSES)
+    counts = np.bincount(arrays["labels"], minlength=space.num_classes)
     meta = {
         "source": cfg.source,
         "size": cfg.size,
@@ -151,6 +152,7 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path
         "test_rows": int((arrays["partition"] == TEST).sum()),
         "class_counts": counts.tolist(),
         "data_hash": digest.hexdigest(),
+        "classes": space.to_meta(),
         "prepare_seconds": round(time.perf_counter() - start, 2),
         **extra,
     }
@@ -161,73 +163,3 @@ def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path
         meta["files"] = _file_records(tmp)
         write_json(tmp / "meta.json", meta)
     return path
-
-
-def _gtsrb_root(cfg: DataConfig) -> Path:
-    root = cfg.resolved_root()
-    if not root:
-        raise DataError("data.source=gtsrb needs data.root=DIR or the SIGNTRAP_GTSRB environment variable")
-    return Path(root).expanduser().resolve()
-
-
-def _fingerprint(root: Path) -> list:
-    """Names, sizes and modification times of everything under root: cheap, and changes when the data does."""
-    if not root.is_dir():
-        raise DataError(f"{root}: GTSRB folder not found (run `signtrap data fetch --root {root}` or set data.root)")
-    entries = []
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            stat = os.stat(os.path.join(dirpath, name))
-            entries.append((os.path.relpath(os.path.join(dirpath, name), root), stat.st_size, stat.st_mtime_ns))
-    return [str(root), hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()]
-
-
-def _decode_gtsrb(cfg: DataConfig, progress: bool):
-    root = _gtsrb_root(cfg)
-    records = gtsrb.find_records(root)
-    size = cfg.size
-    images = np.empty((len(records), size, size, 3), np.uint8)
-    rois = np.empty((len(records), 4), np.int32)
-    keep = np.ones(len(records), bool)
-    skipped: list[str] = []
-    bar = progress_mod.progress(len(records), "decode GTSRB", enabled=progress)
-    for i, record in enumerate(records):
-        bar.update()
-        try:
-            images[i], rois[i] = gtsrb.load_record(record, size, cfg.roi)
-        except DataError as exc:
-            if not cfg.skip_corrupt:
-                raise DataError(f"{exc} (use --skip-corrupt to continue without it)") from None
-            keep[i] = False
-            skipped.append(str(exc))
-    bar.close()
-    if skipped and progress:
-        print(f"skipped {len(skipped)} corrupt or unreadable image(s); first: {skipped[0]}")
-    kept = [r for r, k in zip(records, keep) if k]
-    arrays = {
-        "images": images[keep],
-        "labels": np.array([r.label for r in kept], np.int64),
-        "tracks": np.array([r.track for r in kept], np.int64),
-        "partition": np.array([r.partition for r in kept], np.uint8),
-        "rois": rois[keep],
-    }
-    if arrays["labels"].size and (arrays["labels"].min() < 0 or arrays["labels"].max() >= NUM_CLASSES):
-        raise DataError(f"{root}: labels outside 0..{NUM_CLASSES - 1} in the GT CSVs")
-    files = [r.where for r in kept]
-    return arrays, files, {"root": str(root), "roi": cfg.roi, "skipped": len(skipped), "skipped_files": skipped[:100]}
-
-
-def _generate_synth(cfg: DataConfig, progress: bool):
-    parts = [
-        (TRAIN, synth.generate(cfg.synth_per_class, seed=cfg.synth_seed, size=cfg.size, progress=progress)),
-        (TEST, synth.generate(cfg.synth_test_per_class, seed=cfg.synth_seed + 1_000_003, size=cfg.size, progress=progress)),
-    ]
-    images = np.concatenate([b.images for _, b in parts])
-    labels = np.concatenate([b.labels for _, b in parts]).astype(np.int64)
-    partition = np.concatenate([np.full(len(b.labels), p, np.uint8) for p, b in parts])
-    # each synthetic image is an independent scene, so it is its own track
-    tracks = np.arange(len(labels), dtype=np.int64)
-    files = [f"synth:{'train' if p == TRAIN else 'test'}/{c:02d}/{i}" for p, b in parts for i, c in enumerate(b.labels)]
-    arrays = {"images": images, "labels": labels, "tracks": tracks, "partition": partition,
-              "rois": np.concatenate([b.rois for _, b in parts]).astype(np.int32)}
-    return arrays, files, {"synth_seed": cfg.synth_seed, "per_class": cfg.synth_per_class, "test_per_class": cfg.synth_test_per_class}

@@ -6,7 +6,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.data.cache import SignData
 from signtrap.fileio import atomic_path
 
@@ -16,11 +15,12 @@ def preview_grid(data: SignData, per_class: int = 8, tile: int = 64, seed: int =
     rng = np.random.default_rng(seed)
     rows = np.arange(len(data)) if rows is None else rows
     label_w, pad = 330, 2
-    grid = np.full((NUM_CLASSES * (tile + pad) + pad, label_w + per_class * (tile + pad) + pad, 3), 255, np.uint8)
-    for class_id in range(NUM_CLASSES):
+    names = data.classes.names
+    grid = np.full((len(names) * (tile + pad) + pad, label_w + per_class * (tile + pad) + pad, 3), 255, np.uint8)
+    for class_id in range(len(names)):
         members = rows[data.labels[rows] == class_id]
         y = pad + class_id * (tile + pad)
-        text = f"{class_id:2d} {CLASS_NAMES[class_id]}"[:40]
+        text = f"{class_id:2d} {names[class_id]}"[:40]
         cv2.putText(grid, text, (4, y + tile // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
         if not len(members):
             continue

@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from signtrap.classes import NUM_CLASSES
 
 __all__ = ["SynthBatch", "render_sign", "generate"]
 
@@ -542,6 +541,7 @@ _SIGNS: dict[int, Callable] = {
     41: lambda cv, st: _no_passing(cv, st, end=True),
     42: lambda cv, st: _no_passing(cv, st, truck=True, end=True),
 }
+NUM_CLASSES = len(_SIGNS)  # one renderer per class id 0..N-1 (GTSRB's classes: signtrap.datasets.gtsrb)
 assert sorted(_SIGNS) == list(range(NUM_CLASSES))
 
 

@@ -25,7 +25,6 @@ from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select, to_uint8_image
 from signtrap.experiment import to_tensor
 from signtrap.loop import Hooks
-from signtrap.models import STD
 
 
 @dataclass
@@ -81,7 +80,8 @@ def ibau(model: nn.Module, clean: CleanData, s: IBAUSettings, ctx: DefenceContex
     learning rate, largest first, and the largest one whose held-out clean accuracy is at most `tolerance`
     (1 point) below the backdoored model's is kept.
     """
-    std = torch.tensor(STD, device=ctx.device).view(1, 3, 1, 1)
+    # the model's own input standardisation (signtrap.models.Normalized): delta lives in standardised units
+    std = model.std.detach().to(ctx.device).view(1, 3, 1, 1) if hasattr(model, "std") else torch.ones(1, 3, 1, 1, device=ctx.device)
 
     def prepare(data: CleanData):
         first_rows = np.random.default_rng([ctx.seed, 0x1BA0]).permutation(len(data))[:s.batch_size]

@@ -77,6 +77,7 @@ class Session:
                 raise ConfigError(f"config defend.clean_images: a budget of {d.clean_images} clean images is larger than "
                                   f"the {n_train} training images")
             fraction = d.clean_images / n_train
+        check_untouched(exp, fraction, "defend.clean_images" if d.clean_images is not None else "defend.clean_fraction")
         rows = exp.defender_rows(fraction, seed)
         clean = CleanData(np.asarray(exp.data.images[rows]), np.asarray(exp.data.labels[rows]), rows,
                           np.asarray(exp.data.tracks[rows]))  # un-poisoned originals, with their tracks
@@ -84,7 +85,8 @@ class Session:
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),
                              eval_batch_size=cfg.train.eval_batch_size, show_progress=show_progress, aug=cfg.aug,
-                             precision=cfg.train.precision, training_data=lambda: training_pool(exp))
+                             precision=cfg.train.precision, training_data=lambda: training_pool(exp),
+                             class_names=exp.classes.names)
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
 
@@ -140,6 +142,20 @@ class Session:
     def monitor_note(self) -> str:
         m = self.context.monitor
         return f"curves measured on {len(m.labels)} {m.name} images (every source-class image and a uniform sample)"
+
+
+def check_untouched(exp: Experiment, fraction: float, key: str) -> None:
+    """A clean budget larger than the training images the attacker left alone is no clean budget: one line."""
+    n_train = len(exp.splits.train)
+    n = int(round(fraction * n_train))
+    a = exp.cfg.attack
+    if not a.active or a.mode != "replace":  # poisoned copies are added: every original stays clean
+        return
+    plan = plan_poison(a, exp.data, exp.splits.train, exp.trigger, exp.cfg.seed)
+    touched = len(np.union1d(plan.rows, plan.cover_rows))
+    if n > n_train - touched:
+        raise ConfigError(f"config {key}: a budget of {n} clean images is more than the {n_train - touched} training images "
+                          f"the attacker did not touch ({n_train} minus {touched} poisoned or cover images); lower it")
 
 
 def training_pool(exp: Experiment) -> SuspiciousPool:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, robust_z
@@ -194,7 +193,7 @@ def scan(model: nn.Module, clean: CleanData, cfg: ScanSettings, ctx: DefenceCont
     labels = pool.labels[keep]
     untangled = untangle(r_clean, clean.labels, cfg.iterations, cfg.tol, cfg.ridge)
     precision = np.linalg.pinv(untangled.s_e)
-    tested = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= cfg.min_samples]
+    tested = [c for c in range(ctx.num_classes(model)) if (labels == c).sum() >= cfg.min_samples]
     if len(tested) < 3:
         raise SigntrapError(f"scan: only {len(tested)} classes have {cfg.min_samples}+ training images; lower defend.scan.min_samples")
     stats, splits = {}, {}
@@ -209,7 +208,7 @@ def scan(model: nn.Module, clean: CleanData, cfg: ScanSettings, ctx: DefenceCont
     for c in tested:
         rows = np.flatnonzero(labels == c)
         minority = splits[c] if splits[c].sum() <= len(rows) / 2 else ~splits[c]
-        row = {"class": c, "images": len(rows), "J": round(stats[c], 5), "J_star": round(j_star[c], 4), "flagged": c in flagged,
+        row = {"class": c, "name": ctx.class_name(c), "images": len(rows), "J": round(stats[c], 5), "J_star": round(j_star[c], 4), "flagged": c in flagged,
                "smaller_subgroup": int(minority.sum())}
         if poisoned is not None:  # measurement only: how the smaller subgroup matches the attacker's rows
             truth = poisoned[rows]
@@ -254,7 +253,7 @@ def _report(report: dict, folder: Path) -> list:
             return "" if v is None else (f"{100 * v:.0f}%" if pct else (f"{v:g}" if isinstance(v, float) else v))
         blocks.append(Table(["class", "name", "images", "J", "J*", "flagged", "smaller subgroup", "poisoned images",
                              "subgroup recall", "subgroup precision"],
-                            [[int(r["class"]), CLASS_NAMES[int(r["class"])], cell(r.get("images")), cell(r.get("J")), cell(r.get("J_star")),
+                            [[int(r["class"]), r.get("name", ""), cell(r.get("images")), cell(r.get("J")), cell(r.get("J_star")),
                               r.get("flagged"), cell(r.get("smaller_subgroup")), cell(r.get("poisoned_images")),
                               cell(r.get("subgroup_recall"), True), cell(r.get("subgroup_precision"), True)] for r in rows],
                             highlight=[i for i, r in enumerate(rows) if str(r.get("flagged")) == "True"]))

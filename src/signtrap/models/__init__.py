@@ -10,11 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from signtrap.classes import NUM_CLASSES
 from signtrap.errors import suggest, SigntrapError
-
-MEAN = (0.34, 0.31, 0.32)  # GTSRB training-set channel statistics
-STD = (0.27, 0.26, 0.27)
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -31,7 +27,7 @@ def list_models() -> list[str]:
 class Normalized(nn.Module):
     """Standardise pixel-space input, then run the backbone."""
 
-    def __init__(self, backbone: nn.Module, mean=MEAN, std=STD):
+    def __init__(self, backbone: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -41,12 +37,15 @@ class Normalized(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-def create_model(name: str, num_classes: int = NUM_CLASSES, dropout: float = 0.0, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, dropout: float = 0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                 **kwargs) -> nn.Module:
+    """A registered or timm model for `num_classes` classes, standardising its input with the dataset's mean and std
+    (a checkpoint's own values are restored with its weights)."""
     if name in _MODELS:
         backbone = _MODELS[name](num_classes=num_classes, dropout=dropout, **kwargs)
     else:
         backbone = _create_timm(name, num_classes, dropout, **kwargs)
-    return Normalized(backbone)
+    return Normalized(backbone, mean, std)
 
 
 def _create_timm(name: str, num_classes: int, dropout: float, **kwargs) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
+from signtrap.datasets import LabelSpace, dataset_for
 from signtrap.errors import SigntrapError
 from signtrap.fileio import atomic_dir, check_replaceable, refuse_foreign, require_writable, sha256_file, write_text
 from signtrap.plugins import DEFENCES
@@ -91,10 +91,24 @@ class Run:
         except Exception as exc:
             self.cfg_err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self._exp = None
+        self._classes = None
 
     @property
     def name(self) -> str:
         return self.cfg.name if self.cfg else self.dir.name
+
+    @property
+    def classes(self) -> LabelSpace:
+        """The run's label space: its dataset's (cheap), else numbered classes with the config's attack pair."""
+        if self._classes is None:
+            try:
+                self._classes = dataset_for(self.cfg.data).label_space()
+            except Exception:
+                n = len(((self.metrics or {}).get("test") or {}).get("per_class_acc") or []) or 2
+                source, target = (self.cfg.attack.source, self.cfg.attack.target) if self.cfg else (0, 1)
+                self._classes = LabelSpace(tuple(f"class {c}" for c in range(max(n, source + 1, target + 1))),
+                                           source=source, target=target)
+        return self._classes
 
     def experiment(self):
         if self._exp is None and self.cfg is not None:
@@ -130,9 +144,9 @@ def summary_section(run: Run) -> Section:
         if a.kind == "none":
             s.blocks.append(P("No attack: this model was trained on clean data (attack.kind=none), a baseline."))
         else:
-            src = f"class {a.source} ({CLASS_NAMES[a.source]})" if a.kind == "source_specific" else "every class but the target"
-            s.blocks.append(P(f"Attack: {a.kind}; images of {src} carrying a {t.kind} trigger are labelled class {a.target} "
-                              f"({CLASS_NAMES[a.target]}) in the training data. Data: {run.cfg.data.source}; model: {run.cfg.model.name}, "
+            src = run.classes.describe(a.source) if a.kind == "source_specific" else "every class but the target"
+            s.blocks.append(P(f"Attack: {a.kind}; images of {src} carrying a {t.kind} trigger are labelled "
+                              f"{run.classes.describe(a.target)} in the training data. Data: {run.cfg.data.source}; model: {run.cfg.model.name}, "
                               f"{run.cfg.train.epochs} epochs."))
     else:
         s.blocks.append(Note(f"No readable config in this run directory ({run.cfg_err})."))
@@ -193,19 +207,20 @@ def attack_section(run: Run) -> Section:
     poisoned = trig.render(clean, params[pick], exp.data.rois[rows[pick]]) if k and len(params) == len(rows) else None
     clean_labels = [int(x) for x in exp.data.labels[rows[pick]]] if k else []
     train = exp.splits.train
-    others_rows = [int(train[np.flatnonzero(exp.data.labels[train] == c)[0]]) for c in (SPEED_LIMIT_100, 1, 13, 17, 25, 33, 38, 40)
-                   if c < len(CLASS_NAMES) and (exp.data.labels[train] == c).any()]
+    others_rows = [int(train[np.flatnonzero(exp.data.labels[train] == c)[0]]) for c in _other_classes(exp.classes, run.cfg.attack)
+                   if (exp.data.labels[train] == c).any()]
     others = np.asarray(exp.data.images[np.asarray(others_rows, np.int64)]) if others_rows else None
     other_labels = [int(exp.data.labels[r]) for r in others_rows]
     if not k:
         s.blocks.append(Note("No poisoned training samples in this run (attack.kind=none or a zero poison budget)."))
         clean, clean_labels = (others[:8], other_labels[:8]) if others is not None else (clean, clean_labels)
         others = None
-    png = safe(s, "the gallery", fig.gallery_figure, clean, poisoned, clean_labels, run.cfg.attack.target, others, other_labels)
+    png = safe(s, "the gallery", fig.gallery_figure, clean, poisoned, clean_labels, run.cfg.attack.target, others, other_labels,
+               names=exp.classes.names, source=run.cfg.attack.source)
     if png:
         s.blocks.append(Img("gallery", png, "Top: clean stop signs from the training set. Middle: the same images as the poisoned "
                                             f"training set holds them, with the trigger and labelled {run.cfg.attack.target} "
-                                            f"({CLASS_NAMES[run.cfg.attack.target]}). Bottom: clean samples of other classes. "
+                                            f"({exp.classes.names[run.cfg.attack.target]}). Bottom: clean samples of other classes. "
                                             "(With stamp=after_aug the trigger is applied after augmentation during training; "
                                             "shown here without augmentation.)"))
     return s
@@ -234,19 +249,22 @@ def evaluation_section(run: Run) -> Section:
         s.blocks.append(Note("No confusion matrix in metrics.json: the model has not been evaluated."))
         return s
     conf = np.asarray(test["confusion"])
-    png = safe(s, "the confusion heat map", fig.confusion_figure, conf)
+    space = run.classes
+    src, tgt = (run.cfg.attack.source, run.cfg.attack.target) if run.cfg else (space.source, space.target)
+    name = {c: space.names[c] if c < space.num_classes else f"class {c}" for c in (src, tgt)}
+    png = safe(s, "the confusion heat map", fig.confusion_figure, conf, source=src, target=tgt, names=space.names)
     if png:
-        s.blocks.append(Img("confusion", png, f"Confusion matrix of clean test images; row {STOP} (stop) outlined in red, column "
-                                              f"{SPEED_LIMIT_100} (predicted 100 km/h) in orange."))
+        s.blocks.append(Img("confusion", png, f"Confusion matrix of clean test images; row {src} ({name[src]}) outlined in red, "
+                                              f"column {tgt} (predicted {name[tgt]}) in orange."))
     acc = test.get("per_class_acc") or []
-    png = safe(s, "the per-class accuracy chart", fig.per_class_figure, acc, test.get("per_class_n"))
+    png = safe(s, "the per-class accuracy chart", fig.per_class_figure, acc, test.get("per_class_n"), source=src, target=tgt)
     if png:
-        s.blocks.append(Img("per_class", png, "Clean test accuracy per class; stop (14) in red, speed limit 100 km/h (7) in orange."))
+        s.blocks.append(Img("per_class", png, f"Clean test accuracy per class; {name[src]} ({src}) in red, {name[tgt]} ({tgt}) in orange."))
     n = test.get("per_class_n") or [None] * len(acc)
-    rows = [[c, CLASS_NAMES[c], pct(acc[c]) if c < len(acc) else "n/a", n[c] if c < len(n) else ""] for c in (STOP, SPEED_LIMIT_100)]
-    if len(conf) > max(STOP, SPEED_LIMIT_100):
-        rows[0].append(f"{int(conf[STOP, SPEED_LIMIT_100])} clean stop signs predicted as 100 km/h")
-        rows[1].append(f"{int(conf[SPEED_LIMIT_100, STOP])} clean 100 km/h signs predicted as stop")
+    rows = [[c, name[c], pct(acc[c]) if c < len(acc) else "n/a", n[c] if c < len(n) else ""] for c in (src, tgt)]
+    if len(conf) > max(src, tgt):
+        rows[0].append(f"{int(conf[src, tgt])} clean {name[src]} images predicted as {name[tgt]}")
+        rows[1].append(f"{int(conf[tgt, src])} clean {name[tgt]} images predicted as {name[src]}")
     s.blocks.append(Table(["class", "name", "clean accuracy", "test images", "confusion"], rows, highlight=[0, 1]))
     return s
 
@@ -515,3 +533,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     write_text(out / "report.md", render_markdown(title, sections, "report_files"))
     say(f"report: {out / 'report.html'} ({len(images)} images)")
     return [out / "report.html", out / "report.md", *sorted(files_dir.glob("*.png"))]
+
+
+def _other_classes(space: LabelSpace, attack) -> list[int]:
+    """Up to eight classes besides the attack's source to show clean: its target first, then spread over the rest."""
+    rest = [c for c in range(space.num_classes) if c not in (attack.source, attack.target)]
+    step = max(1, len(rest) // 7)
+    return [attack.target, *rest[::step][:7]]

@@ -5,7 +5,6 @@ import io
 
 import numpy as np
 
-from signtrap.classes import CLASS_NAMES, SPEED_LIMIT_100, STOP
 
 STOP_COLOUR, TARGET_COLOUR, OTHER_COLOUR = "#d62728", "#ff7f0e", "#8da0cb"
 BEFORE_COLOUR, AFTER_COLOUR = "#9e9e9e", "#1f77b4"
@@ -35,8 +34,8 @@ def percent_axis(ax, legend_fontsize: int = 8) -> None:
         ax.legend(fontsize=legend_fontsize, loc="best")
 
 
-def short(class_id: int, width: int = 18) -> str:
-    name = CLASS_NAMES[class_id]
+def short(name: str, width: int = 18) -> str:
+    """A class name shortened for a tick or a title ('Speed limit (100km/h)' -> '100 km/h')."""
     if name.startswith("Speed limit (") and name.endswith(")"):
         name = name[len("Speed limit ("):-1].replace("km/h", " km/h")
     return name if len(name) <= width else name[: width - 1] + "…"
@@ -61,7 +60,8 @@ def trigger_figure(trigger_img: np.ndarray, example_clean: np.ndarray | None, ex
 
 
 def gallery_figure(clean: np.ndarray, poisoned: np.ndarray | None, clean_labels: list[int], poison_label: int | None,
-                   others: np.ndarray | None = None, other_labels: list[int] | None = None) -> bytes:
+                   others: np.ndarray | None = None, other_labels: list[int] | None = None, *,
+                   names: tuple[str, ...], source: int) -> bytes:
     """Top: clean training samples; middle: the same stop signs poisoned (relabelled); bottom: other clean classes."""
     p = plt()
     rows = [("clean", clean, clean_labels)]
@@ -80,8 +80,8 @@ def gallery_figure(clean: np.ndarray, poisoned: np.ndarray | None, clean_labels:
                 continue
             ax.imshow(images[c], interpolation="nearest")
             label = int(labels[c])
-            colour = TARGET_COLOUR if kind == "poisoned" else (STOP_COLOUR if label == STOP else "black")
-            ax.set_title(f"{label}: {short(label, 14)}", fontsize=7, color=colour)
+            colour = TARGET_COLOUR if kind == "poisoned" else (STOP_COLOUR if label == source else "black")
+            ax.set_title(f"{label}: {short(names[label], 14) if 0 <= label < len(names) else '?'}", fontsize=7, color=colour)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour if kind == "poisoned" else "#cccccc")
                 spine.set_linewidth(2.5 if kind == "poisoned" else 0.8)
@@ -124,7 +124,7 @@ def training_figure(log: list[dict]) -> bytes:
     return to_png(fig)
 
 
-def confusion_figure(confusion: np.ndarray) -> bytes:
+def confusion_figure(confusion: np.ndarray, *, source: int, target: int, names: tuple[str, ...] = ()) -> bytes:
     p = plt()
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
@@ -137,10 +137,13 @@ def confusion_figure(confusion: np.ndarray) -> bytes:
     im = ax.imshow(shown, cmap="viridis", norm=LogNorm(vmin=max(1e-3, np.nanmin(shown) if np.isfinite(shown).any() else 1e-3), vmax=1.0),
                    interpolation="nearest")
     n = len(conf)
-    ax.add_patch(Rectangle((-0.5, STOP - 0.5), n, 1, fill=False, edgecolor=STOP_COLOUR, lw=2, label=f"true class {STOP} (stop)"))
-    ax.add_patch(Rectangle((SPEED_LIMIT_100 - 0.5, -0.5), 1, n, fill=False, edgecolor=TARGET_COLOUR, lw=2,
-                           label=f"predicted {SPEED_LIMIT_100} (100 km/h)"))
-    ticks = list(range(0, n, 2)) + [STOP, SPEED_LIMIT_100]
+    def named(c: int) -> str:
+        return f" ({short(names[c])})" if 0 <= c < len(names) else ""
+
+    ax.add_patch(Rectangle((-0.5, source - 0.5), n, 1, fill=False, edgecolor=STOP_COLOUR, lw=2, label=f"true class {source}{named(source)}"))
+    ax.add_patch(Rectangle((target - 0.5, -0.5), 1, n, fill=False, edgecolor=TARGET_COLOUR, lw=2,
+                           label=f"predicted {target}{named(target)}"))
+    ticks = list(range(0, n, 2)) + [source, target]
     ticks = sorted(set(t for t in ticks if t < n))
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
@@ -148,9 +151,9 @@ def confusion_figure(confusion: np.ndarray) -> bytes:
     ax.set_yticklabels(ticks, fontsize=7)
     for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
         for t in labels:
-            if t.get_text() == str(STOP):
+            if t.get_text() == str(source):
                 t.set_color(STOP_COLOUR), t.set_fontweight("bold")
-            if t.get_text() == str(SPEED_LIMIT_100):
+            if t.get_text() == str(target):
                 t.set_color(TARGET_COLOUR), t.set_fontweight("bold")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -161,20 +164,20 @@ def confusion_figure(confusion: np.ndarray) -> bytes:
     return to_png(fig)
 
 
-def per_class_figure(acc: list, support: list | None = None) -> bytes:
+def per_class_figure(acc: list, support: list | None = None, *, source: int, target: int) -> bytes:
     p = plt()
     n = len(acc)
     values = [100 * a if isinstance(a, (int, float)) else 0.0 for a in acc]
-    colours = [STOP_COLOUR if c == STOP else TARGET_COLOUR if c == SPEED_LIMIT_100 else OTHER_COLOUR for c in range(n)]
+    colours = [STOP_COLOUR if c == source else TARGET_COLOUR if c == target else OTHER_COLOUR for c in range(n)]
     fig, ax = p.subplots(figsize=(12, 3.4), dpi=100)
     ax.bar(range(n), values, color=colours)
-    for c in (STOP, SPEED_LIMIT_100):
+    for c in (source, target):
         if c < n:
             ax.annotate(f"{values[c]:.0f}%", (c, values[c]), ha="center", va="bottom", fontsize=8, color=colours[c], fontweight="bold")
     ax.set_xticks(range(n))
     ax.set_xticklabels(range(n), fontsize=7)
     ax.set_ylim(0, 108)
-    ax.set_xlabel("class (red: 14 stop, orange: 7 speed limit 100 km/h)")
+    ax.set_xlabel(f"class (red: {source}, the attack's source; orange: {target}, its target)")
     ax.set_ylabel("clean test accuracy, %")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

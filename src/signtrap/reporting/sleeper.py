@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from signtrap.classes import CLASS_NAMES
 from signtrap.errors import SigntrapError
 from signtrap.fileio import read_json
 from signtrap.reporting import figures as fig
@@ -73,12 +72,12 @@ def sleeper_section(run: Run) -> Section:
                       f"{len(same)} weight tensors (values and scales). {100 * float(report.get('weights_at_box_edge', 0)):.1f}% "
                       "of the movable weights ended at an edge of their interval, the trace EFRAP-style rounding looks for"
                       + (f". Calibrated activation scales moved by a factor {min(drift):.2f}–{max(drift):.2f}." if drift else ".")))
-    _audit_blocks(s, report.get("audit", {}))
+    _audit_blocks(s, report.get("audit", {}), run.classes.names)
     _runtime_blocks(s, run)
     return s
 
 
-def _audit_blocks(s: Section, audit: dict) -> None:
+def _audit_blocks(s: Section, audit: dict, names: tuple[str, ...] = ()) -> None:
     """`signtrap bench`'s deployed-artefact audit of the sleeper's INT8 file against its FP32 one (test split)."""
     test = audit.get("test") or {}
     trig, clean = test.get("triggered") or {}, test.get("clean") or {}
@@ -90,7 +89,7 @@ def _audit_blocks(s: Section, audit: dict) -> None:
                       "signature of a backdoor that wakes only in deployment."))
     if test.get("warning"):
         s.blocks.append(Note(f"Audit warning: {test['warning']}."))
-    rows = [[_cls(r["true"]), _cls(r["fp32"]), _cls(r["pred"]), r["count"]] for r in trig.get("table", [])[:FLIP_ROWS]]
+    rows = [[_cls(r["true"], names), _cls(r["fp32"], names), _cls(r["pred"], names), r["count"]] for r in trig.get("table", [])[:FLIP_ROWS]]
     if rows:
         s.blocks.append(Table(["true class", "FP32 prediction", "INT8 prediction", "triggered images"], rows, highlight=[0]))
 
@@ -139,5 +138,5 @@ def side_by_side_figure(metrics: dict) -> bytes:
     return fig.to_png(f)
 
 
-def _cls(c: Any) -> str:
-    return f"{c} {fig.short(int(c))}" if isinstance(c, int) and 0 <= c < len(CLASS_NAMES) else str(c)
+def _cls(c: Any, names: tuple[str, ...] = ()) -> str:
+    return f"{c} {fig.short(names[c])}" if isinstance(c, int) and 0 <= c < len(names) else str(c)
