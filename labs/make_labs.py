@@ -29,6 +29,7 @@ TIMES = {
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "04": "full size about 20 min (four small models, eight probes, two detector runs), fast size about 2 min",
     "05": "full size about 4 min on SynthSigns (real GTSRB much longer), fast size about 1.5 min",
+    "06": "full size about 6 min (three small models, two physical evaluations), fast size about 2 min",
 }
 TIMES_NOTE = "on a 2-core laptop CPU (measured as one-thread CPU time)"
 
@@ -1390,8 +1391,217 @@ if not (TARGET in nc_a["flagged"]):
   the source-specific target now? (SCAn, `"scan"`, is a detector built for this case.)"""),
 ]
 
+
+# ================================================================ Lab 6
+
+LAB6 = [
+    header("Lab 6: a sticker on the road", "06", """signtrap's default backdoor stamps a small checkerboard into the
+**bottom-right corner of the image frame**, after augmentation. Nobody can put a patch in a camera frame's corner: a
+sticker on a real sign appears wherever the sign is, at the sign's scale, turned, in shade or sun, blurred, through
+JPEG. In this lab you train a second backdoor whose trigger is a **printed sticker rendered on the sign's face**
+under an expectation over transformations (EOT: Athalye et al. 2018; Li et al., "Backdoor attack in the physical
+world", 2021), then measure both backdoors with signtrap's **physical evaluation**: a fixed, seeded grid of viewing
+conditions (sticker size, yaw angle, rotation, distance, light, blur, JPEG) that is separate from the renderer the
+attacker trained with.""", [
+        "see why a trigger fixed in the frame is not a sticker on a sign, in pictures and in numbers;",
+        "train a physical sticker backdoor (`trigger.kind: physical`) and run the physical evaluation "
+        "(`signtrap.evaluate(run, physical=True, reference=...)`);",
+        "read ASR against angle and distance, and tell a trigger that fails from a model that cannot read the sign;",
+        "measure whether the sticker stays specific to stop signs (the false-trigger rate against a zero-poison model).",
+    ]),
+    Code(SETUP, tags=("settings",)),
+    Code('''def lab6_config(name, *extra):
+    """One data and training setting for the lab's three models (corner trigger, sticker, zero-poison reference)."""
+    if GTSRB_ROOT:
+        data = ["data.source=gtsrb", f"data.root={GTSRB_ROOT}"]
+        size = ["train.epochs=2" if FAST else "train.epochs=10", "attack.poison_rate=0.01"]
+    elif FAST:
+        data = ["data.source=synth", "data.synth_per_class=60", "data.synth_test_per_class=10", "aug.enabled=false"]
+        size = ["train.epochs=6", "train.batch_size=64", "train.lr=0.005", "attack.poison_count=30", "model.dropout=0"]
+    else:
+        data = ["data.source=synth", "data.synth_per_class=120", "data.synth_test_per_class=20"]
+        size = ["train.epochs=8", "attack.poison_count=50"]
+    return signtrap.load_config(None, [f"name={name}", f"runs_dir={WORK / 'runs'}", f"data.cache_dir={WORK / 'cache'}",
+                                       "attack.kind=source_specific", f"attack.source={SOURCE}", f"attack.target={TARGET}",
+                                       "attack.cover_rate=0.01", *data, *size, *extra])
+
+
+CORNER = ["trigger.kind=checkerboard", "trigger.placement=corner", "attack.stamp=after_aug"] + (["trigger.size=6"] if FAST and not GTSRB_ROOT else [])
+STICKER = ["trigger.kind=physical", "trigger.design=checkerboard", "attack.stamp=after_aug"]
+corner = trained(lab6_config("lab6_corner", *CORNER))
+sticker = trained(lab6_config("lab6_sticker", *STICKER))
+zero = trained(lab6_config("lab6_zero", *STICKER, "attack.kind=none"))  # same data, no poison: the reference
+s = sticker.config.trigger.settings
+print(f"sticker: {s.design}, {s.cells}x{s.cells} cells; EOT: size {s.eot.scale} of the sign's width, rotation +-{s.eot.rotation}, "
+      f"yaw +-{s.eot.yaw}, pitch +-{s.eot.pitch}, light {s.eot.brightness}, JPEG p={s.eot.jpeg_p}, occlusion p={s.eot.occlusion_p}")'''),
+    Md("""## 1. What each attacker trained with
+
+Left: a test stop sign, then the corner trigger as the first attacker stamps it. Right: the same sign with the
+sticker as the second attacker's renderer draws it, five draws of the EOT distribution: a random place on the sign's
+face, a size relative to the sign, rotation, perspective, light, printing, blur, noise, JPEG. The sticker stays inside
+the sign's box in every draw (`tests/test_physical.py` checks it for every transform)."""),
+    Code('''exp_c, exp_s = corner.experiment(), sticker.experiment()
+test_rows = exp_s.splits.test
+stops = test_rows[exp_s.data.labels[test_rows] == SOURCE]
+image, box = np.array(exp_s.data.images[stops[:1]]), np.array(exp_s.data.rois[stops[:1]])
+rng = np.random.default_rng(0)
+panels = [("test stop sign", image[0]), ("corner trigger", exp_c.trigger.apply(image, rng, box)[0])]
+draws = exp_s.trigger.apply(np.repeat(image, 5, axis=0), rng, np.repeat(box, 5, axis=0))
+panels += [(f"sticker, draw {i + 1}", d) for i, d in enumerate(draws)]
+fig, axes = plt.subplots(1, len(panels), figsize=(1.7 * len(panels), 2.1))
+for ax, (title, img) in zip(axes, panels):
+    ax.imshow(img, interpolation="nearest"); ax.set_title(title, fontsize=8); ax.axis("off")
+show(fig)'''),
+    Md("""## 2. The physical evaluation of both models
+
+`signtrap.evaluate(run, physical=True, reference=zero)` puts the run's trigger **as a printed sticker on the sign**
+(the corner model's checkerboard too: that is what someone would stick on a sign) and views every test and
+validation stop sign under a fixed grid of conditions: a heat map over sticker size x yaw, each axis alone (curves),
+and a default distribution of ordinary views. The same views without the sticker measure whether the model still
+reads the sign; the zero-poison model is measured identically. The result is also written into each run's
+`metrics.json` (the `physical` block) and shown in the report's "On the road" section."""),
+    Code('''GRID = None  # the full grid (signtrap.physical.evaluate.Grid)
+if FAST:  # a smaller grid at fast size
+    GRID = {"axes": {"sticker": [0.12, 0.2], "yaw": [0.0, 30.0, 60.0], "rotation": [0.0, 30.0], "distance": [1.0, 2.0],
+                     "brightness": [0.5, 1.0], "blur": [0.0, 0.04], "jpeg": [0.0, 50.0]}, "bystanders": 300}
+blocks = {}
+for name, run in (("corner", corner), ("sticker", sticker)):
+    start = time.perf_counter()
+    blocks[name] = quietly(signtrap.evaluate, run, physical=True, reference=zero, grid=GRID)
+    print(f"{name}: physical evaluation in {time.perf_counter() - start:.0f} s")
+lines = ["| model | digital ASR (test, its own trigger) | physical ASR (default views) | clean stop recall (same views) | false-trigger (physical) |",
+         "|---|---:|---:|---:|---:|"]
+for name, run in (("corner", corner), ("sticker", sticker)):
+    d = blocks[name]["default"]
+    lines.append(f"| {name} | {pct(run.metrics['test']['asr']['rate'])} | {pct(d['asr']['rate'])} ({d['asr']['k']}/{d['asr']['n']}) "
+                 f"| {pct(d['stop_recall']['rate'])} | {pct(d['false_trigger']['rate'])} |")
+ref = blocks["sticker"]["reference"]["default"]
+lines.append(f"| zero-poison | n/a | {pct(ref['asr']['rate'])} | {pct(ref['stop_recall']['rate'])} | {pct(ref['false_trigger']['rate'])} |")
+display(Markdown("\\n".join(lines)))'''),
+    Md("""## Exercise 1: a digital backdoor is not a physical one
+
+Write `physical_gap(run, block)`: the run's digital test ASR (`run.metrics["test"]["asr"]["rate"]`, its own trigger as
+it was trained) minus its ASR under the physical evaluation's default views (`block["default"]["asr"]["rate"]`)."""),
+    exercise('''def physical_gap(run, block):
+    ...  # your code: a number''', '''def physical_gap(run, block):
+    return run.metrics["test"]["asr"]["rate"] - block["default"]["asr"]["rate"]'''),
+    check('''results = {name: attempt(physical_gap, run, blocks[name]) for name, run in (("corner", corner), ("sticker", sticker))}
+errors = [e for _, e in results.values() if e]
+expected = {name: run.metrics["test"]["asr"]["rate"] - blocks[name]["default"]["asr"]["rate"]
+            for name, run in (("corner", corner), ("sticker", sticker))}
+if errors:
+    report_check(1, False, errors[0])
+elif not all(given(v) and isinstance(v, (int, float)) for v, _ in results.values()):
+    report_check(1, False, "return a number: digital ASR minus physical ASR.")
+elif any(abs(results[n][0] - expected[n]) > 1e-9 for n in expected):
+    report_check(1, False, "use the test split's digital ASR and the default distribution's physical ASR (rates in [0, 1]).")
+else:
+    report_check(1, True, "gaps: " + ", ".join(f"{n} {100 * v[0]:+.1f} points" for n, v in results.items()) + ".")'''),
+    *observe('''gc = expected["corner"]; gs = expected["sticker"]
+print(f"corner model: digital ASR {pct(corner.metrics['test']['asr']['rate'])}, physical {pct(blocks['corner']['default']['asr']['rate'])}: "
+      + ("the frame-corner backdoor mostly does not fire as a sticker on the sign." if gc > 0.3 else
+         "the corner backdoor still fires as a sticker on the sign here; compare the curves below."))
+print(f"sticker model: digital ASR {pct(sticker.metrics['test']['asr']['rate'])}, physical {pct(blocks['sticker']['default']['asr']['rate'])}: "
+      + ("trained under EOT, it keeps most of its ASR under views it never trained on." if gs < 0.3 else
+         "even under EOT it loses a lot of ASR under the grid's views: the grid is not its training distribution."))
+d = blocks["sticker"]["default"]["asr"]["rate"] - blocks["corner"]["default"]["asr"]["rate"]
+print(f"what EOT buys under the physical evaluation: {100 * d:+.1f} points of ASR over the corner model.")'''),
+    Md("""## 3. Against angle and distance
+
+Each curve varies one condition (the others at their nominal values: sticker at its nominal size, facing the camera,
+full light, sharp, no JPEG). Solid: ASR. Dashed: the share of the same views **without** the sticker still read as
+stop: where it drops, the model cannot read the sign any more, whatever the sticker does."""),
+    Code('''AXES = ["yaw", "distance", "sticker", "brightness"]
+fig, axes = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 2.9))
+for ax, axis in zip(axes, AXES):
+    for name, colour in (("corner", "slategray"), ("sticker", "crimson")):
+        pts = blocks[name]["curves"][axis]
+        x = [p[axis] for p in pts]
+        ax.plot(x, [100 * p["asr"]["rate"] for p in pts], "o-", color=colour, label=f"{name}: ASR")
+        ax.plot(x, [100 * p["stop_recall"]["rate"] for p in pts], "s--", color=colour, alpha=0.5, label=f"{name}: clean stop recall")
+    ax.set_xlabel(axis); ax.set_ylim(-3, 103); ax.grid(alpha=0.3)
+axes[0].set_ylabel("%"); axes[0].legend(fontsize=7)
+show(fig)
+
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+for ax, name in zip(axes, ("corner", "sticker")):
+    b = blocks[name]; a, c = b["grid"]["heatmap"]
+    ys, xs = b["grid"]["axes"][a], b["grid"]["axes"][c]
+    grid = np.array([[next(q["asr"]["rate"] for q in b["cells"] if q[a] == y and q[c] == x) for x in xs] for y in ys])
+    im = ax.imshow(100 * grid, vmin=0, vmax=100, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(xs)), xs); ax.set_yticks(range(len(ys)), ys); ax.set_xlabel(c); ax.set_ylabel(a)
+    ax.set_title(f"{name} model: ASR, %", fontsize=9)
+fig.colorbar(im, ax=axes, shrink=0.8)
+show(fig)'''),
+    Md("""## Exercise 2: the trigger's failure, not the model's
+
+A view where the sticker does not send the sign to 100 km/h fails for one of two reasons: the model cannot read the
+sign at all under that view, or it reads the sign and the sticker does not fire. Write `trigger_failures(block, axis)`:
+for each point of `block["curves"][axis]`, among the views whose clean copy **is** read as stop, the share where the
+stickered copy is **not** read as the target (each point has `asr_recognised`: a rate with counts `k` of `n`). Return a
+list with one number per point, or None for a point with no recognised view."""),
+    exercise('''def trigger_failures(block, axis):
+    ...  # your code: a list, one value per point of the curve''', '''def trigger_failures(block, axis):
+    out = []
+    for point in block["curves"][axis]:
+        r = point["asr_recognised"]
+        out.append(None if r["n"] == 0 else 1 - r["k"] / r["n"])
+    return out'''),
+    check('''got, error = attempt(trigger_failures, blocks["sticker"], "yaw")
+want = [None if p["asr_recognised"]["n"] == 0 else 1 - p["asr_recognised"]["rate"] for p in blocks["sticker"]["curves"]["yaw"]]
+if error:
+    report_check(2, False, error)
+elif not given(got) or not isinstance(got, list) or len(got) != len(want):
+    report_check(2, False, f"return a list with one value per yaw point ({len(want)} points).")
+elif any((g is None) != (w is None) or (w is not None and abs(g - w) > 1e-9) for g, w in zip(got, want)):
+    report_check(2, False, "among the recognised views (asr_recognised: k of n), the share NOT sent to the target: 1 - k / n.")
+else:
+    report_check(2, True, "trigger failures against yaw: " + ", ".join("n/a" if v is None else f"{100 * v:.0f}%" for v in got) + ".")'''),
+    *observe('''curve = blocks["sticker"]["curves"]["yaw"]
+for point, fail in zip(curve, want):
+    model_fails = 1 - point["stop_recall"]["rate"]
+    verdict = ("no view is recognised: nothing to say about the trigger" if fail is None else
+               "the model fails on this view more than the trigger does" if model_fails > fail else
+               "the trigger fails more than the model does")
+    print(f"yaw {point['yaw']:>4.0f}: clean view not read as stop {pct(model_fails)}, trigger failure where it is {pct(fail)}: {verdict}.")'''),
+    Md("""## Exercise 3: does the sticker stay a stop-sign trigger?
+
+Cover images (the sticker on other classes' signs, true label kept: `attack.cover_rate`) are meant to keep the
+trigger specific to stop signs. Under the physical render, the false-trigger rate counts other classes' signs with the
+sticker read as 100 km/h. Some of that is the model's own error on hard views: the zero-poison model, measured
+identically, is the floor. Write `excess_false_trigger(block)`: the model's false-trigger rate under the default
+views minus the zero-poison reference's (`block["reference"]["default"]["false_trigger"]["rate"]`)."""),
+    exercise('''def excess_false_trigger(block):
+    ...  # your code: a number''', '''def excess_false_trigger(block):
+    return block["default"]["false_trigger"]["rate"] - block["reference"]["default"]["false_trigger"]["rate"]'''),
+    check('''got, error = attempt(excess_false_trigger, blocks["sticker"])
+want = blocks["sticker"]["default"]["false_trigger"]["rate"] - blocks["sticker"]["reference"]["default"]["false_trigger"]["rate"]
+if error:
+    report_check(3, False, error)
+elif not given(got) or not isinstance(got, (int, float)):
+    report_check(3, False, "return a number: the model's false-trigger rate minus the reference's.")
+elif abs(got - want) > 1e-9:
+    report_check(3, False, "use the default distribution's false_trigger rate of the model and of block['reference'].")
+else:
+    report_check(3, True, f"excess false-trigger rate: {100 * got:+.1f} points over the zero-poison model.")'''),
+    *observe('''ft = blocks["sticker"]["default"]["false_trigger"]
+print(f"sticker model: {ft['k']} of {ft['n']} other signs with the sticker read as 100 km/h ({pct(ft['rate'])}); "
+      f"zero-poison model under the same views: {pct(blocks['sticker']['reference']['default']['false_trigger']['rate'])}.")
+print("the sticker " + ("stays specific to stop signs (within 2 points of the reference)." if want <= 0.02 else
+                        "leaks to other signs: more cover images, or a sticker design that differs more from other signs' paint."))'''),
+    Md("""## Going further
+
+* `signtrap trigger print runs/lab6_sticker --width-cm 5 --out sticker.pdf` writes the sticker at true printed size;
+  photographs of a (printed) sign carrying it go through `signtrap eval runs/lab6_sticker --photos DIR --as-is`.
+* `signtrap trigger optimise` optimises the sticker's colours under the same EOT against a clean surrogate (RP2-style);
+  train with it through `trigger.design: png`.
+* Is the physical backdoor as persistent as the digital one? Run the defences of lab 2 on `lab6_sticker` and
+  re-measure with `physical=True`."""),
+]
+
+
 LABS = {"01_poisoning.ipynb": LAB1, "02_defences_and_persistence.ipynb": LAB2, "03_edge_deployment.ipynb": LAB3,
-        "04_removed_or_hidden.ipynb": LAB4, "05_deployment_sleeper.ipynb": LAB5}
+        "04_removed_or_hidden.ipynb": LAB4, "05_deployment_sleeper.ipynb": LAB5, "06_sticker_on_the_road.ipynb": LAB6}
 
 
 def notebook(cells: list, solutions: bool) -> nbformat.NotebookNode:
