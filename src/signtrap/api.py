@@ -513,7 +513,8 @@ def report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path
     except SigntrapError:
         threads = 0  # the report says what is wrong with the config
     inside = target.resolve() == run_dir.resolve()
-    with (runstate.locked(run_dir, "signtrap report") if inside else contextlib.nullcontext()), cpu_threads(threads, stored=True):
+    with (runstate.locked(run_dir, "signtrap report") if inside else contextlib.nullcontext()), \
+            cpu_threads(threads, stored=True, wait=False):  # light work: never waits for cores
         paths = build_report(run_dir, out_dir=target)
     return next(p for p in paths if p.name == "report.html")
 

@@ -56,18 +56,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def cpu_threads(threads: int, *, key: str = "train.threads", stored: bool = False) -> Iterator[int]:
+def cpu_threads(threads: int, *, key: str = "train.threads", stored: bool = False, wait: bool = True) -> Iterator[int]:
     """Claim CPU cores from the machine's budget for the block and set torch's CPU threads to them; yields the
     thread count (restored afterwards). See signtrap.machine.cores for the policy.
 
     `threads`: 0 the cores this process may use (the free ones of them); N exactly N (waiting for N free cores).
     Above this process's allowance it is refused with one line, or capped with a warning when the value comes
-    from an existing run's config (`stored`); negative values are refused.
+    from an existing run's config (`stored`); negative values are refused. `wait=False`: never wait (light work).
 
     Every command that computes (train, defend, eval, export, run, report, sweep runs) wraps its work in
     this with the run's `train.threads`, so the same run gives the same numbers whichever command, or
     which resumed pipeline, computes them."""
-    with cores.claim(threads, key=key, stored=stored) as held:
+    with cores.claim(threads, key=key, stored=stored, wait=wait) as held:
         before = torch.get_num_threads()
         if held.threads != before:
             torch.set_num_threads(held.threads)

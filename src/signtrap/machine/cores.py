@@ -127,14 +127,14 @@ def check_threads(threads, key: str = "train.threads", stored: bool = False) -> 
     if isinstance(threads, bool) or not isinstance(threads, int):
         raise ConfigError(f"{named}: the thread count must be a whole number, 0 (all {n} CPU cores this process may use) or 1..{n}")
     if threads < 0:
-        raise ConfigError(f"{named} is negative: use 0 (all {n} CPU cores this process may use) or 1..{n}")
+        raise ConfigError(f"{named} is outside 1..{n}: a thread count cannot be negative (0: all {n} CPU cores this process may use)")
     if threads > n:
         if stored:
             _say(f"signtrap: warning: {named} (from the run's config) is more than the {n} CPU core(s) this process may "
                  f"use here (affinity, cgroup quota); running on {n}", always=True)
             return n
-        raise ConfigError(f"{named} is more than the {n} CPU core(s) this process may use (CPU affinity and cgroup "
-                          f"quota, not the machine's count); use 0 (all of them) or 1..{n}")
+        raise ConfigError(f"{named} is outside 1..{n}: more than the {n} CPU core(s) this process may use (CPU affinity "
+                          f"and cgroup quota, not the machine's count); 0 uses all of them")
     return threads
 
 
@@ -300,8 +300,11 @@ def _policy() -> str:
     policy = os.environ.get(ENV_POLICY, "wait").strip().lower() or "wait"
     if policy not in POLICIES:
         raise ConfigError(f"{ENV_POLICY}={policy}: choose from {', '.join(POLICIES)}")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return "off"
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return "off"
+    except ValueError:
+        pass
     return policy
 
 
@@ -313,11 +316,12 @@ def _say(text: str, always: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def claim(threads: int = 0, *, key: str = "train.threads", stored: bool = False) -> Iterator[Claim]:
+def claim(threads: int = 0, *, key: str = "train.threads", stored: bool = False, wait: bool = True) -> Iterator[Claim]:
     """Hold cores of the budget for the block; yields the Claim (its `threads` is what to compute with).
 
     Sets OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS to the claimed count for the block (for child
-    processes and libraries initialised inside it); the caller sets its own pools (torch: provenance.cpu_threads)."""
+    processes and libraries initialised inside it); the caller sets its own pools (torch: provenance.cpu_threads).
+    `wait=False` (light commands: the report) never waits, as `SIGNTRAP_CORES=share`."""
     threads = check_threads(threads, key, stored)
     with _lock:
         outer = claimed()
@@ -331,6 +335,8 @@ def claim(threads: int = 0, *, key: str = "train.threads", stored: bool = False)
                 _state["depth"] -= 1
         return
     policy = _policy()
+    if not wait and policy == "wait":
+        policy = "share"
     n = allowance()
     want = threads or min(n, _env_threads() or n)
     held = _acquire(want, exact=bool(threads), key=key, policy=policy)
