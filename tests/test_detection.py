@@ -13,8 +13,8 @@ from signtrap.defences.scan import two_subgroups, untangle
 from signtrap.reporting.detection import attack_label, detection_cell, detection_table
 from test_defences import tree_hash
 
-NC = ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.steps=80",
-      "neural-cleanse.batch_size=16", "neural-cleanse.samples=256", "neural-cleanse.epochs=0"]
+NC = ["neural-cleanse.top_k=0", "neural-cleanse.candidates=[0,1,2,3,4,5,7,13,14,38]", "neural-cleanse.steps=100",
+      "neural-cleanse.samples=128", "neural-cleanse.epochs=0"]
 SETTINGS = {"neural-cleanse": NC, "strip": ["strip.overlays=8"], "scan": []}
 
 
