@@ -31,6 +31,7 @@ from signtrap.defences import list_defences
 from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
+from signtrap.machine import cores
 from signtrap.provenance import cpu_threads
 from signtrap.reporting import REPORT_VERSION, build_report
 from signtrap.training import train
@@ -54,14 +55,16 @@ class Stage:
     run: Callable[[], list[Path]] | None
     disabled: str | None = None  # why the config turned it off
     soft_deps: bool = False  # run with whatever upstream stages succeeded (the report)
+    describe: Callable[[], str] | None = None  # one line on what its outputs say (the closing table's note)
 
 
 @dataclass
 class Outcome:
     name: str
     status: str
-    reason: str = ""
+    reason: str = ""  # why it ran (or was skipped, disabled, blocked; the failure when it failed)
     seconds: float = 0.0
+    note: str = ""  # what happened: a ran or intact stage's outputs in one line (the closing table's note column)
 
 
 def digest(obj: Any) -> str:
@@ -180,7 +183,7 @@ class Pipeline:
                 say(f"{head}: {kind}: {reason}")
                 continue
             if kind == SKIPPED:
-                outcomes.append(Outcome(stage.name, SKIPPED, reason))
+                outcomes.append(Outcome(stage.name, SKIPPED, reason, note=self._describe(stage, "up to date")))
                 status[stage.name] = SKIPPED
                 say(f"{head}: up to date (outputs present, hashes match), skipped")
                 continue
@@ -212,9 +215,20 @@ class Pipeline:
             self.save()
             remade.add(stage.name)
             status[stage.name] = RAN
-            outcomes.append(Outcome(stage.name, RAN, reason, seconds))
+            outcomes.append(Outcome(stage.name, RAN, reason, seconds, note=self._describe(stage, "" if reason == "not run yet" else reason)))
             say(f"{head}: done in {seconds:.1f} s")
         return outcomes
+
+    @staticmethod
+    def _describe(stage: Stage, why: str) -> str:
+        """The stage's own one-line account of its outputs, with why it ran when that is news (not a first run)."""
+        text = ""
+        if stage.describe is not None:
+            try:
+                text = stage.describe()
+            except Exception:  # an account of the outputs never fails the pipeline
+                text = ""
+        return "; ".join(t for t in (text, why) if t)
 
     def _eta(self, remaining: list[Stage], previous: dict, status: dict) -> str:
         known = [previous.get(s.name) for s in remaining if not s.disabled]
@@ -349,25 +363,82 @@ class SigntrapStages:
     def run_report(self) -> list[Path]:
         return build_report(self.run_dir)
 
+    # -------------------------------------------------- what each stage's outputs say (the closing table)
+
+    def describe_train(self) -> str:
+        m = read_json(self.run_dir / "metrics.json")["test"]
+        return f"test clean acc {_rate(m.get('clean_acc'))}, ASR {_rate(m.get('asr'))}"
+
+    def describe_defence(self, method: str) -> str:
+        r = read_json(self.run_dir / f"defence-{method}" / "report.json")
+        before, after = r["before"]["test"], (r.get("after") or {}).get("test") or {}
+        parts = [f"ASR {_rate(before.get('asr'))} -> {_rate(after.get('asr'))}, "
+                 f"clean {_rate(before.get('clean_acc'))} -> {_rate(after.get('clean_acc'))}"]
+        sel = (r.get("details") or {}).get("selection") or {}
+        if sel and not sel.get("fixed"):
+            parts.append(f"{sel['knob']}={sel['value']:g} chosen" + ("" if sel.get("within_tolerance") else " (none kept the model)"))
+        probe = r.get("probe") or {}
+        verdict = probe.get("verdict")
+        if isinstance(verdict, dict):
+            verdict = verdict.get("verdict") or verdict.get("label")
+        if verdict:
+            parts.append(f"probe: {verdict}")
+        elif not r.get("repaired_model"):
+            parts.append("no repair (detector or filter)")
+        return "; ".join(parts)
+
+    def describe_export(self) -> str:
+        manifest = read_json(self.run_dir / EXPORT_DIR / "model.json")
+        arts = manifest.get("artefacts", [])
+        runtimes = sorted({a.get("runtime") for a in arts if a.get("runtime")})
+        rejected = manifest.get("rejected") or []
+        return (f"{len(arts)} artefacts for {len(runtimes)} runtime{'s' if len(runtimes) != 1 else ''} ({', '.join(runtimes)})"
+                + (f", {len(rejected)} rejected by the gate" if rejected else ""))
+
+    def describe_bench(self) -> str:
+        rows = [r for r in read_json(self.run_dir / EXPORT_DIR / "bench.json").get("rows", []) if "error" not in r]
+        asr = [r["asr"]["rate"] for r in rows if (r.get("asr") or {}).get("rate") is not None]
+        fastest = min(rows, key=lambda r: r["latency_ms"]["p50"], default=None)
+        text = f"{len(rows)} artefacts measured"
+        if asr:
+            text += f", ASR {100 * min(asr):.1f}-{100 * max(asr):.1f}%"
+        if fastest is not None:
+            text += f", fastest batch-1 {fastest['artefact']} {fastest['latency_ms']['p50']:.2f} ms"
+        return text
+
+    def describe_report(self) -> str:
+        return "report.html and report.md written"
+
     # -------------------------------------------------- all
 
+    def on_cores(self, run: Callable[[], list[Path]], wait: bool = True) -> Callable[[], list[Path]]:
+        """A stage's work with CPU cores claimed for it alone (signtrap.machine.cores): between stages the pipeline
+        holds none, so a pipeline started beside another job grows to the cores that job gives back."""
+        def claimed() -> list[Path]:
+            with cpu_threads(self.cfg.train.threads, wait=wait):
+                return run()
+        return claimed
+
     def stages(self) -> list[Stage]:
-        stages = [Stage("train", (), self.train_settings(), self.run_train)]
+        stages = [Stage("train", (), self.train_settings(), self.on_cores(self.run_train), describe=self.describe_train)]
         methods = self.methods()
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
-            stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), lambda m=m: self.run_defence(m),
-                                disabled=off))
+            stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
+                                disabled=off, describe=lambda m=m: self.describe_defence(m)))
         if not methods:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else
                       "skipped with --skip export" if "export" in self.skip else None)
-        stages.append(Stage("export", ("train",), self.export_settings(), self.run_export, disabled=export_off))
+        stages.append(Stage("export", ("train",), self.export_settings(), self.on_cores(self.run_export), disabled=export_off,
+                            describe=self.describe_export))
         bench_off = export_off or ("skipped with --skip bench" if "bench" in self.skip else None)
-        stages.append(Stage("bench", ("export",), self.bench_settings(), self.run_bench, disabled=bench_off))
+        stages.append(Stage("bench", ("export",), self.bench_settings(), self.on_cores(self.run_bench), disabled=bench_off,
+                            describe=self.describe_bench))
         upstream = tuple(s.name for s in stages if s.run is not None)
-        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.run_report, soft_deps=True,
-                            disabled="skipped with --skip report" if "report" in self.skip else None))
+        stages.append(Stage("report", upstream, {"version": REPORT_VERSION}, self.on_cores(self.run_report, wait=False), soft_deps=True,
+                            disabled="skipped with --skip report" if "report" in self.skip else None,
+                            describe=self.describe_report))
         return stages
 
 
@@ -396,7 +467,8 @@ def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = (), overwrite
     """Run (or resume) the whole pipeline for `cfg`; returns a summary dict (also what `--json` prints)."""
     check_run_dir(cfg, force, overwrite)
     run_dir = Path(cfg.run_dir)
-    with runstate.locked(run_dir, "signtrap run") as lock, cpu_threads(cfg.train.threads):
+    cores.check_threads(cfg.train.threads)  # one line before anything; each stage claims its cores itself
+    with runstate.locked(run_dir, "signtrap run") as lock:
         pipe = planner(cfg, skip, force)  # validates the stage settings (e.g. unknown defences) before any stage runs
         say(f"pipeline {run_dir}: " + " -> ".join(s.name for s in pipe.stages))
         started = time.perf_counter()
@@ -418,10 +490,17 @@ def run_pipeline(cfg, force: bool = False, skip: tuple[str, ...] = (), overwrite
     return summary
 
 
+def _rate(entry: dict | None) -> str:
+    return "n/a" if not entry or entry.get("rate") is None else f"{100 * entry['rate']:.1f}%"
+
+
 def summary_text(summary: dict) -> str:
+    """The closing table: per stage its status, seconds and a note: what its outputs say for a stage that ran or
+    was intact (with why it re-ran, when it did not run for the first time); why, for the others."""
     lines = [f"{'stage':<26}{'status':<13}{'seconds':>9}  note", "-" * 78]
     for s in summary["stages"]:
         secs = f"{s['seconds']:.1f}" if s["status"] in (RAN, FAILED) else "-"
-        lines.append(f"{s['name']:<26}{s['status']:<13}{secs:>9}  {s['reason']}")
+        note = s.get("note") or (s["reason"] if s["status"] != RAN or s["reason"] != "not run yet" else "done")
+        lines.append(f"{s['name']:<26}{s['status']:<13}{secs:>9}  {note}")
     lines.append(f"total {summary['seconds']:.1f} s")
     return "\n".join(lines)
