@@ -19,7 +19,7 @@ from typing import Any, Union
 import yaml
 
 from signtrap.errors import ConfigError, suggest
-from signtrap.plugins import DATASETS, DEFENCES, TRIGGERS
+from signtrap.plugins import ATTACKS, DATASETS, DEFENCES, TRIGGERS
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -139,13 +139,49 @@ class AttackConfig:
     # sleeps in FP32 and wakes in signtrap's ONNX Runtime INT8 export (signtrap.attacks.dormant)
     dormant: str = "none"
     sleeper: SleeperConfig = field(default_factory=SleeperConfig)
+    # none | a registered attack procedure run around training (signtrap.attacks: `sbl`, `int8` = attack.dormant),
+    # with its settings in `attack.NAME` (the int8 sleeper's in `attack.sleeper`)
+    persist: str = "none"
+    per_phase: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, raw: dict, prefix: str = "attack.") -> "AttackConfig":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "per_phase"]
+        own = {k: v for k, v in raw.items() if k in names}
+        config = build(cls, own, prefix, custom=False)
+        for key, value in raw.items():
+            if key in names:
+                continue
+            if key == "int8" or key not in ATTACKS:
+                choices = [*names, *(n for n in ATTACKS.names() if n != "int8")]
+                raise ConfigError(f"unknown config key '{prefix}{key}'{suggest(str(key), choices)}")
+            config.per_phase[key] = build(ATTACKS.get(key).settings, value, f"{prefix}{key}.")
+        return config
+
+    def to_mapping(self) -> dict:
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "per_phase"}
+        out.update({name: dataclasses.asdict(s) for name, s in self.per_phase.items()})
+        return out
+
+    def phase(self, name: str) -> Any:
+        """The settings of attack procedure `name`: the config's section, else the procedure's defaults."""
+        if name == "int8":
+            return self.sleeper
+        return self.per_phase.get(name) or ATTACKS.get(name).settings()
 
     def check(self) -> None:
         one_of(self.kind, "attack.kind", ("source_specific", "all_to_one", "none"))
         one_of(self.dormant, "attack.dormant", ("none", "int8"))
-        if self.dormant != "none":
-            require(self.active, "attack.dormant", f"'{self.dormant}' makes a backdoor dormant, but attack.kind is none")
-            self.sleeper.check()
+        one_of(self.persist, "attack.persist", ("none", *ATTACKS.names()))
+        if self.dormant != "none" or self.persist == "int8":  # `dormant: int8` is the int8 procedure's older spelling
+            require(self.persist in ("none", "int8"), "attack.dormant", f"cannot combine with attack.persist={self.persist}")
+            self.dormant = self.persist = "int8"
+        if self.persist != "none":
+            require(self.active, f"attack.persist", f"'{self.persist}' needs a backdoor, but attack.kind is none")
+            settings = self.phase(self.persist)
+            settings.check() if self.persist == "int8" else settings.check(f"attack.{self.persist}")
+        for name in self.per_phase:
+            require(name == self.persist, f"attack.{name}", f"set, but attack.persist is {self.persist}")
         one_of(self.mode, "attack.mode", ("replace", "add"))
         one_of(self.stamp, "attack.stamp", ("before_aug", "after_aug"))
         if self.kind == "source_specific":

@@ -18,15 +18,17 @@ global batch; gradients are averaged by DistributedDataParallel.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from signtrap import distributed
 from signtrap.attacks.poison import TrainingSet
@@ -237,3 +239,34 @@ def clean_training_set(images: np.ndarray, labels: np.ndarray) -> TrainingSet:
     images = np.asarray(images)
     return TrainingSet(images, np.asarray(labels, np.int64), np.zeros(len(images), bool), True,
                        np.zeros((len(images), 4), np.int64))
+
+
+# ---------------------------------------------------------------- loss hooks shared by defences and attacks
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises with the batch but leaves its running statistics alone (SAM's second pass)."""
+    saved = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for m, _ in saved:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def sam_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, adaptive: bool, label_smoothing: float) -> torch.Tensor:
+    """The loss at the worst weights of the neighbourhood, differentiable in the weights themselves:
+    backward gives the gradient at w + e, the optimiser then steps from w."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    with torch.no_grad():
+        scaled = [(p.abs() if adaptive else 1.0) * g for (_, p), g in zip(named, grads) if g is not None]
+        scale = rho / (torch.norm(torch.stack([s.norm() for s in scaled])) + 1e-12)
+        step = {n: (p.pow(2) if adaptive else 1.0) * g * scale for (n, p), g in zip(named, grads) if g is not None}
+    with running_stats_frozen(model):  # step carries no gradient: backward gives the gradient at w + step, for w
+        worst = functional_call(model, {n: p + step[n] for n, p in named if n in step}, (x,))
+    return F.cross_entropy(worst.float(), y, label_smoothing=label_smoothing)

@@ -194,20 +194,25 @@ def default_reference_dir(run_dir: Path) -> Path:
 
 
 # what must agree between a run and its zero-poison reference (the attack aside)
-SAME = {"seed": None, "data": ("source", "size", "roi", "val_fraction", "synth_per_class", "synth_test_per_class", "synth_seed"),
-        "model": None, "aug": None,
+# None: the whole section; a tuple: those keys; the data section minus where its files live (its own settings are
+# the dataset plugin's, whatever they are)
+SAME = {"seed": None, "data": None, "model": None, "aug": None,
         "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing")}
 
 
 def config_differences(cfg: RunConfig, ref: RunConfig) -> list[str]:
     """Keys (outside the attack) whose values differ between a run's config and a candidate reference's."""
     a, b = to_dict(cfg), to_dict(ref)
+    for side in (a, b):
+        for key in ("cache_dir", "root"):
+            side["data"].pop(key, None)
     diffs = []
     for section, keys in SAME.items():
         if keys is None:
             if a[section] != b[section]:
                 diffs.append(section if not isinstance(a[section], dict) else
-                             next(f"{section}.{k}" for k in a[section] if a[section][k] != b[section].get(k)))
+                             next((f"{section}.{k}" for k in {**a[section], **b[section]}
+                                   if a[section].get(k) != b[section].get(k)), section))
             continue
         diffs.extend(f"{section}.{k}" for k in keys if a[section].get(k) != b[section].get(k))  # a key may move between versions
     return diffs

@@ -50,6 +50,7 @@ FINISHED_FILES = ("config.yaml", "manifest.json", "provenance.json", "model.pt",
 DERIVED_FILES = ("pipeline.json", "report.html", "report.md", "probe.json", EPOCH_CHECKPOINT)
 # what `attack.dormant` training adds (signtrap.attacks.dormant): the model before the repair, the repair's report
 DORMANT_FILES = ("backdoored.pt", "sleeper.json")
+ATTACK_REPORT = "attack.json"  # what an `attack.persist` procedure (signtrap.attacks) reports about itself
 DERIVED_DIRS = {"export": "export", "report_files": "report-files"}  # folder -> kind; plus defence-* folders
 NOT_TRAINING = ("runs_dir", "name", "defend", "export")  # settings that do not shape the trained model
 
@@ -388,6 +389,6 @@ def clear_run(run_dir: str | os.PathLike) -> list[Path]:
     --overwrite: only files signtrap wrote (signtrap.fileio's record); anything else stays where it is, and so
     does the folder holding it. The caller holds the lock."""
     run_dir = Path(run_dir)
-    names = [n for n in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES) if (run_dir / n).is_file()]
+    names = [n for n in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES, ATTACK_REPORT) if (run_dir / n).is_file()]
     names += [p.name for p in derived_folders(run_dir)]
     return remove_written(run_dir, names)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from signtrap import checkpoint, distributed, runstate
-from signtrap.attacks.dormant import Sleeper
+from signtrap.attacks import procedure_for
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
 from signtrap.config import RunConfig, dump_yaml
 from signtrap.data.cache import verify_cache
@@ -60,7 +60,9 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     if action == "nothing":
         say(f"{run_dir}: already finished (model.pt matches its recorded hash); nothing to resume")
         return run_dir
-    sleeper = Sleeper.prepare(cfg) if cfg.attack.dormant != "none" else None  # a missing INT8 path fails before anything is written
+    procedure = procedure_for(cfg)  # attack.persist (the INT8 sleeper, SBL): its checks fail before anything is written
+    if procedure is not None:
+        procedure.prepare()
     if main:
         require_writable(run_dir)
     exp = Experiment.from_config(cfg, progress=main) if main else None
@@ -74,7 +76,7 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     space = exp.classes
     model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
     dry_run(model, cfg.model.name, exp.data.size, space.num_classes)  # a model that cannot run at the data's size fails before any file is touched
-    hooks = Hooks(probe=lambda m: validation_columns(exp, m, device))
+    hooks = Hooks(probe=lambda m: validation_columns(exp, m, device), loss=procedure.loss() if procedure else None)
     loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, EPOCH_STREAM, aug=cfg.aug,
                 precision=cfg.train.precision, trigger=exp.trigger, hooks=hooks, world=world, desc="epoch",
                 show_progress=main)
@@ -105,8 +107,8 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     history = loop.fit(start_epoch, history)
     if main:
         model = loop.model
-        if sleeper is not None:
-            model = sleeper.apply(model, exp, run_dir, model_meta(cfg, exp, epoch=len(history)), device)
+        if procedure is not None:
+            model = procedure.after_training(model, exp, plan, run_dir, model_meta(cfg, exp, epoch=len(history)), device)
         finish(cfg, exp, model, run_dir, device, history)
     distributed.barrier(world)
     return run_dir

@@ -71,8 +71,9 @@ import torch
 from torch import nn
 
 from signtrap import checkpoint
+from signtrap.attacks import AttackProcedure, register_attack
 from signtrap.attacks.poison import TrainingSet
-from signtrap.config import ExportConfig, RunConfig
+from signtrap.config import ExportConfig, RunConfig, SleeperConfig
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import write_json
@@ -511,3 +512,14 @@ def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig, with_
 
 def _rate(entry: dict) -> str:
     return "n/a" if entry["rate"] is None else f"{100 * entry['rate']:.2f}% ({entry['k']}/{entry['n']})"
+
+
+@register_attack("int8", settings=SleeperConfig)
+class Int8Sleeper(AttackProcedure):
+    """`attack.persist: int8` (`attack.dormant: int8`): the sleeper above, as an attack procedure of `signtrap train`."""
+
+    def prepare(self) -> None:
+        self.sleeper = Sleeper.prepare(self.cfg)
+
+    def after_training(self, model, exp, plan, run_dir, meta, device):
+        return self.sleeper.apply(model, exp, run_dir, meta, device)
