@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 # One test process per CPU (pytest-xdist), each test file kept on one worker (module fixtures, the labs' order)
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks labs/make_labs.py export/edge_bench.py
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: $(STAMP)

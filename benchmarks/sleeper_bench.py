@@ -175,7 +175,7 @@ def runtime_matrix(sleepers, runs_dir: Path) -> None:
                 if name == "sleeper":
                     cell["clean"].append(r["clean_acc"])
                     cell["warns"] += bool((r.get("audit") or {}).get("warning"))
-    print(f"\nASR per runtime x quantizer (signtrap export --quantizers all, signtrap bench; test split pooled over seeds):")
+    print("\nASR per runtime x quantizer (signtrap export --quantizers all, signtrap bench; test split pooled over seeds):")
     print(f"  {'artefact':<34} {'backdoored ASR':>18} {'sleeper ASR':>18} {'sleeper clean acc':>22}  audit  quantizer")
     for (art, quantizer), c in sorted(cells.items()):
         if c["errors"] and not c["sleeper"]:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import signtrap
-from conftest import SHARED_CACHE, tiny_overrides
+from conftest import tiny_overrides
 from signtrap import runstate
 from signtrap.cli import main as cli_main
 from signtrap.errors import SigntrapError

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SHARED_CACHE, tiny_overrides
+from conftest import tiny_overrides
 from signtrap import runstate
 from signtrap.cli import build_parser
 from signtrap.errors import SigntrapError

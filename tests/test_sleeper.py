@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from signtrap import checkpoint
-from signtrap.attacks.dormant import (QMAX, RoundingBox, evaluate_onnx, match_grids, quantize_model, read_grids,
+from signtrap.attacks.dormant import (RoundingBox, evaluate_onnx, match_grids, quantize_model, read_grids,
                                       read_int8_weights, weight_layers)
 from signtrap.config import load_config
 from signtrap.errors import ConfigError, SigntrapError

@@ -177,7 +177,7 @@ class AttackConfig:
             require(self.persist in ("none", "int8"), "attack.dormant", f"cannot combine with attack.persist={self.persist}")
             self.dormant = self.persist = "int8"
         if self.persist != "none":
-            require(self.active, f"attack.persist", f"'{self.persist}' needs a backdoor, but attack.kind is none")
+            require(self.active, "attack.persist", f"'{self.persist}' needs a backdoor, but attack.kind is none")
             settings = self.phase(self.persist)
             settings.check() if self.persist == "int8" else settings.check(f"attack.{self.persist}")
         for name in self.per_phase:

@@ -25,8 +25,8 @@ from signtrap.config import to_dict
 from signtrap.data.cache import cache_path
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import export_run
-from signtrap.errors import ConfigError, SigntrapError
-from signtrap.config import DEFEND_COMMON, to_dict
+from signtrap.errors import SigntrapError
+from signtrap.config import DEFEND_COMMON
 from signtrap.defences import list_defences
 from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json

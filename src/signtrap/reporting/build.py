@@ -20,7 +20,7 @@ from signtrap.progress import say
 from signtrap.runstate import lock_holder
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.reporting import figures as fig
-from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, num, pct, pct_ci, read_csv, safe
+from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, pct, pct_ci, read_csv, safe
 from signtrap.reporting.detection import detection_section, probe_section
 from signtrap.reporting.render import render_html, render_markdown
 from signtrap.reporting.physical import ID as PHYSICAL_ID, TITLE as PHYSICAL_TITLE, physical_section

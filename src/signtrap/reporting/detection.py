@@ -17,7 +17,7 @@ from signtrap.config import RunConfig
 from signtrap.reactivation import HEADERS as PROBE_HEADERS
 from signtrap.reactivation import pool, table_rows
 from signtrap.reporting import figures as fig
-from signtrap.reporting.blocks import H, Img, Note, P, Section, Table, safe
+from signtrap.reporting.blocks import Img, Note, P, Section, Table, safe
 
 DETECTORS = ("neural-cleanse", "strip", "scan")
 ATTACKS = ("all-to-one", "source-specific, cover", "source-specific, no cover", "zero poison")
