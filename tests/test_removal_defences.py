@@ -59,6 +59,8 @@ def rates(report: dict) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_bti_dbf_inverts_a_trigger_that_sends_clean_images_to_the_target(a2o):
+    """Measured on the fixture: class 7, 98.7% of other-class clean images, 13/13 stop signs (on another tiny model of
+    the same recipe the generator found a universal adversarial class instead: bti_dbf.py's docstring)."""
     report = defend_one(a2o, "bti-dbf")
     d = report["details"]
     assert report["kind"] == "detect" and not report["repaired_model"]
