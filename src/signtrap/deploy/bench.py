@@ -79,9 +79,9 @@ def bench_export(export_dir: Path, threads: int = 0, runtimes: list[str] | None 
         refuse_foreign(export_dir / name)
     registry.discover()  # fills edge_bench.EDGE_RUNTIMES with every plugin's device side
     requested = list(runtimes or []) + [_provider_runtime(p) for p in providers or ()]
-    cores.check_threads(threads, "threads")  # above the cores this process may use, or negative: one line
+    cores.check_threads(threads, "--threads")  # above the cores this process may use, or negative: one line
     # every runtime's threads (ONNX Runtime intra-op, OpenVINO streams, ncnn, XNNPACK, torch) are the cores claimed
-    with cpu_threads(threads, key="threads") as claimed:
+    with cpu_threads(threads, key="--threads") as claimed:
         try:
             manifest = eb.verify_export(str(export_dir))  # before loading anything
             eb.check_variants(manifest, variants)
