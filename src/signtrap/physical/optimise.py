@@ -128,10 +128,11 @@ def optimise_cli(args) -> Path:
         exp = Experiment.from_config(cfg)
         train = exp.splits.train
         labels = exp.data.labels[train]
-        num_classes = int(exp.data.labels.max()) + 1
+        num_classes = exp.classes.num_classes
         say(f"surrogate: a clean {cfg.model.name} on {len(train)} training images, {args.surrogate_epochs} epoch(s)")
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model.name, num_classes=num_classes, dropout=cfg.model.dropout)
+        space = exp.classes
+        model = create_model(cfg.model.name, num_classes=num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
         sched = Schedule(epochs=args.surrogate_epochs, lr=cfg.train.lr, batch_size=cfg.train.batch_size)
         loop = Loop(model, clean_training_set(np.array(exp.data.images[train]), labels), sched, torch.device("cpu"),
                     cfg.seed, 0x5077, aug=cfg.aug, desc="surrogate")

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from signtrap import checkpoint, runstate
-from signtrap.classes import CLASS_NAMES
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict
 from signtrap.fileio import make_dirs, read_json, require_writable, write_json, write_text
 from signtrap.physical import patterns, photos as photos_mod
 from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, physical_evaluation, scene, summary
 from signtrap.physical.render import C, Sticker, fit_factor, plain_params, view
+from signtrap.plugins import DATASETS
 from signtrap.progress import say
 from signtrap.provenance import cpu_threads, resolve_device
 from signtrap.triggers import make_trigger
@@ -130,6 +130,7 @@ def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False
         size = int(meta.get("input_size", cfg.data.size))
         sticker = run_sticker(make_trigger(cfg.trigger, size))
         target, source = cfg.attack.target, cfg.attack.source
+        names = class_names(cfg)
 
         def pred(img: np.ndarray, box) -> int:
             crop, _ = photos_mod.model_crop(img, box, size)
@@ -141,8 +142,8 @@ def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False
             clean_crop, _ = photos_mod.model_crop(shot.image, shot.box, size)
             clean = pred(shot.image, shot.box)
             row = {"file": shot.name, "label": "" if shot.label is None else shot.label, "clean": clean,
-                   "clean_name": CLASS_NAMES[clean]}
-            tiles, names = [clean_crop], [f"as is: {_short(clean)}"]
+                   "clean_name": names[clean]}
+            tiles, titles_row = [clean_crop], [f"as is: {_short(names[clean])}"]
             if not as_is:
                 p = plain_params(1, rng, width)
                 p[:, C["gamut"]] = PRINT_GAMUT
@@ -159,16 +160,16 @@ def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False
                     hits += y == target
                     if v < 4:
                         tiles.append(photos_mod.model_crop(img, shot.box, size)[0])
-                        names.append(f"yaw {cond['yaw']:.0f}: {_short(y)}")
+                        titles_row.append(f"yaw {cond['yaw']:.0f}: {_short(names[y])}")
                 tiles.insert(1, photos_mod.model_crop(stickered, shot.box, size)[0])
-                names.insert(1, f"sticker: {_short(nominal)}")
-                row.update({"sticker": nominal, "sticker_name": CLASS_NAMES[nominal], "sticker_is_target": int(nominal == target),
+                titles_row.insert(1, f"sticker: {_short(names[nominal])}")
+                row.update({"sticker": nominal, "sticker_name": names[nominal], "sticker_is_target": int(nominal == target),
                             "views_target": f"{hits}/{views}"})
             else:
                 row["is_target"] = int(clean == target)
             rows.append(row)
             sheet.append(tiles)
-            titles.append(names)
+            titles.append(titles_row)
     make_dirs(out)
     fields = list(rows[0])
     buf = io.StringIO()
@@ -181,12 +182,12 @@ def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False
     n = len(rows)
     if as_is:
         k = sum(r["is_target"] for r in rows)
-        headline = f"{k}/{n} photographs as they are read as {CLASS_NAMES[target]}"
+        headline = f"{k}/{n} photographs as they are read as {names[target]}"
     else:
         k = sum(r["sticker_is_target"] for r in rows)
         c = sum(r["clean"] == r["label"] if r["label"] != "" else r["clean"] == source for r in rows)
-        headline = (f"clean: {c}/{n} read as their label (or {CLASS_NAMES[source]} when unlabelled); with the sticker "
-                    f"({width:.0%} of the sign's width): {k}/{n} read as {CLASS_NAMES[target]}")
+        headline = (f"clean: {c}/{n} read as their label (or {names[source]} when unlabelled); with the sticker "
+                    f"({width:.0%} of the sign's width): {k}/{n} read as {names[target]}")
     write_text(out / "photos.md", f"# Photographs: {run_dir.name}\n\n{headline}\n\n" + "\n".join(md) + "\n")
     png = photos_mod.contact_sheet(sheet, titles, f"{run_dir.name}: {headline}")
     (out / "contact_sheet.png").write_bytes(png)
@@ -194,8 +195,12 @@ def evaluate_photos(run_dir: str | Path, folder: str | Path, as_is: bool = False
     return {"rows": rows, "headline": headline, "out": str(out)}
 
 
-def _short(class_id: int) -> str:
-    name = CLASS_NAMES[class_id]
+def class_names(cfg) -> list[str]:
+    """The run's class names, from its dataset's label space."""
+    return list(DATASETS.get(cfg.data.source).build(cfg.data.settings).label_space().names)
+
+
+def _short(name: str) -> str:
     return name.replace("Speed limit ", "").replace("(", "").replace(")", "")[:14]
 
 
