@@ -2,6 +2,7 @@
 the sticker fires under the physical evaluation where the corner model does not, photographs and printing."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -128,7 +129,14 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("physical")
     corner = train(load_config(None, overrides(base, "corner", "trigger.size=6")))
     physical = train(load_config(None, overrides(base, "physical", "trigger.kind=physical", "attack.stamp=after_aug")))
-    return {"corner": corner, "physical": physical, "base": base}
+    trained = {name: json.loads((d / "metrics.json").read_text()) for name, d in (("corner", corner), ("physical", physical))}
+    return {"corner": corner, "physical": physical, "base": base, "trained": trained}
+
+
+def test_training_a_physical_run_measures_it_on_the_road(runs):
+    block = runs["trained"]["physical"]["physical"]  # written by training, the default grid
+    assert block["grid"]["axes"]["yaw"] == [0.0, 15.0, 30.0, 45.0, 60.0] and block["summary"]["asr"]["n"] > 0
+    assert "physical" not in runs["trained"]["corner"]  # a digital trigger is measured physically on request only
 
 
 def test_config_takes_the_physical_trigger_and_its_eot_ranges(tmp_path):
@@ -158,7 +166,6 @@ def test_a_physical_model_fires_under_the_physical_evaluation_where_the_corner_m
         assert {"cells", "curves", "default", "nominal", "summary"} <= set(block)
         assert block["default"]["false_trigger"]["n"] == 300
         assert set(block["curves"]) == set(grid.axes)
-    import json
     assert "physical" in json.loads((runs["physical"] / "metrics.json").read_text())
 
 

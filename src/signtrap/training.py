@@ -190,6 +190,10 @@ def model_meta(cfg: RunConfig, exp: Experiment, epoch: int) -> dict:
 def write_metrics(exp: Experiment, model: nn.Module, out_dir: Path, device: torch.device | str) -> dict:
     metrics = {split: exp.evaluate(model, split, device) for split in ("test", "val")}
     metrics["samples"] = {split: len(exp.eval_set(split).labels) for split in ("test", "val")}
+    if exp.cfg.trigger.kind == "physical":  # a sticker on the sign is measured on the road too (signtrap.physical)
+        from signtrap.physical.block import physical_block
+
+        metrics["physical"] = physical_block(exp, model, device)
     write_json(Path(out_dir) / "metrics.json", metrics)
     say(summary_table({s: metrics[s] for s in ("test", "val")}))
     return metrics

@@ -12,30 +12,19 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from signtrap import checkpoint, runstate
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict
 from signtrap.fileio import make_dirs, read_json, require_writable, write_json, write_text
-from signtrap.physical import patterns, photos as photos_mod
-from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, physical_evaluation, scene, summary
-from signtrap.physical.render import C, Sticker, fit_factor, plain_params, view
+from signtrap.physical import photos as photos_mod
+from signtrap.physical.block import physical_block, run_sticker
+from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, scene
+from signtrap.physical.render import C, fit_factor, plain_params, view
 from signtrap.plugins import DATASETS
 from signtrap.progress import say
 from signtrap.provenance import cpu_threads, resolve_device
 from signtrap.triggers import make_trigger
-
-SPLITS = ("test", "val")
-
-
-def run_sticker(trigger) -> Sticker:
-    """The sticker a run's trigger prints as: its own design (physical trigger) or its preview (any other)."""
-    own = getattr(trigger, "sticker", None)
-    if isinstance(own, Sticker):
-        return own
-    return patterns.from_image(trigger.preview(), name=str(trigger.spec.get("kind", "trigger")))
-
 
 def grid_from_mapping(raw) -> Grid | None:
     """A Grid from a mapping of its settings (None: the defaults); a bad setting is one SigntrapError line."""
@@ -49,20 +38,6 @@ def grid_from_mapping(raw) -> Grid | None:
     except (ValueError, TypeError) as exc:
         raise SigntrapError(f"physical grid: {exc}") from None
     return grid
-
-
-def physical_block(exp: Experiment, model: torch.nn.Module, device, grid: Grid | None = None) -> dict:
-    """The physical evaluation of `model` on the run's test and validation images (a metrics.json block)."""
-    rows = np.concatenate([getattr(exp.splits, s) for s in SPLITS])
-    images, labels = np.array(exp.data.images[rows]), exp.data.labels[rows].astype(np.int64)
-    boxes = np.array(exp.data.rois[rows])
-    a = exp.cfg.attack
-    batch = exp.cfg.train.eval_batch_size
-    block = physical_evaluation(lambda x: predict(model, x, device, batch), run_sticker(exp.trigger), images, labels, boxes,
-                                a.source, a.target, grid, progress=say)
-    block["splits"] = list(SPLITS)
-    block["summary"] = summary(block)
-    return block
 
 
 def _model(run_dir: Path, dev):
