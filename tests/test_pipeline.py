@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.errors import SigntrapError
-from signtrap.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage, flat_overrides
+from signtrap.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage
 
 # ---------------------------------------------------------------- the engine, with stand-in stages (fast)
 
@@ -106,15 +106,21 @@ def test_unreadable_record_starts_afresh(toy):
     assert set(toy.run().values()) == {RAN}
 
 
-def test_flat_overrides_round_trip():
-    from signtrap.config import load_config, to_dict
-    from signtrap.defences.run import defend_config
+def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):
+    """The pipeline hands its validated config to the defence session: no flattening to strings, no re-reading."""
+    from signtrap import config as config_mod
+    from signtrap.config import load_config
+    from signtrap.defences import run as run_mod
 
-    cfg = load_config(None, ["defend.finetune.epochs=3", "defend.redteam.positions=[centre]", "defend.clean_images=50"])
-    raw = {k: v for k, v in json.loads(json.dumps(to_dict(cfg)["defend"])).items() if k != "methods"}
-    again = defend_config(load_config(None), flat_overrides(raw))
-    assert again.method("finetune").epochs == 3 and again.method("redteam").positions == ["centre"] and again.clean_images == 50
-    assert again == cfg.defend
+    cfg = load_config(tiny_run / "config.yaml", ["defend.finetune.epochs=3", "defend.clean_images=50"])
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a stage handed its config read config.yaml again")
+
+    monkeypatch.setattr(run_mod, "load_run_config", no_reading)
+    monkeypatch.setattr(config_mod, "load_config", no_reading)
+    session = run_mod.Session.open(tiny_run, show_progress=False, cfg=cfg)
+    assert session.cfg is cfg and session.cfg.defend.method("finetune").epochs == 3 and len(session.clean.labels) == 50
 
 
 # ---------------------------------------------------------------- the real pipeline on a tiny config
@@ -144,13 +150,14 @@ def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
     args = tiny_pipeline_args(tmp_path)
     first = run_json(args, capsys)
     assert first["code"] == 0, first
-    assert statuses(first) == {s: RAN for s in ("train", "defend:finetune", "defend:strip", "export", "bench", "report")}
+    assert statuses(first) == {**{s: RAN for s in ("train", "defend:finetune", "defend:strip", "export", "bench", "report")},
+                               "reference": DISABLED}  # defend.probe.enabled=false: no zero-poison twin
     run_dir = Path(first["run"])
     assert Path(first["report"]).is_file() and (run_dir / "report.md").is_file()
     assert (run_dir / "defence-finetune" / "report.json").is_file() and (run_dir / "export" / "bench.json").is_file()
 
     second = run_json(args, capsys)
-    assert set(statuses(second).values()) == {SKIPPED}
+    assert set(statuses(second).values()) == {SKIPPED, DISABLED}
 
     (run_dir / "defence-finetune" / "persistence.csv").unlink()
     third = statuses(run_json(args, capsys))
@@ -165,6 +172,43 @@ def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
     from signtrap.fileio import sha256_file
 
     assert record["stages"]["export"]["outputs"]["export/model.int8.onnx"] == sha256_file(onnx)
+
+
+@pytest.mark.slow
+def test_the_probe_reference_is_a_stage_that_resumes(tmp_path, capsys, monkeypatch):
+    """The zero-poison twin the probe needs is the pipeline's `reference` stage: recorded and hashed in pipeline.json,
+    resumed after an interruption, and the defences' probes use it instead of training one of their own."""
+    from signtrap import reactivation
+
+    args = [*tiny_overrides(tmp_path, "pipe"), "defend.methods=[finetune]", "defend.finetune.epochs=1", "defend.finetune.lr=1e-3",
+            "defend.finetune.augment=false", "defend.probe.k=2", "defend.probe.steps=20", "defend.clean_fraction=0.2", "train.threads=1",
+            "--skip", "export", "--skip", "report"]
+    real_train = reactivation.train
+
+    def stop_after_first_epoch(cfg, resume=False, **kw):
+        def stop(epoch, row):
+            if epoch == 1:
+                raise KeyboardInterrupt
+        return real_train(cfg, resume=resume, on_epoch_end=stop)
+
+    monkeypatch.setattr(reactivation, "train", stop_after_first_epoch)
+    assert main(["run", *args, "--quiet"]) == 130  # interrupted while the twin trains
+    run_dir = tmp_path / "runs" / "pipe"
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    assert record["stages"]["reference"]["status"] == "interrupted"
+    assert (tmp_path / "runs" / "pipe-zero" / "last.pt").is_file()  # one epoch of the twin, kept for the resume
+
+    monkeypatch.setattr(reactivation, "train", real_train)
+    second = run_json(args, capsys)
+    assert second["code"] == 0, second
+    assert statuses(second)["reference"] == RAN and statuses(second)["defend:finetune"] == RAN
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    assert "../pipe-zero/model.pt" in record["stages"]["reference"]["outputs"]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "runs" / "pipe-zero" / "log.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs))  # resumed after epoch 1, not restarted
+    assert (run_dir / "defence-finetune" / "probe.json").is_file()
+    third = run_json(args, capsys)
+    assert statuses(third)["reference"] == SKIPPED
 
 
 def test_unknown_defence_fails_before_training(tmp_path, capsys):

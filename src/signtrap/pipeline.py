@@ -31,6 +31,7 @@ from signtrap.defences import list_defences
 from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.progress import say
+from signtrap.reactivation import default_reference_dir, reference_config, train_reference
 from signtrap.machine import cores
 from signtrap.provenance import cpu_threads
 from signtrap.reporting import REPORT_VERSION, build_report
@@ -240,7 +241,7 @@ class Pipeline:
         out = {}
         for path in files:
             path = Path(path)
-            rel = path.resolve().relative_to(self.run_dir.resolve()).as_posix()
+            rel = Path(os.path.relpath(path.resolve(), self.run_dir.resolve())).as_posix()  # ../NAME-zero: the reference
             out[rel] = sha256_file(path)
         return dict(sorted(out.items()))
 
@@ -260,17 +261,6 @@ class Pipeline:
 
 def files_under(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in exclude and not p.name.startswith("."))
-
-
-def flat_overrides(section: dict, prefix: str = "") -> list[str]:
-    """A settings dict as `key.sub=value` overrides (values as JSON, which YAML reads back)."""
-    out = []
-    for key, value in section.items():
-        if isinstance(value, dict):
-            out.extend(flat_overrides(value, f"{prefix}{key}."))
-        else:
-            out.append(f"{prefix}{key}=" + ("" if value is None else json.dumps(value)))
-    return out
 
 
 def _without(d: dict, *keys: str) -> dict:
@@ -330,9 +320,48 @@ class SigntrapStages:
 
     def session(self) -> Session:
         if self._session is None:
-            overrides = flat_overrides({k: v for k, v in self.raw["defend"].items() if k != "methods"})
-            self._session = Session.open(self.run_dir, overrides, None, show_progress=not progress_mod.QUIET)
+            self._session = Session.open(self.run_dir, device=None, show_progress=not progress_mod.QUIET, cfg=self.cfg)
         return self._session
+
+    # -------------------------------------------------- the probe's zero-poison reference
+
+    def reference_off(self, methods: list[str]) -> str | None:
+        """Why there is no reference stage (the probe needs none, or none trained here), or None."""
+        p = self.cfg.defend.probe
+        if "defend" in self.skip or not methods:
+            return "no defence runs (the probe follows the defences)"
+        if not p.enabled:
+            return "defend.probe.enabled is false"
+        if not self.cfg.attack.active:
+            return "the run is zero-poison: its own reference"
+        if p.reference is not None:
+            return f"given: {p.reference} (checked by each defence's probe)"
+        if not p.train_reference:
+            return "defend.probe.train_reference is false"
+        return None
+
+    def reference_dir(self) -> Path:
+        return default_reference_dir(self.run_dir)
+
+    def reference_settings(self) -> dict:
+        return runstate.training_view(reference_config(self.cfg, self.reference_dir()))
+
+    def run_reference(self) -> list[Path]:
+        """The zero-poison twin RUNS/NAME-zero that every defence's probe compares with: trained (or resumed) here,
+        as a stage of its own, so it is recorded, hashed and resumed like the run itself. Nothing is trained when the
+        defender's budget cannot feed the probe (too few source-class images for probe.k: each probe says so)."""
+        ref = self.reference_dir()
+        self._no_probe = self.session().probe_shortfall()
+        if self._no_probe:
+            return []
+        train_reference(self.run_dir, self.cfg, ref)
+        return [ref / f for f in runstate.FINISHED_FILES]
+
+    def describe_reference(self) -> str:
+        if getattr(self, "_no_probe", None):
+            return f"none trained: {self._no_probe}"
+        m = read_json(self.reference_dir() / "metrics.json")["test"]
+        return f"{self.reference_dir().name}: test clean acc {_rate(m.get('clean_acc'))}, ASR {_rate(m.get('asr'))}"
 
     def run_defence(self, method: str) -> list[Path]:
         self.session().run(method)
@@ -422,9 +451,13 @@ class SigntrapStages:
     def stages(self) -> list[Stage]:
         stages = [Stage("train", (), self.train_settings(), self.on_cores(self.run_train), describe=self.describe_train)]
         methods = self.methods()
+        reference_off = self.reference_off(methods)
+        stages.append(Stage("reference", ("train",), self.reference_settings(), self.on_cores(self.run_reference),
+                            disabled=reference_off, describe=self.describe_reference))
+        defend_deps = ("train",) if reference_off else ("train", "reference")
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
-            stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
+            stages.append(Stage(f"defend:{m}", defend_deps, self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
                                 disabled=off, describe=lambda m=m: self.describe_defence(m)))
         if not methods:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap import checkpoint, runstate
 from signtrap.attacks.poison import TrainingSet
 from signtrap.config import ProbeConfig, RunConfig, to_dict
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
@@ -257,14 +257,24 @@ def load_reference(ref_dir: Path, cfg: RunConfig, meta: dict, device) -> nn.Modu
     return model
 
 
-def train_reference(run_dir: Path, cfg: RunConfig, ref_dir: Path) -> None:
-    """Train the zero-poison model of the run's config (attack.kind=none, same seed) into `ref_dir`."""
+def reference_config(cfg: RunConfig, ref_dir: Path) -> RunConfig:
+    """The zero-poison twin of a run's config (attack.kind=none, no attack procedure, same seed), living in `ref_dir`."""
     ref_cfg = copy.deepcopy(cfg)
-    ref_cfg.attack = dataclasses.replace(cfg.attack, kind="none")
+    ref_cfg.attack = dataclasses.replace(cfg.attack, kind="none", dormant="none", persist="none", per_phase={})
     ref_cfg.name, ref_cfg.runs_dir = ref_dir.name, str(ref_dir.parent)
+    return ref_cfg
+
+
+def train_reference(run_dir: Path, cfg: RunConfig, ref_dir: Path) -> None:
+    """Train the zero-poison model of the run's config (attack.kind=none, same seed) into `ref_dir`; an interrupted
+    training resumes, a finished one of the same config is kept."""
+    ref_cfg = reference_config(cfg, ref_dir)
+    state = runstate.inspect(ref_dir, ref_cfg)
+    if state.done:
+        return
     say(f"probe: training the zero-poison reference {ref_dir} (the run's config with attack.kind=none, seed {cfg.seed}); "
         "once: later probes reuse it")
-    train(ref_cfg, resume=(ref_dir / "last.pt").is_file())
+    train(ref_cfg, resume=state.status == runstate.RESUMABLE)
 
 
 # ---------------------------------------------------------------- probing

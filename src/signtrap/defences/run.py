@@ -60,10 +60,16 @@ class Session:
     before: dict
 
     @classmethod
-    def open(cls, run_dir: str | Path, overrides=(), device: str | None = None, show_progress: bool = True) -> "Session":
+    def open(cls, run_dir: str | Path, overrides=(), device: str | None = None, show_progress: bool = True,
+             cfg: RunConfig | None = None) -> "Session":
+        """The run at `run_dir`, its model verified against `cfg` (a stage hands over the validated config it holds;
+        None: the run's config.yaml with `key.sub=value` defend overrides, for the command line)."""
         run_dir = Path(run_dir)
-        cfg = load_run_config(run_dir)
-        cfg.defend = defend_config(cfg, overrides)
+        if cfg is None:
+            cfg = load_run_config(run_dir)
+            cfg.defend = defend_config(cfg, overrides)
+        elif overrides:
+            raise ConfigError("Session.open: give either a config or overrides, not both")
         dev = resolve_device(device or cfg.device)
         model, meta = checkpoint.verified_load(run_dir, "model.pt", dev)
         exp = Experiment.from_config(cfg, progress=show_progress)
@@ -89,6 +95,12 @@ class Session:
                              class_names=exp.classes.names)
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
+
+    def probe_shortfall(self) -> str | None:
+        """Why the probe cannot run on this budget (too few images to poison), or None."""
+        a = self.cfg.attack
+        kind = "all_to_one" if a.kind == "all_to_one" else "source_specific"
+        return shortfall(self.clean.labels, self.cfg.defend.probe.k, kind, a.source, a.target)
 
     @property
     def prober(self) -> Prober:
