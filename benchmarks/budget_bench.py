@@ -98,13 +98,15 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("items", nargs="+", metavar="RUN [key.sub=value ...]",
+                        help="run directories, then defend settings for every call (e.g. probe.reference=RUN)")
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--budgets", default="0.01,0.05,0.1,0.2")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("budget_bench"))
-    parser.add_argument("overrides", nargs="*", help="defend settings for every call, e.g. probe.reference=RUN")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    args.runs = [Path(i) for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
 
     import signtrap
 

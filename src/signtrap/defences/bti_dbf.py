@@ -239,7 +239,11 @@ def invert(model: nn.Module, data: CleanData, s: InversionSettings, ctx: Defence
             bar.update(1)
         benign = mask().detach()
 
-        gen = generator if generator is not None else Generator(s.gen_width, s.gen_blocks).to(device)
+        if generator is None:
+            with torch.random.fork_rng(devices=[]):  # the generator's initial weights from the defence's own stream
+                torch.manual_seed(int(rng.integers(2 ** 31)))
+                generator = Generator(s.gen_width, s.gen_blocks)
+        gen = generator.to(device)
         gen.train()
         for p in gen.parameters():
             p.requires_grad_(True)
