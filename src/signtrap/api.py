@@ -433,9 +433,9 @@ def bench(export_dir: str | os.PathLike, **options: Any) -> dict:
     writes bench.json, bench.md and bench.png into the folder. `options`: see signtrap.deploy.bench.bench_export
     (threads, providers, runs, warmup, batch, variants, with_torch)."""
     folder = _dir(export_dir, "export_dir")
-    for key in ("runs", "warmup", "batch", "threads"):
+    for key in ("runs", "warmup", "batch", "threads"):  # types here; ranges in bench_export, worded as the edge script's
         if options.get(key) is not None:
-            _int(options[key], key, 0 if key in ("warmup", "threads") else 1)
+            _int(options[key], key)
     for key in ("providers", "runtimes", "variants"):
         if options.get(key) is not None:
             options[key] = _names(options[key], key)
