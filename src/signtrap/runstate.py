@@ -173,7 +173,7 @@ def locked(run_dir: str | os.PathLike, command: str | None = None) -> Iterator[R
     """Hold the run directory's lock for the block (re-entrant in one process).
 
     A folder this call created is removed again when the block leaves nothing in it but the lock (a
-    command that failed validation leaves no run directory behind)."""
+    command that failed validation leaves no run directory behind); so is its write record, then naming nothing."""
     run_dir = Path(run_dir)
     key = _key(run_dir)
     if key in _HELD:
@@ -190,9 +190,10 @@ def locked(run_dir: str | os.PathLike, command: str | None = None) -> Iterator[R
         yield lock
     finally:
         del _HELD[key]
-        leftover = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-        if lock.created_dir and leftover == [LOCK_FILE]:
+        leftover = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+        if lock.created_dir and leftover <= {LOCK_FILE, WRITTEN}:  # the lock and, at most, an empty write record
             with contextlib.suppress(OSError):
+                (run_dir / WRITTEN).unlink(missing_ok=True)
                 lock.path.unlink()
                 run_dir.rmdir()
         lock.release()
