@@ -830,11 +830,28 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def ours(path):
+    """Whether an existing output file is one this script (or `signtrap bench`) wrote: a bench.json of our schema,
+    or a bench.md with our heading. Anything else at --out is the user's and is never replaced."""
+    try:
+        if path.endswith(".md"):
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().startswith("# Benchmark: ")
+        with open(path, encoding="utf-8") as fh:
+            return str(json.load(fh).get("schema", "")).startswith("signtrap.bench/")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return False
+
+
 def check_output(path):
-    """The folder of the output file exists and files can be created in it: checked before the benchmark runs
-    (not found out after it, with a traceback)."""
+    """The folder of the output file exists and files can be created in it, and neither output file (bench.json
+    and bench.md beside it) is someone else's: checked before the benchmark runs (not found out after it)."""
     if os.path.isdir(path):
         raise BenchError("%s: is a folder; --out names the bench.json file to write" % path)
+    for target in (path, os.path.splitext(path)[0] + ".md"):
+        if os.path.lexists(target) and not ours(target):
+            raise BenchError("%s: not written by signtrap's benchmark; refusing to replace it. Move it elsewhere, or "
+                             "choose another --out" % target)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"

@@ -745,3 +745,34 @@ def test_sigterm_stops_a_sweeps_children(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("name", ["bench.json", "bench.md"])
+def test_edge_script_never_replaces_a_user_file_at_its_output(world, tmp_path, name):
+    export = tmp_path / "exp"
+    shutil.copytree(world.export, export)
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    (out_dir / name).write_text("my own notes\n")
+    result = subprocess.run([sys.executable, str(export / "edge_bench.py"), "--dir", str(export), "--out",
+                             str(out_dir / "bench.json"), "--runs", "1", "--warmup", "0", "--batch", "8", "--threads", "1",
+                             "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not written by signtrap's benchmark" in result.stderr
+    assert (out_dir / name).read_text() == "my own notes\n"
+
+
+def test_a_sweep_never_replaces_a_user_file_among_its_logs(tmp_path):
+    import yaml
+
+    from conftest import tiny_overrides
+    from signtrap.cli import main
+
+    overrides = [o for o in tiny_overrides(tmp_path, "ignored", "train.epochs=1") if not o.startswith("name=")]
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "logs", "overrides": overrides, "grid": {"seed": [0]}}, sort_keys=False))
+    logs = tmp_path / "runs" / "logs" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "seed=0.log").write_text("mine\n")
+    assert main(["--quiet", "sweep", str(sweep)]) == 2
+    assert (logs / "seed=0.log").read_text() == "mine\n"
+    assert not (tmp_path / "runs" / "logs" / "seed=0" / "model.pt").exists()  # refused before any run started

@@ -26,6 +26,7 @@ import torch
 
 from signtrap.data.cache import cache_path, prepare
 from signtrap.errors import SigntrapError
+from signtrap.fileio import make_dirs, record_written, refuse_foreign
 from signtrap.machine import cores as machine_cores
 from signtrap.progress import say
 
@@ -70,7 +71,9 @@ def execute(job: Job, threads: int, gpu: int | None = None) -> Result:
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    Path(job.log).parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(Path(job.log).parent)
+    refuse_foreign(job.log, "replace it with this sweep run's log")
+    record_written(Path(job.log).parent, Path(job.log).name)  # recorded first: a killed run's partial log is still ours
     start = time.perf_counter()
     with open(job.log, "w", encoding="utf-8") as fh:
         for cmd in job.commands:

@@ -42,7 +42,7 @@ from signtrap import pipeline, runstate
 from signtrap import sweep_executors as ex
 from signtrap.config import RunConfig, load_config, read_yaml
 from signtrap.errors import ConfigError, SigntrapError, suggest
-from signtrap.fileio import atomic_path, read_json, write_json, write_text
+from signtrap.fileio import atomic_path, read_json, refuse_foreign, write_json, write_text
 from signtrap.progress import say
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "seeds", "plot")
@@ -469,6 +469,8 @@ def run_sweep(path: str | os.PathLike, executor: str = "local", workers: int | N
             say(f"skipped {r.name}: already finished")
     jobs = [ex.make_job(r.name, r.run_dir, run_command(sweep, r, overwrite), sweep.root / "logs" / f"{r.name}.log",
                         r.cfg.device, r.cfg.train.threads) for r in todo]
+    for job in jobs:  # the write rule: a log file signtrap did not write is never replaced (checked before any run)
+        refuse_foreign(job.log, "replace it with this sweep run's log")
     if jobs:
         ex.prepare_data({r.name: r.cfg.data for r in todo})
     if not jobs:
