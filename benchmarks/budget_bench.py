@@ -35,7 +35,8 @@ def row_of(run: Path, budget: float, report: dict) -> dict:
     test_b, test_a = before["test"], after.get("test", {})
     val_b, val_a = before.get("val", {}), after.get("val", {})
     sel = (report.get("details") or {}).get("selection") or {}
-    probe = report.get("probe") or {}
+    verdict = (report.get("probe") or {}).get("verdict")
+    verdict = verdict.get("verdict") if isinstance(verdict, dict) else verdict  # the record nests {verdict, reason, ...}
 
     def change(b: dict, a: dict) -> float | None:
         cb, ca = rate(b.get("clean_acc")), rate(a.get("clean_acc"))
@@ -47,7 +48,7 @@ def row_of(run: Path, budget: float, report: dict) -> dict:
             "asr_before": rate(test_b.get("asr")), "asr_after": rate(test_a.get("asr")),
             "asr_after_k": (test_a.get("asr") or {}).get("k"), "asr_after_n": (test_a.get("asr") or {}).get("n"),
             "val_asr_after": rate(val_a.get("asr")),
-            "verdict": probe.get("verdict") or ("not run: " + report["probe_skipped"] if report.get("probe_skipped") else "not run"),
+            "verdict": verdict or ("not run: " + report["probe_skipped"] if report.get("probe_skipped") else "not run"),
             "setting": "" if not sel else f"{sel.get('knob')}={sel.get('value')}" + ("" if sel.get("within_tolerance", True) else " (none kept)"),
             "seconds": report.get("seconds")}
 
@@ -73,7 +74,6 @@ def figure(rows: list[dict], path: Path) -> None:
     axes[2].axhline(-1.0, color="grey", ls="--", lw=1)
     axes[2].set(ylabel="clean accuracy change, test (points)")
     for ax in axes:
-        ax.set_xscale("log")
         ticks = sorted({100 * r["budget"] for r in rows})
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
         ax.set_xlabel("defender's clean budget (share of the training set)")
