@@ -85,6 +85,12 @@ def execute(job: Job, threads: int, gpu: int | None = None) -> Result:
                 _CHILDREN.add(proc)
             try:
                 rc = proc.wait()
+            except BaseException:  # interrupted or cancelled (a Ray task): the run stops with us, its lock released
+                if proc.poll() is None:
+                    proc.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=30)
+                raise
             finally:
                 with _CHILDREN_LOCK:
                     _CHILDREN.discard(proc)
@@ -236,24 +242,36 @@ def run_ray(jobs: list[Job], address: str | None = None, workers: int | None = N
         remote = ray.remote(execute)
         results: list[Result] = []
         say(f"ray executor: {len(jobs)} runs on a cluster with {cluster_cpus} CPUs and {cluster_gpus} GPUs")
-        while pending or refs:
-            while pending and len(refs) < limit:
-                job = pending.pop(0)
-                gpu = 1 if job.wants_gpu and cluster_gpus else 0
-                if job.device.startswith("cuda") and not cluster_gpus:
-                    raise SigntrapError(f"sweep run {job.name} asks for device={job.device} but the Ray cluster has no GPUs")
-                cpus = min(threads or job.threads or (1 if gpu else 2), cluster_cpus)
-                # Ray sets CUDA_VISIBLE_DEVICES for a task that asks for a GPU; the run's processes inherit it
-                refs[remote.options(num_cpus=cpus, num_gpus=gpu, max_retries=0).remote(job, cpus)] = job
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            job = refs.pop(ready[0])
+        with children_stop_with_us(threading.Event()):
             try:
-                res = ray.get(ready[0])
-            except Exception as exc:  # the task itself died (node lost, worker killed)
-                res = Result(job.name, False, 0.0, job.log, f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            results.append(res)
-            _report(len(results), len(jobs), res)
-        return results
+                return _ray_loop(ray, remote, jobs, pending, refs, limit, threads, cluster_cpus, cluster_gpus, results)
+            except KeyboardInterrupt:  # SIGTERM or Ctrl-C: cancel every running task; each stops its run (execute)
+                for ref in list(refs):
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=False)
+                raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_loop(ray, remote, jobs, pending, refs, limit, threads, cluster_cpus, cluster_gpus, results) -> list[Result]:
+    """Submit runs while fewer than `limit` are in flight; collect each as it finishes."""
+    while pending or refs:
+        while pending and len(refs) < limit:
+            job = pending.pop(0)
+            gpu = 1 if job.wants_gpu and cluster_gpus else 0
+            if job.device.startswith("cuda") and not cluster_gpus:
+                raise SigntrapError(f"sweep run {job.name} asks for device={job.device} but the Ray cluster has no GPUs")
+            cpus = min(threads or job.threads or (1 if gpu else 2), cluster_cpus)
+            # Ray sets CUDA_VISIBLE_DEVICES for a task that asks for a GPU; the run's processes inherit it
+            refs[remote.options(num_cpus=cpus, num_gpus=gpu, max_retries=0).remote(job, cpus)] = job
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        job = refs.pop(ready[0])
+        try:
+            res = ray.get(ready[0])
+        except Exception as exc:  # the task itself died (node lost, worker killed)
+            res = Result(job.name, False, 0.0, job.log, f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        results.append(res)
+        _report(len(results), len(jobs), res)
+    return results
