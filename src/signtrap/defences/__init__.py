@@ -53,6 +53,7 @@ class Defence:
     module: str = ""
     summarize: Callable[[dict], list[str]] | None = None
     report: Callable[[dict, Path], list] | None = None
+    detects: Callable[[dict, int], dict | None] | None = None  # (report details, attack target) -> detection outcome
     doc: str = field(default="", repr=False)
 
     def __call__(self, model: nn.Module, clean: CleanData, settings: Any, ctx: DefenceContext) -> DefenceResult:
@@ -66,6 +67,13 @@ class Defence:
     def report_block(self, fn: Callable[[dict, Path], list]) -> Callable[[dict, Path], list]:
         """Decorator: blocks (signtrap.reporting.blocks) of the report's section for this defence."""
         self.report = fn
+        return fn
+
+    def detection(self, fn: Callable[[dict, int], dict | None]) -> Callable[[dict, int], dict | None]:
+        """Decorator: what this detector saw, from its report's details (the report's detection table lists every
+        defence that declares one): `{"flagged": [...], "statistic", "max", "target_value", "top_ranked"}` for a
+        class detector (`flag_outcome`), `{"detection", "frr", ...}` for an input filter; None when it did not measure."""
+        self.detects = fn
         return fn
 
     def default_settings(self) -> Any:

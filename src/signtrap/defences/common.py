@@ -295,6 +295,13 @@ class LrTunedSettings(TunedSettings):
 Repair = Callable[[nn.Module, float], DefenceResult]
 
 
+def flag_outcome(details: dict, statistic: str, per_class: str, top: str, target: int) -> dict:
+    """A class-flagging detector's outcome for the detection table, read from its report's details."""
+    stats = details.get(per_class) or {}
+    return {"flagged": list(details.get("flagged") or []), "statistic": statistic, "max": details.get(top),
+            "target_value": stats.get(str(target)), "target": target, "top_ranked": details.get("top_ranked")}
+
+
 def split_budget(clean: CleanData, holdout: float, seed: int) -> tuple[CleanData, CleanData]:
     """(fit part, held-out part): a seeded random share of the budget's tracks, whole tracks only.
 

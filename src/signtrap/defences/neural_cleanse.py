@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from signtrap.classes import CLASS_NAMES, NUM_CLASSES
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, TrainSettings, apply_mask, check_finite,
+from signtrap.defences.common import (flag_outcome, CleanData, DefenceContext, DefenceResult, TrainSettings, apply_mask, check_finite,
                                       check_training, fit, robust_z, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
@@ -209,7 +208,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
                                 "raise defend.clean_fraction")
     pick = np.sort(rng.choice(pool, size=min(cfg.samples, len(pool)), replace=False))
     x = to_tensor(clean.images[pick], device)
-    candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(NUM_CLASSES))
+    candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(ctx.num_classes(model)))
     if source_class is not None:  # images already of the source class need no trigger to be read as it
         candidates = [c for c in candidates if c != source_class]
     top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)
@@ -263,7 +262,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
         mask, pattern = searches[c].trigger()
         strip = np.concatenate([to_uint8_image(mask, 4), to_uint8_image(pattern, 4), to_uint8_image(mask * pattern, 4)], axis=1)
         artefacts[f"trigger_class{c:02d}.png"] = strip
-    report = {"clean_images": len(clean), "optimised_on": len(pick), "inputs": cfg.inputs, "source_class": source_class,
+    report = {"class_names": list(ctx.class_names), "clean_images": len(clean), "optimised_on": len(pick), "inputs": cfg.inputs, "source_class": source_class,
               "candidates": len(candidates), "refined": refined, "ranking": ranking[:10], "flagged": flagged,
               "anomaly_index": {str(c): round(float(a), 4) for c, a in index.items()},
               "max_anomaly_index": round(float(max(index.values())), 4), "threshold": cfg.threshold,
@@ -324,6 +323,7 @@ def _report(report: dict, folder: Path) -> list:
         blocks.append(Img("nc_norms", (folder / "norms.png").read_bytes(), "L1 norm of the smallest trigger that sends images to "
                                                                            "each class; an outlier below the rest marks a backdoor target."))
     index = d.get("anomaly_index") or {}
+    names = d.get("class_names") or []
     pngs = sorted(folder.glob("trigger_class*.png"))
     for png_path in pngs:
         try:
@@ -332,7 +332,7 @@ def _report(report: dict, folder: Path) -> list:
             continue
         mark = " FLAGGED" if isinstance(flagged, list) and c in flagged else ""
         blocks.append(Img(f"nc_{png_path.stem}", png_path.read_bytes(),
-                          f"Class {c} ({CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else '?'}): recovered mask, pattern, "
+                          f"Class {c} ({names[c] if 0 <= c < len(names) else '?'}): recovered mask, pattern, "
                           f"mask x pattern; anomaly index {index.get(str(c), '?')}{mark}."))
     if not pngs:
         blocks.append(Note("neural-cleanse saved no recovered trigger PNGs."))
@@ -352,3 +352,8 @@ def norms_png(rows: list[dict], target: int) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+@neural_cleanse.detection
+def _(d: dict, target: int) -> dict:
+    return flag_outcome(d, "anomaly index", "anomaly_index", "max_anomaly_index", target)

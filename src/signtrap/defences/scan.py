@@ -31,7 +31,7 @@ from torch import nn
 
 from signtrap.config import require
 from signtrap.defences import register_defence
-from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, robust_z
+from signtrap.defences.common import flag_outcome, CleanData, DefenceContext, DefenceResult, robust_z
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.metrics import rate
@@ -275,3 +275,8 @@ def jstar_png(rows: list[dict], threshold: float, target: int) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+@scan.detection
+def _(d: dict, target: int) -> dict:
+    return flag_outcome(d, "J*", "J_star", "max_J_star", target)

@@ -201,3 +201,13 @@ def _report(report: dict, folder: Path) -> list:
         if png:
             blocks.append(Img("strip_frr", png, "Detection rate and measured false-rejection rate as the threshold moves."))
     return blocks
+
+
+@strip.detection
+def _(d: dict, target: int) -> dict | None:
+    if "detection_rate" not in d:
+        return None
+    roc = d.get("at_measured_frr") or {}
+    return {"detection": d["detection_rate"], "frr": d["false_rejection_rate"], "auc": d.get("auc"),
+            "inputs": d.get("attack_inputs", "triggered source-class images"),
+            "roc_detection": roc.get("detection_rate"), "roc_frr": roc.get("false_rejection_rate")}

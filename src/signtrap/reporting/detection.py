@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from signtrap.config import RunConfig
+from signtrap.plugins import DEFENCES
 from signtrap.reactivation import HEADERS as PROBE_HEADERS
 from signtrap.reactivation import pool, table_rows
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import Img, Note, P, Section, Table, safe
 
-DETECTORS = ("neural-cleanse", "strip", "scan")
 ATTACKS = ("all-to-one", "source-specific, cover", "source-specific, no cover", "zero poison")
-STATISTIC = {"neural-cleanse": ("anomaly index", "anomaly_index", "max_anomaly_index"), "scan": ("J*", "J_star", "max_J_star")}
 
 
 def _read(path: Path) -> dict | None:
@@ -53,18 +52,13 @@ def detector_outcome(run_dir: Path, method: str, target: int) -> dict | None:
     rep = _read(Path(run_dir) / f"defence-{method}" / "report.json")
     if rep is None:
         return None
-    d = rep.get("details") or {}
-    if method == "strip":
-        if "detection_rate" not in d:
-            return None
-        roc = d.get("at_measured_frr") or {}
-        return {"method": method, "detection": d["detection_rate"], "frr": d["false_rejection_rate"], "auc": d.get("auc"),
-                "inputs": d.get("attack_inputs", "triggered source-class images"),
-                "roc_detection": roc.get("detection_rate"), "roc_frr": roc.get("false_rejection_rate")}
-    name, per_class, top = STATISTIC[method]
-    stats = d.get(per_class) or {}
-    return {"method": method, "flagged": list(d.get("flagged") or []), "statistic": name, "max": d.get(top),
-            "target_value": stats.get(str(target)), "target": target, "top_ranked": d.get("top_ranked")}
+    outcome = DEFENCES.get(method).detects(rep.get("details") or {}, target)
+    return None if outcome is None else {"method": method, **outcome}
+
+
+def detectors() -> list[str]:
+    """Every registered defence that reports a detection outcome (`@DEFENCE.detection`), by name."""
+    return [name for name in DEFENCES.names() if DEFENCES.get(name).detects is not None]
 
 
 def _rate(entry: dict) -> str:
@@ -78,7 +72,7 @@ def detection_cell(outcomes: list[dict]) -> str:
     """One table cell over the runs (seeds) of one attack."""
     if not outcomes:
         return "not run"
-    if outcomes[0]["method"] == "strip":
+    if "detection" in outcomes[0]:  # an input filter: the share of triggered inputs it rejects
         det, frr = pool([o["detection"] for o in outcomes]), pool([o["frr"] for o in outcomes])
         cell = f"detects {_rate(det)} at FRR {_rate(frr)}"
         if all(o.get("roc_detection") for o in outcomes):  # the ROC point at the target FRR measured on the test images
@@ -106,7 +100,7 @@ def detection_table(run_dirs: list[Path], cfgs: list[RunConfig | None]) -> tuple
         by_attack.setdefault(attack_label(cfg), []).append((Path(run_dir), cfg.attack.target if cfg is not None else 7))
     columns = [a for a in ATTACKS if a in by_attack] + [a for a in by_attack if a not in ATTACKS]
     rows = []
-    for method in DETECTORS:
+    for method in detectors():
         outcomes = {a: [o for o in (detector_outcome(r, method, t) for r, t in by_attack[a]) if o is not None] for a in columns}
         if not any(outcomes.values()):
             continue
