@@ -66,7 +66,8 @@ def test_export_writes_valid_self_contained_folder(exported):
 
     from signtrap.deploy.runtimes import assemble_edge_script
 
-    names = {p.name for p in exported.iterdir()}
+    names = {p.name for p in exported.iterdir() if p.name != ".signtrap-written.json"}  # the write rule's record
+    assert (exported / ".signtrap-written.json").is_file()
     assert names == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx", "eval.npz", "model.json", "edge_bench.py"}
     for variant in ("fp32", "fp16", "int8"):
         onnx.checker.check_model(str(exported / f"model.{variant}.onnx"), full_check=True)

@@ -101,7 +101,7 @@ def test_overwrite_removes_the_sleeper_files_and_nothing_else(sleeper_run, tmp_p
     (run / "notes.txt").write_text("mine")
     removed = {p.name for p in runstate.clear_run(run)}
     assert {"backdoored.pt", "sleeper.json", "model.pt", "checksums.json"} <= removed
-    assert sorted(p.name for p in run.iterdir() if p.name != runstate.LOCK_FILE) == ["notes.txt"]
+    assert sorted(p.name for p in run.iterdir() if p.name not in (runstate.LOCK_FILE, runstate.WRITTEN)) == ["notes.txt"]
 
 
 def test_report_section_shows_fp32_and_int8_side_by_side(sleeper_run, tmp_path):

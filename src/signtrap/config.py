@@ -173,6 +173,8 @@ class AttackConfig:
         one_of(self.kind, "attack.kind", ("source_specific", "all_to_one", "none"))
         one_of(self.dormant, "attack.dormant", ("none", "int8"))
         one_of(self.persist, "attack.persist", ("none", *ATTACKS.names()))
+        if self.dormant != "none":
+            require(self.active, "attack.dormant", f"'{self.dormant}' makes a backdoor dormant, but attack.kind is none")
         if self.dormant != "none" or self.persist == "int8":  # `dormant: int8` is the int8 procedure's older spelling
             require(self.persist in ("none", "int8"), "attack.dormant", f"cannot combine with attack.persist={self.persist}")
             self.dormant = self.persist = "int8"

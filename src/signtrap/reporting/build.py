@@ -37,8 +37,8 @@ SECTIONS = (
     ("probe", "Removed or only hidden? The re-activation probe"),
     ("detection", "Detection: which detectors see this backdoor?"),
     ("deployment", "Deployment: runtime x precision"),
-    (PHYSICAL_ID, PHYSICAL_TITLE),
     (SLEEPER_ID, SLEEPER_TITLE),
+    (PHYSICAL_ID, PHYSICAL_TITLE),
     ("provenance", "Provenance"),
 )
 
