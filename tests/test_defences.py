@@ -25,11 +25,12 @@ METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 def tree_hash(root: Path, skip_defences: bool = False) -> str:
     """SHA-256 over every file name and content under `root` (optionally ignoring defence-* output folders), but
-    the run lock, which names its last holder (as tests/test_safety.py)."""
+    the run lock, which names its last holder (as tests/test_safety.py), and the write rule's record, which lists
+    the defence folders signtrap added beside the run's files."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*")):
         rel = path.relative_to(root)
-        if rel.name == runstate.LOCK_FILE:
+        if rel.name in (runstate.LOCK_FILE, runstate.WRITTEN):
             continue
         if skip_defences and rel.parts[0].startswith("defence-"):
             continue

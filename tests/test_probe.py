@@ -20,7 +20,7 @@ from signtrap.errors import SigntrapError
 from signtrap.loop import Loop, Schedule
 from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
                                    probe_set, verdict)
-from signtrap.runstate import LOCK_FILE
+from signtrap.runstate import LOCK_FILE, WRITTEN
 from test_defences import tree_hash
 
 FAST = ["clean_fraction=0.3", "probe.steps=60"]
@@ -51,7 +51,7 @@ def suppress(session: Session) -> nn.Module:
 def content_hash(root: Path) -> str:
     """SHA-256 over every file name and content under `root` but the run's lock file (a locked command leaves it)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.name != LOCK_FILE):
+    for path in sorted(p for p in root.rglob("*") if p.name not in (LOCK_FILE, WRITTEN)):  # not the lock, not the write record
         digest.update(str(path.relative_to(root)).encode())
         if path.is_file():
             digest.update(path.read_bytes())
