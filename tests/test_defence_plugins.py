@@ -139,6 +139,10 @@ def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy,
         raise _Trained
 
     monkeypatch.setattr(loop_mod.Loop, "fit", record)
+    # a run whose config says bf16 + these augmentations (as if trained with them): the provenance rule, which refuses
+    # an edited config.yaml (tests/test_redteam.py), is not what this test is about
+    import signtrap.checkpoint as checkpoint_mod
+    monkeypatch.setattr(checkpoint_mod, "verify_provenance", lambda *args, **kwargs: None)
     raw = yaml.safe_load((run_copy / "config.yaml").read_text())
     raw["train"]["precision"] = "bf16"
     raw["aug"].update({"enabled": True, "rotate": 7.0, "blur_p": 0.0})

@@ -64,6 +64,7 @@ def test_every_section_present_and_every_image_decodes(full_run):
     html = (full_run / "report.html").read_text()
     for sid, title in SECTIONS:
         assert f'<section id="{sid}">' in html, sid
+    assert "could not be built" not in html  # a builder that raised is a note in the report, and a bug here
     images = embedded_images(html)
     # trigger, gallery, training, confusion, per-class, before/after, persistence, pruning, NC norms + triggers,
     # STRIP histogram + curve, latency
@@ -121,6 +122,7 @@ def test_absent_inputs_are_said_not_dropped(tiny_run, tmp_path, capsys):
         assert f'<section id="{sid}">' in html
     assert "No defences were run" in html
     assert "was not exported" in html
+    assert "could not be built" not in html
     assert len(embedded_images(html)) >= 5
     assert_offline(html)
 

@@ -153,8 +153,8 @@ def test_ray_executor_gives_the_local_summary(grid_sweep, tmp_path, capfd):
     base, _, code = grid_sweep
     assert code == 0
     # the two checkerboard runs of the local 2x2 sweep, now as Ray tasks started by the executor's own local instance
-    path = write_sweep(tmp_path, "ray", {"attack.poison_count": [10, 20]}, "trigger.kind=checkerboard", "defend.methods=[]")
-    code, out, err = sweep(capfd, path, "--executor", "ray", "--threads", "1")
+    path = write_sweep(tmp_path, "ray", {"attack.poison_count": [10, 20]}, "trigger.kind=checkerboard")
+    code, out, err = sweep(capfd, path, "--executor", "ray", "--threads", "1", "--no-defend")
     assert code == 0, err
     assert "ray executor: 2 runs" in err
     ray_rows = read_csv(tmp_path / "runs" / "ray" / "summary.csv")

@@ -90,11 +90,11 @@ def pct_ci(entry: Any) -> str:
     return text
 
 
-def safe(into: "Section | list", what: str, fn, *args) -> Any:
+def safe(into: "Section | list", what: str, fn, *args, **kwargs) -> Any:
     """Run one figure/table builder; on failure `into` (a section or a list of blocks) gets a note instead of
     the whole report failing."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as exc:  # a report must render whatever else it can
         getattr(into, "blocks", into).append(Note(f"{what} could not be built: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
         return None
