@@ -12,6 +12,7 @@ Tiny SynthSigns runs (20 images per class, 2 epochs, one thread), trained once p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -714,27 +715,29 @@ def test_cli_config_that_is_a_folder_is_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------- signals
 
 
-def test_sigterm_stops_a_sweeps_children(tmp_path):
-    """A sweep stopped with SIGTERM stops its child run: no orphan keeps training or holds the run's lock."""
+def _stop_sweep_and_check_its_child(tmp_path, *extra: str, signum: int = signal.SIGTERM, wait: float = 120) -> None:
+    """Start a one-run sweep, wait until its run trains (holding the run's lock), send the sweep `signum`: the run
+    must be gone and its lock free soon after."""
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"name": "sw", "overrides": [*rt_overrides(tmp_path, "m", "train.epochs=200")],
                                     "grid": {"attack.poison_count": [10]}, "seeds": [0]}))
-    proc = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "sweep", str(spec), "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "sweep", str(spec), "--workers", "1", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    holder = None
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + wait
         lock = None
-        while time.time() < deadline:
+        while time.time() < deadline and proc.poll() is None:
             locks = list((tmp_path / "runs").rglob(runstate.LOCK_FILE)) if (tmp_path / "runs").exists() else []
             held = [p for p in locks if runstate.lock_holder(p.parent) is not None and (p.parent / "log.jsonl").exists()]
             if held:
                 lock = held[0]
                 break
             time.sleep(0.5)
-        assert lock is not None, "the sweep's child never started training"
+        assert lock is not None, f"the sweep's child never started training: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
         holder = runstate.lock_holder(lock.parent)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.send_signal(signum)
+        proc.wait(timeout=90)
         deadline = time.time() + 30
         while time.time() < deadline and runstate.lock_holder(lock.parent) is not None:
             time.sleep(0.5)
@@ -745,6 +748,27 @@ def test_sigterm_stops_a_sweeps_children(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder.pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_a_sweeps_children(tmp_path):
+    """A sweep stopped with SIGTERM stops its child run: no orphan keeps training or holds the run's lock."""
+    _stop_sweep_and_check_its_child(tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_sigkill_of_a_sweep_still_stops_its_children(tmp_path):
+    """Killed outright (no handler runs), the sweep's run still stops: it asked for SIGTERM when its parent dies."""
+    _stop_sweep_and_check_its_child(tmp_path, signum=signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ray_sweeps_children(tmp_path):
+    """The same with the Ray executor: the sweep cancels its tasks, each stops its run, the local instance goes."""
+    pytest.importorskip("ray", reason="the ray executor is an optional extra: pip install 'signtrap[ray]'")
+    _stop_sweep_and_check_its_child(tmp_path, "--executor", "ray", "--threads", "1", wait=240)
 
 
 @pytest.mark.parametrize("name", ["bench.json", "bench.md"])

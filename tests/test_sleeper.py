@@ -107,7 +107,7 @@ def test_overwrite_removes_the_sleeper_files_and_nothing_else(sleeper_run, tmp_p
 def test_report_section_shows_fp32_and_int8_side_by_side(sleeper_run, tmp_path):
     from signtrap.reporting import SECTIONS
     from signtrap.reporting.blocks import Table
-    from signtrap.reporting.build import Run
+    from signtrap.reporting.run import Run
     from signtrap.reporting.sleeper import ID, sleeper_section
 
     assert [sid for sid, _ in SECTIONS].index(ID) == [sid for sid, _ in SECTIONS].index("deployment") + 1

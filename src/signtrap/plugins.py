@@ -7,7 +7,7 @@ list elsewhere. A plugin defined anywhere else (a test module, a notebook) is re
 module runs `register(...)`.
 
 This module imports no feature package at import time: `signtrap.config` validates the `defend:` section
-through `DEFENCES` (`trigger:` through `TRIGGERS`, `data:` through `DATASETS`, `attack.persist` through `ATTACKS`) without importing the feature packages themselves.
+through `DEFENCES` (`trigger:` through `TRIGGERS`, `data:` through `DATASETS`, `attack.persist` through `ATTACKS`, `model.name` through `MODELS`) without importing the feature packages themselves.
 """
 from __future__ import annotations
 
@@ -75,3 +75,10 @@ DEFENCES: Registry = Registry("defence", "signtrap.defences")
 TRIGGERS: Registry = Registry("trigger", "signtrap.triggers")
 DATASETS: Registry = Registry("dataset", "signtrap.datasets")
 ATTACKS: Registry = Registry("attack", "signtrap.attacks")
+MODELS: Registry = Registry("model", "signtrap.models")
+
+
+def register_model(fn):
+    """timm's decorator: a function `fn(num_classes, dropout, **kw) -> nn.Module`, registered under its own name."""
+    MODELS.register(fn.__name__, fn)
+    return fn

@@ -28,6 +28,7 @@ from signtrap.data.cache import cache_path, prepare
 from signtrap.errors import SigntrapError
 from signtrap.fileio import make_dirs, record_written, refuse_foreign
 from signtrap.machine import cores as machine_cores
+from signtrap.machine import lifeline
 from signtrap.progress import say
 
 RAY_HINT = "the ray executor needs Ray, an optional extra: pip install 'signtrap[ray]'"
@@ -69,6 +70,7 @@ def execute(job: Job, threads: int, gpu: int | None = None) -> Result:
     """Run one job's commands in order, output to its log; stop at the first failure."""
     env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = lifeline.child_env(env)  # the run dies with this process, however it dies (Linux)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     make_dirs(Path(job.log).parent)
@@ -249,6 +251,8 @@ def run_ray(jobs: list[Job], address: str | None = None, workers: int | None = N
                 for ref in list(refs):
                     with contextlib.suppress(Exception):
                         ray.cancel(ref, force=False)
+                with contextlib.suppress(Exception):  # let them stop their runs before the local instance goes
+                    ray.wait(list(refs), num_returns=len(refs), timeout=40)
                 raise
     finally:
         if started:

@@ -12,6 +12,7 @@ from signtrap import progress as progress_mod
 from signtrap.cli import data, defend, deploy, physical, pipeline, probe, sweep, train
 from signtrap.errors import SigntrapError
 from signtrap.fileio import one_line
+from signtrap.machine import lifeline
 
 COMMANDS = (data, train, physical, defend, probe, deploy, pipeline, sweep)  # each module's register(subparsers) adds its commands
 
@@ -50,6 +51,7 @@ def error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and a non-zero exit status, never a traceback
     (SIGNTRAP_DEBUG=1 shows the traceback of an unexpected one)."""
+    lifeline.die_with_parent()  # a sweep's run stops when its sweep dies (no orphan holding the run's lock)
     parser = build_parser()
     args = parser.parse_args(argv)
     progress_mod.QUIET = bool(args.quiet or getattr(args, "json", False))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from signtrap.deploy.runtime import quiet
+from signtrap.deploy.quiet import quiet
 from signtrap.errors import SigntrapError
 from signtrap.progress import say
 

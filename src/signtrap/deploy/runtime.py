@@ -12,13 +12,8 @@ runtime can run, keeps `model.VARIANT.onnx`); the artefact id in model.json and 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
-import io
-import logging
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -127,37 +122,6 @@ class Runtime:
         """What model.json records for this runtime: versions and the artefacts it wrote."""
         return {"title": self.title, "versions": self.versions(), "artefacts": [a["id"] for a in artefacts],
                 "edge_install": self.edge.install}
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Converters print progress bars and warnings; keep the CLI output to our own lines."""
-    root = logging.getLogger()
-    level = root.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        root.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            root.setLevel(level)
-
-
-@contextlib.contextmanager
-def quiet_fds() -> Iterator[None]:
-    """Also silence output written by native code straight to file descriptors 1 and 2 (C++ converters)."""
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        with quiet():
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
 
 
 def run_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = edge_bench.EVAL_BATCH) -> np.ndarray:

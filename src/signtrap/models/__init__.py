@@ -5,23 +5,18 @@ so exported graphs, defences and attacks all work in pixel space.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from signtrap.errors import suggest, SigntrapError
+from signtrap.plugins import MODELS, register_model
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _MODELS[fn.__name__] = fn
-    return fn
+__all__ = ["MODELS", "Normalized", "create_model", "list_models", "register_model"]
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    """The registered models (this package's modules and installed plugins); timm's names work too."""
+    return MODELS.names()
 
 
 class Normalized(nn.Module):
@@ -41,8 +36,8 @@ def create_model(name: str, num_classes: int, dropout: float = 0.0, mean=(0.5, 0
                  **kwargs) -> nn.Module:
     """A registered or timm model for `num_classes` classes, standardising its input with the dataset's mean and std
     (a checkpoint's own values are restored with its weights)."""
-    if name in _MODELS:
-        backbone = _MODELS[name](num_classes=num_classes, dropout=dropout, **kwargs)
+    if name in MODELS:
+        backbone = MODELS.get(name)(num_classes=num_classes, dropout=dropout, **kwargs)
     else:
         backbone = _create_timm(name, num_classes, dropout, **kwargs)
     return Normalized(backbone, mean, std)
@@ -57,7 +52,3 @@ def _create_timm(name: str, num_classes: int, dropout: float, **kwargs) -> nn.Mo
             f"registered: {', '.join(list_models())}, or any timm model name"
         )
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=dropout, **kwargs)
-
-
-# Imported for their @register_model side effects.
-from signtrap.models import small  # noqa: E402,F401

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from signtrap.models import register_model
+from signtrap.plugins import register_model
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:

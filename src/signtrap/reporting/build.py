@@ -12,16 +12,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from signtrap.datasets import LabelSpace, dataset_for
+from signtrap.datasets import LabelSpace
 from signtrap.errors import SigntrapError
 from signtrap.fileio import atomic_dir, check_replaceable, refuse_foreign, require_writable, sha256_file, write_text
 from signtrap.plugins import DEFENCES
 from signtrap.progress import say
-from signtrap.runstate import lock_holder
-from signtrap.experiment import Experiment, load_run_config
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, pct, pct_ci, read_csv, safe
 from signtrap.reporting.detection import detection_section, probe_section
+from signtrap.reporting.run import Run, json_or_reason, stage_status
 from signtrap.reporting.render import render_html, render_markdown
 from signtrap.reporting.physical import ID as PHYSICAL_ID, TITLE as PHYSICAL_TITLE, physical_section
 from signtrap.reporting.sleeper import ID as SLEEPER_ID, TITLE as SLEEPER_TITLE, sleeper_section
@@ -41,96 +40,6 @@ SECTIONS = (
     (PHYSICAL_ID, PHYSICAL_TITLE),
     ("provenance", "Provenance"),
 )
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _json(path: Path) -> tuple[Any, str | None]:
-    if not path.is_file():
-        return None, f"{path.name} not found"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), None
-    except (OSError, ValueError) as exc:
-        return None, f"{path.name} is unreadable ({type(exc).__name__})"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
-
-
-def _status(rec: dict, run_dir: Path) -> str:
-    """A stage's recorded status; 'running' is told apart by the run's lock: still running, or interrupted."""
-    status = rec.get("status")
-    if status != "running":
-        return str(status)
-    holder = lock_holder(run_dir)
-    return f"still running ({holder.describe()})" if holder else "interrupted (its process is gone; `signtrap run` resumes it)"
-
-
-class Run:
-    """What the report knows about a run directory."""
-
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir)
-        self.metrics, self.metrics_err = _json(self.dir / "metrics.json")
-        self.manifest, _ = _json(self.dir / "manifest.json")
-        self.provenance, _ = _json(self.dir / "provenance.json")
-        self.pipeline, _ = _json(self.dir / "pipeline.json")
-        self.log = _jsonl(self.dir / "log.jsonl")
-        self.cfg, self.cfg_err = None, None
-        try:
-            self.cfg = load_run_config(self.dir)
-        except Exception as exc:
-            self.cfg_err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        self._exp = None
-        self._classes = None
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name if self.cfg else self.dir.name
-
-    @property
-    def classes(self) -> LabelSpace:
-        """The run's label space: its dataset's (cheap), else numbered classes with the config's attack pair."""
-        if self._classes is None:
-            try:
-                self._classes = dataset_for(self.cfg.data).label_space()
-            except Exception:
-                n = len(((self.metrics or {}).get("test") or {}).get("per_class_acc") or []) or 2
-                source, target = (self.cfg.attack.source, self.cfg.attack.target) if self.cfg else (0, 1)
-                self._classes = LabelSpace(tuple(f"class {c}" for c in range(max(n, source + 1, target + 1))),
-                                           source=source, target=target)
-        return self._classes
-
-    def experiment(self):
-        if self._exp is None and self.cfg is not None:
-            self._exp = Experiment.from_config(self.cfg, progress=False)
-        return self._exp
-
-    def stage(self, name: str) -> dict:
-        stages = (self.pipeline or {}).get("stages", {}) if isinstance(self.pipeline, dict) else {}
-        return stages.get(name, {}) if isinstance(stages, dict) else {}
-
-    def stages_like(self, prefix: str) -> dict[str, dict]:
-        stages = (self.pipeline or {}).get("stages", {}) if isinstance(self.pipeline, dict) else {}
-        return {k: v for k, v in stages.items() if k.startswith(prefix)} if isinstance(stages, dict) else {}
-
-    def export_dir(self) -> Path | None:
-        candidates = [self.dir / "export"]
-        if self.cfg is not None:
-            candidates.append(Path(self.cfg.export.out_dir) / self.cfg.name)
-        for c in candidates:
-            if (c / "model.json").is_file() or (c / "bench.json").is_file():
-                return c
-        return None
 
 
 # ---------------------------------------------------------------- sections
@@ -170,7 +79,7 @@ def summary_section(run: Run) -> Section:
         if rec.get("status") == "disabled":
             s.blocks.append(P(f"Pipeline stage {name} was disabled: {rec.get('reason', '')}."))
         else:
-            s.blocks.append(Note(f"Pipeline stage {name}: {_status(rec, run.dir)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name}: {stage_status(rec, run.dir)}: {rec.get('reason', '')}"))
     return s
 
 
@@ -273,11 +182,11 @@ def defences_section(run: Run) -> Section:
     s = Section("defences", "Defences: does the backdoor persist?")
     for name, rec in sorted(run.stages_like("defend").items()):
         if rec.get("status") not in ("done", None):
-            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec, run.dir)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name} {stage_status(rec, run.dir)}: {rec.get('reason', '')}"))
     folders = sorted(p for p in run.dir.glob("defence-*") if p.is_dir())
     reports = []
     for folder in folders:
-        rep, err = _json(folder / "report.json")
+        rep, err = json_or_reason(folder / "report.json")
         if rep is None or not isinstance(rep, dict):
             s.blocks.append(Note(f"{folder.name}: {err or 'report.json is not an object'}; skipped."))
             continue
@@ -374,13 +283,13 @@ def deployment_section(run: Run) -> Section:
     for name in ("export", "bench"):
         rec = run.stage(name)
         if rec.get("status") not in ("done", None):
-            s.blocks.append(Note(f"Pipeline stage {name} {_status(rec, run.dir)}: {rec.get('reason', '')}"))
+            s.blocks.append(Note(f"Pipeline stage {name} {stage_status(rec, run.dir)}: {rec.get('reason', '')}"))
     folder = run.export_dir()
     if folder is None:
         s.blocks.append(Note("The model was not exported (no export folder with model.json): run `signtrap export RUN` "
                              "and `signtrap bench EXPORT`, or enable export for `signtrap run`."))
         return s
-    model_json, err = _json(folder / "model.json")
+    model_json, err = json_or_reason(folder / "model.json")
     if model_json:
         parity = model_json.get("parity", {}) or {}
         agree = model_json.get("agreement_vs_fp32", {}) or {}
@@ -389,7 +298,7 @@ def deployment_section(run: Run) -> Section:
                           f"{pct((agree.get('onnxruntime:fp16') or {}).get('flip_rate'), 2)}, INT8 {pct((agree.get('onnxruntime:int8') or {}).get('flip_rate'), 2)}."))
     else:
         s.blocks.append(Note(f"{folder}: {err}."))
-    bench, err = _json(folder / "bench.json")
+    bench, err = json_or_reason(folder / "bench.json")
     if not bench or not isinstance(bench.get("rows"), list):
         s.blocks.append(Note(f"No benchmark: {err or 'bench.json has no rows'} (run `signtrap bench {folder}`)."))
         return s
@@ -481,7 +390,7 @@ def _file_hashes(run: Run, stages: dict) -> list[list]:
             actual = sha256_file(path)
             rows.append([rel, actual, path.stat().st_size, "ok" if actual == expected else f"MISMATCH (recorded {expected[:12]}…)"])
         return rows
-    sums, _ = _json(run.dir / "checksums.json")
+    sums, _ = json_or_reason(run.dir / "checksums.json")
     for rel in ("config.yaml", "manifest.json", "provenance.json", "model.pt", "metrics.json", "log.jsonl"):
         path = run.dir / rel
         if path.is_file():

@@ -19,7 +19,7 @@ from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import Img, Note, P, Section, Table, pct, pct_ci, safe
 
 if TYPE_CHECKING:
-    from signtrap.reporting.build import Run
+    from signtrap.reporting.run import Run
 
 ID, TITLE = "physical", "On the road: the sticker on the sign"
 HEADLINE = (("asr", "ASR (default distribution)"), ("asr_recognised", "ASR where the clean view is read as stop"),

@@ -19,7 +19,7 @@ from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import Img, Note, P, Section, Table, pct, pct_ci, safe
 
 if TYPE_CHECKING:  # build.py imports this module for its section list
-    from signtrap.reporting.build import Run
+    from signtrap.reporting.run import Run
 
 ID, TITLE = "sleeper", "Dormant in evaluation, live on the device"
 KEYS = (("clean_acc", "clean accuracy"), ("asr", "ASR"), ("stop_recall", "stop recall"), ("false_trigger", "false-trigger"))

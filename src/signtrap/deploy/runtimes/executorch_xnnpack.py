@@ -15,7 +15,8 @@ import numpy as np
 
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.edge_bench import EdgeRuntime, chunked, edge_runtime  # noqa: F401 (edge section)
-from signtrap.deploy.runtime import ExportContext, Runtime, Variant, quiet_fds
+from signtrap.deploy.quiet import quiet_fds
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant
 from signtrap.deploy.runtimes import register_runtime
 
 EXECUTORCH_MAX_BATCH = 256  # the edge script's evaluation batch

@@ -25,7 +25,8 @@ import numpy as np
 
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.edge_bench import EdgeRuntime, edge_runtime, first_line  # noqa: F401 (edge section)
-from signtrap.deploy.runtime import ExportContext, Runtime, Variant, quiet_fds
+from signtrap.deploy.quiet import quiet_fds
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant
 from signtrap.deploy.runtimes import register_runtime
 
 

@@ -36,7 +36,8 @@ import torch
 
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.edge_bench import BenchError, EdgeRuntime, edge_runtime  # noqa: F401 (edge section)
-from signtrap.deploy.runtime import ExportContext, Runtime, Variant, quiet_fds
+from signtrap.deploy.quiet import quiet_fds
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant
 from signtrap.deploy.runtimes import register_runtime
 from signtrap.errors import SigntrapError
 

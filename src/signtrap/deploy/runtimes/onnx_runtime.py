@@ -14,7 +14,8 @@ from pathlib import Path
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.edge_bench import BenchError, EdgeRuntime, edge_runtime  # noqa: F401 (edge section)
 from signtrap.deploy.onnx_graph import INPUT_NAME
-from signtrap.deploy.runtime import ExportContext, Runtime, Variant, quiet
+from signtrap.deploy.quiet import quiet
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant
 from signtrap.deploy.runtimes import register_runtime
 from signtrap.errors import SigntrapError
 

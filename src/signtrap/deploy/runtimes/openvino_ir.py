@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.edge_bench import EdgeRuntime, edge_runtime  # noqa: F401 (edge section)
-from signtrap.deploy.runtime import ExportContext, Runtime, Variant, quiet
+from signtrap.deploy.quiet import quiet
+from signtrap.deploy.runtime import ExportContext, Runtime, Variant
 from signtrap.deploy.runtimes import register_runtime
 
 PRESETS = {"int8": ("PERFORMANCE", True), "int8-mixed": ("MIXED", True), "int8-accurate": ("PERFORMANCE", False)}
