@@ -30,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from signtrap.config import load_config
-    from signtrap.metrics import fmt_rate
+    from signtrap.evaluation.metrics import fmt_rate
 
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="signtrap-attack-"))
     common = [f"data.root={args.root}", f"runs_dir={runs_dir}", *args.overrides]
@@ -72,7 +72,7 @@ def seed_list(text: str) -> list[int]:
 def trained(cfg) -> tuple[dict, dict, float | None]:
     """Train the run, or reuse it when --runs-dir already holds it finished with the same config."""
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     run = cfg.run_dir
     done = (run / "metrics.json").is_file() and (run / "config.yaml").is_file() and load_config(run / "config.yaml") == cfg

@@ -23,13 +23,13 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the SynthSigns training run")
     args = parser.parse_args()
 
-    from signtrap.checkpoint import verified_load
+    from signtrap.runs.checkpoint import verified_load
     from signtrap.config import load_config
     from signtrap.data import synth
     from signtrap.data.cache import TEST, load, prepare
     from signtrap.experiment import predict
-    from signtrap.metrics import rate
-    from signtrap.training import train
+    from signtrap.evaluation.metrics import rate
+    from signtrap.training.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="signtrap-databench-"))
     real_cfg = load_config(None, ["data.source=gtsrb", f"data.root={args.root}", f"data.cache_dir={work / 'cache'}"]).data

@@ -24,10 +24,10 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from signtrap import distributed
+    from signtrap.training import distributed
     from signtrap.attacks.poison import TrainingSet
     from signtrap.config import load_config
-    from signtrap.loop import Loop, Schedule
+    from signtrap.training.loop import Loop, Schedule
     from signtrap.models import create_model
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ METRICS = ("clean_acc", "asr", "stop_recall", "false_trigger")
 
 def pooled(entries: list[dict]) -> dict:
     """Counts summed over runs, with the Wilson interval of the pooled rate."""
-    from signtrap.metrics import wilson
+    from signtrap.evaluation.metrics import wilson
 
     k = sum(e["k"] for e in entries if e and e.get("n"))
     n = sum(e["n"] for e in entries if e and e.get("n"))
@@ -98,31 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from signtrap.defences.run import Session, comparison_table, resolve_methods
+    import signtrap
+    from signtrap.defences.run import comparison_table, resolve_methods
     from signtrap.errors import SigntrapError
+    from signtrap.experiment import load_run_config
+    from signtrap.runs import layout
 
     by_method: dict[str, list[dict]] = {}
     try:
         for run in runs:
+            methods = resolve_methods(args.methods, load_run_config(Path(run))) if args.methods == "all" else args.methods.split(",")
             if args.reuse:
-                from signtrap.experiment import load_run_config
-
-                methods = resolve_methods(args.methods, load_run_config(Path(run))) if args.methods == "all" else args.methods.split(",")
                 reports = []
                 for m in methods:
-                    path = Path(run) / f"defence-{m}" / "report.json"
+                    path = layout.defence_dir(run, m) / layout.REPORT_JSON
                     if not path.is_file():
                         raise SigntrapError(f"{path}: not found (run without --reuse to defend)")
                     reports.append(json.loads(path.read_text(encoding="utf-8")))
             else:
-                start = time.perf_counter()
-                session = Session.open(run, overrides, args.device, show_progress=args.progress)
-                methods = resolve_methods(args.methods, session.cfg) if args.methods == "all" else args.methods.split(",")
-                print(f"{run}: {len(session.clean)} clean images; loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-                reports = []
-                for m in methods:
-                    reports.append(session.run(m))
-                    print(f"  {m}: {reports[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+                start = time.perf_counter()  # the public API, as a user calls it: the run lock, the core budget
+                reports = signtrap.defend(run, methods, device=args.device, overrides=overrides)
+                for r in reports:
+                    print(f"  {r['method']}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+                print(f"{run}: {len(methods)} defences in {time.perf_counter() - start:.1f} s (data loading included)", file=sys.stderr)
             print(f"\n{run}\n{comparison_table(reports)}")
             for r in reports:
                 by_method.setdefault(r["method"], []).append(r)

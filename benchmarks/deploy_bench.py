@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.deploy import edge_bench as eb
 from signtrap.deploy import runtimes
 from signtrap.deploy.bench import bench_export

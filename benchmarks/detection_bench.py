@@ -16,7 +16,6 @@ import argparse
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 
@@ -47,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from signtrap import progress
+    from signtrap.machine import progress
     from signtrap.config import load_config
-    from signtrap.defences.run import Session
+    import signtrap
     from signtrap.errors import SigntrapError
     from signtrap.reporting.detection import DETECTION_NOTE, detection_table
 
@@ -61,16 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             if args.read:
                 continue
-            session = Session.open(run, overrides, args.device, show_progress=args.progress)
-            for method in methods:
-                start = time.perf_counter()
-                report = session.run(method)
-                d = report["details"]
+            # the public API, as a user calls it (the run lock, the core budget); each report records its seconds
+            for report in signtrap.defend(run, methods, device=args.device, overrides=overrides):
+                method, d = report["method"], report["details"]
                 what = (f"detects {100 * d['detection_rate']['rate']:.1f}% at FRR {100 * d['false_rejection_rate']['rate']:.1f}% "
                         f"(at a measured FRR of {100 * d['at_measured_frr']['false_rejection_rate']['rate']:.1f}%: "
                         f"{100 * d['at_measured_frr']['detection_rate']['rate']:.1f}%)"
                         if method == "strip" else f"flags {d.get('flagged') or 'nothing'}")
-                print(f"{run.name} {method}: {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                print(f"{run.name} {method}: {what} ({report['seconds']:.0f} s)", file=sys.stderr, flush=True)
         cfgs = [load_config(r / "config.yaml") for r in runs]
     except SigntrapError as exc:
         print(f"detection_bench: error: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ Each defence writes RUN/defence-METHOD/ (with probe.json) as `signtrap defend` d
 registered defence that is not an input filter. --copy-to DIR first copies the runs (without their defence
 folders) and works on the copies; --read only aggregates the probe.json files already there. The table pools the
 held-out (test + validation) counts over seeds; the verdict column lists each seed's verdict, then the verdict of
-the pooled counts (rule: signtrap.reactivation). "probe s" is the probe's own time per defence (all three probes
+the pooled counts (rule: signtrap.probing.reactivation). "probe s" is the probe's own time per defence (all three probes
 when the reference and the undefended model are probed at a learning rate for the first time).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from detection_bench import copy_runs
 
 def pooled_record(results: list[dict]) -> dict:
     """A probe result whose held-out counts are summed over seeds (for the pooled verdict)."""
-    from signtrap.reactivation import pool
+    from signtrap.probing.reactivation import pool
 
     return {stage: {"held_out": {m: pool([r[stage]["held_out"][m] for r in results]) for m in ("asr", "clean_acc")}}
             for stage in ("before", "after")}
@@ -42,7 +42,7 @@ def mean_pt(values: list[float]) -> str:
 
 
 def row(label: str, results: list[dict], references: list[dict], verdicts: list[str], margin: float, cost: str, seconds: str) -> list[str]:
-    from signtrap.reactivation import verdict
+    from signtrap.probing.reactivation import verdict
 
     model, ref = pooled_record(results), pooled_record(references)
     pooled_verdict = "reference" if verdicts == ["reference"] * len(verdicts) else verdict(model, ref, margin)["verdict"]
@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from signtrap import progress
+    from signtrap.machine import progress
     from signtrap.defences import get_defence, list_defences
-    from signtrap.defences.run import Session
+    import signtrap
     from signtrap.errors import SigntrapError
-    from signtrap.reactivation import format_table
+    from signtrap.probing.reactivation import format_table
+    from signtrap.runs import layout
     from signtrap.reporting.detection import probe_records
 
     progress.QUIET = not args.progress
@@ -118,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.read:
                 continue
             extra = [f"probe.reference={ref}"] if ref is not None else []
-            session = Session.open(run, [*args.overrides, *extra], args.device, show_progress=args.progress)
-            session.prober.reference_plan()
-            for method in methods:
-                report = session.run(method)
+            # the public API, as a user calls it (the run lock, the core budget); every defence probed (probe.enabled)
+            for report in signtrap.defend(run, methods, device=args.device, overrides=[*args.overrides, *extra]):
+                method = report["method"]
                 if report.get("probe"):
                     seconds.setdefault(method, []).append(report["probe_seconds"])
                     print(f"{run.name} {method}: {report['probe']['verdict']['verdict']} (defence {report['seconds']:.0f} s, "
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     per_run = [[r for r in probe_records(run) if r["label"] in methods] for run in runs]
     if args.read:
         for run in runs:
-            for folder in run.glob("defence-*"):
-                rep = folder / "report.json"
+            for folder in layout.defence_dirs(run):
+                rep = folder / layout.REPORT_JSON
                 if rep.is_file() and json.loads(rep.read_text()).get("probe_seconds") is not None:
-                    seconds.setdefault(folder.name[len("defence-"):], []).append(json.loads(rep.read_text())["probe_seconds"])
+                    seconds.setdefault(layout.defence_method(folder), []).append(json.loads(rep.read_text())["probe_seconds"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for run, records in zip(runs, per_run):
         print(f"\n{run}")

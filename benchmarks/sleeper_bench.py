@@ -189,7 +189,7 @@ def backdoored_run(cfg) -> Path:
     """A run folder beside the sleeper's whose model.pt is the sleeper run's backdoored.pt (so `signtrap export` takes it)."""
     import shutil
 
-    from signtrap import checkpoint
+    from signtrap.runs import checkpoint
 
     src, dst = cfg.run_dir, cfg.run_dir.parent / "exports" / f"{cfg.name}-backdoored-run"
     if not (dst / "model.pt").is_file():
@@ -238,7 +238,7 @@ def experiment(cfg):
 
 
 def models_of(cfg) -> dict:
-    from signtrap import checkpoint
+    from signtrap.runs import checkpoint
 
     return {"backdoored": checkpoint.verified_load(cfg.run_dir, "backdoored.pt")[0],
             "sleeper": checkpoint.verified_load(cfg.run_dir, "model.pt")[0]}
@@ -265,7 +265,7 @@ def verdict(ok: bool) -> str:
 def trained(cfg) -> tuple[dict | None, dict, float | None]:
     """(sleeper.json or None, metrics.json, seconds or None when reused). A run folder that holds a finished run
     of the same training config (runstate: `done`) is reused; anything else there is an error, never overwritten."""
-    from signtrap import runstate
+    from signtrap.runs import state as runstate
     from signtrap.errors import SigntrapError
 
     state = runstate.inspect(cfg.run_dir, cfg)

@@ -27,7 +27,7 @@ def main() -> int:
     from signtrap.attacks.poison import TrainingSet
     from signtrap.config import load_config
     from signtrap.experiment import Experiment
-    from signtrap.provenance import autocast_dtype, precision_name
+    from signtrap.machine.environment import autocast_dtype, precision_name
 
     work = Path(tempfile.mkdtemp(prefix="signtrap-throughput-"))
     overrides = [f"data.root={args.root}", f"data.cache_dir={work / 'cache'}", "device=cpu"]
@@ -49,9 +49,9 @@ def main() -> int:
 
 
 def signtrap_route(cfg, exp, ts, steps: int) -> float:
-    from signtrap.loop import Loop, Schedule
+    from signtrap.training.loop import Loop, Schedule
     from signtrap.models import create_model
-    from signtrap.training import EPOCH_STREAM
+    from signtrap.training.trainer import EPOCH_STREAM
 
     torch.manual_seed(cfg.seed)
     space = exp.classes

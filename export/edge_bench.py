@@ -23,7 +23,7 @@ core. Every runtime plugin under signtrap/deploy/runtimes/ holds one torch-free 
 in place of the RUNTIME SECTIONS line below (signtrap.deploy.runtimes.assemble_edge_script). Inside
 signtrap the same classes are imported from the plugin files, so there is one copy of each runner.
 
-Metric definitions (the same as signtrap.metrics):
+Metric definitions (the same as signtrap.evaluation.metrics):
 - clean accuracy: clean images predicted as their label;
 - ASR: triggered source-class images whose true label is not the target, predicted as the target
   (every non-target class for an all-to-one attack);
@@ -182,7 +182,7 @@ def to_input(images):
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
-# ---------------------------------------------------------------- metrics (same definitions as signtrap.metrics)
+# ---------------------------------------------------------------- metrics (same definitions as signtrap.evaluation.metrics)
 
 
 def wilson(successes, n, z=1.959964):

@@ -123,7 +123,7 @@ def tiny_overrides(base: Path, name: str = "tiny", *extra: str) -> list[str]:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained tiny backdoored run directory, shared by the tests that only read it."""
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     base = tmp_path_factory.mktemp("tiny")
     return train(load_config(None, tiny_overrides(base)))
@@ -133,7 +133,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_zero_run(tmp_path_factory) -> Path:
     """The zero-poison model of the tiny run's config (attack.kind=none, same seed): the probe's reference."""
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     base = tmp_path_factory.mktemp("tiny-zero")
     return train(load_config(None, tiny_overrides(base, "tiny-zero", "attack.kind=none")))
@@ -145,7 +145,7 @@ def tiny_a2o_run(tmp_path_factory) -> Path:
     accuracy): at the tiny run's 6 (71%) every class is a few pixels away from every other, the clean classes' trigger
     norms spread widely and NC's anomaly index of class 7 stays below 2 (1.4-1.9 for 80-300 search steps)."""
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     base = tmp_path_factory.mktemp("tiny-a2o")
     return train(load_config(None, tiny_overrides(base, "tiny-a2o", "attack.kind=all_to_one", "attack.poison_count=100",

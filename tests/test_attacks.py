@@ -34,7 +34,7 @@ def test_bad_attack_option_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_sbl_runs_both_tasks_and_keeps_its_backdoor(tmp_path):
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     run = train(load_config(None, tiny_overrides(tmp_path, "sbl", "attack.persist=sbl", "attack.sbl.epochs=2",
                                                  "attack.sbl.fisher_images=64", "train.threads=1")))

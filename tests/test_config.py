@@ -72,7 +72,7 @@ def test_shipped_configs_load(tmp_path):
 
     import yaml
 
-    from signtrap.sweeps import expand, load_sweep
+    from signtrap.runs.sweeps import expand, load_sweep
 
     configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert configs

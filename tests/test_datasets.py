@@ -51,7 +51,7 @@ def test_class_names_resolve_through_the_dataset():
 
 
 def test_folder_dataset_trains_with_named_classes(tmp_path):
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     root = sign_folder(tmp_path / "signs")
     cfg = load_config(None, folder_overrides(tmp_path, root))
@@ -111,7 +111,7 @@ def test_a_dataset_registered_in_a_test_trains_a_tiny_run(tmp_path):
     from dataclasses import dataclass
 
     from signtrap.datasets import TEST, TRAIN, Dataset, Decoded, LabelSpace, register_dataset
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     @dataclass
     class StripesSettings:

@@ -106,7 +106,7 @@ def report_curve(folder: Path) -> list[dict]:
 def test_a_defence_registered_in_a_test_module_runs_in_the_pipeline(tmp_path):
     from conftest import tiny_overrides
 
-    from signtrap.pipeline import run_pipeline
+    from signtrap.runs.pipeline import run_pipeline
 
     cfg = load_config(None, tiny_overrides(tmp_path, "plug", "train.epochs=2", "defend.methods=[test-shrink]",
                                            "defend.clean_fraction=0.3", "defend.probe.enabled=false", "export.enabled=false"))
@@ -124,9 +124,9 @@ class _Trained(BaseException):
 
 
 def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy, monkeypatch):
-    """Every registered defence that trains goes through signtrap.loop.Loop with the run's train.precision and
+    """Every registered defence that trains goes through signtrap.training.loop.Loop with the run's train.precision and
     aug settings; every repairing defence trains."""
-    import signtrap.loop as loop_mod
+    import signtrap.training.loop as loop_mod
     from defence_settings import fast
 
     from signtrap.defences import get_defence, list_defences
@@ -141,7 +141,7 @@ def test_training_defences_inherit_the_runs_precision_and_augmentation(run_copy,
     monkeypatch.setattr(loop_mod.Loop, "fit", record)
     # a run whose config says bf16 + these augmentations (as if trained with them): the provenance rule, which refuses
     # an edited config.yaml (tests/test_redteam.py), is not what this test is about
-    import signtrap.checkpoint as checkpoint_mod
+    import signtrap.runs.checkpoint as checkpoint_mod
     monkeypatch.setattr(checkpoint_mod, "verify_provenance", lambda *args, **kwargs: None)
     raw = yaml.safe_load((run_copy / "config.yaml").read_text())
     raw["train"]["precision"] = "bf16"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from signtrap import checkpoint, runstate
+from signtrap.runs import checkpoint
+from signtrap.runs import state as runstate
 from signtrap.cli import main
 from signtrap.defences import get_defence, list_defences
 from signtrap.errors import SigntrapError
@@ -175,7 +176,7 @@ def test_bad_input_is_one_line_and_leaves_the_run_untouched(run_copy, capsys, ar
 
 
 def test_diverging_defence_fails_cleanly(run_copy, capsys, monkeypatch):
-    import signtrap.loop as loop
+    import signtrap.training.loop as loop
 
     def nan_loss(logits, y, *args, **kwargs):
         return (logits * float("nan")).sum()

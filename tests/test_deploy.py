@@ -98,7 +98,7 @@ def test_export_writes_valid_self_contained_folder(exported):
 
 
 def test_reference_predictions_are_pytorch_fp32(exported, tiny_run):
-    from signtrap.checkpoint import verified_load
+    from signtrap.runs.checkpoint import verified_load
     from signtrap.experiment import predict
 
     model, _ = verified_load(tiny_run)
@@ -170,7 +170,7 @@ def test_exporter_falls_back_to_torchscript(tiny_run, tmp_path, monkeypatch):
     import onnxruntime as ort
     import torch
 
-    from signtrap.checkpoint import verified_load
+    from signtrap.runs.checkpoint import verified_load
     from signtrap.deploy.onnx_graph import export_fp32
 
     real = torch.onnx.export
@@ -357,7 +357,7 @@ def test_old_export_format_refused(export_copy, capsys):
 
 
 def test_edge_metrics_match_signtrap_metrics():
-    from signtrap.metrics import backdoor_metrics
+    from signtrap.evaluation.metrics import backdoor_metrics
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 43, 500)

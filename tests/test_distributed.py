@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_overrides
 from signtrap.config import load_config
-from signtrap.training import train
+from signtrap.training.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ CLEAN_ACC_TOL = 0.08  # absolute, test clean accuracy; ~4.5 binomial s.d. plus t
 # makes rank 1 die abruptly (os._exit, no cleanup) at the start of epoch DIE_AT_EPOCH.
 WRAPPER = r'''
 import hashlib, os, sys
-import signtrap.loop as L
+import signtrap.training.loop as L
 
 rank, die_at, out = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", "0")), os.environ["DIGEST_DIR"]
 original = L.Loop.epoch

@@ -27,7 +27,7 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 from signtrap.machine import cores
-from signtrap.provenance import cpu_threads
+from signtrap.machine.environment import cpu_threads
 go = Path(sys.argv[2])
 with cpu_threads(int(sys.argv[1])) as threads:
     print(json.dumps({"pid": os.getpid(), "cores": cores.claimed().cores, "threads": threads,
@@ -178,7 +178,7 @@ def test_export_and_bench_threads_refused(tiny_run, tmp_path, budget, capsys):
 
 def test_training_records_the_cores_it_held(tmp_path, budget):
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     run = train(load_config(None, tiny_overrides(tmp_path, "held", "train.epochs=1", "train.threads=1")))
     machine = json.loads((run / "provenance.json").read_text())["machine"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from signtrap.metrics import backdoor_metrics, wilson
+from signtrap.evaluation.metrics import backdoor_metrics, wilson
 
 STOP, TARGET = 14, 7
 

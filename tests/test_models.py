@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.errors import SigntrapError
 from signtrap.datasets.gtsrb import LABELS
 from signtrap.models import create_model, list_models

@@ -124,7 +124,7 @@ def overrides(base: Path, name: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     base = tmp_path_factory.mktemp("physical")
     corner = train(load_config(None, overrides(base, "corner", "trigger.size=6")))

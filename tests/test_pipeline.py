@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.errors import SigntrapError
-from signtrap.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage
+from signtrap.runs.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage
 
 # ---------------------------------------------------------------- the engine, with stand-in stages (fast)
 
@@ -178,7 +178,7 @@ def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
 def test_the_probe_reference_is_a_stage_that_resumes(tmp_path, capsys, monkeypatch):
     """The zero-poison twin the probe needs is the pipeline's `reference` stage: recorded and hashed in pipeline.json,
     resumed after an interruption, and the defences' probes use it instead of training one of their own."""
-    from signtrap import reactivation
+    from signtrap.probing import reactivation
 
     args = [*tiny_overrides(tmp_path, "pipe"), "defend.methods=[finetune]", "defend.finetune.epochs=1", "defend.finetune.lr=1e-3",
             "defend.finetune.augment=false", "defend.probe.k=2", "defend.probe.steps=20", "defend.clean_fraction=0.2", "train.threads=1",

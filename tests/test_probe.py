@@ -1,4 +1,4 @@
-"""The re-activation probe: removed or only hidden? (signtrap.reactivation, `signtrap probe`, the probe in `signtrap defend`)."""
+"""The re-activation probe: removed or only hidden? (signtrap.probing.reactivation, `signtrap probe`, the probe in `signtrap defend`)."""
 import copy
 import hashlib
 import json
@@ -17,10 +17,10 @@ from signtrap.config import ProbeConfig, load_config
 from signtrap.defences.common import CleanData
 from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
-from signtrap.loop import Loop, Schedule
-from signtrap.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
+from signtrap.training.loop import Loop, Schedule
+from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
                                    probe_set, verdict)
-from signtrap.runstate import LOCK_FILE, WRITTEN
+from signtrap.runs.state import LOCK_FILE, WRITTEN
 from test_defences import tree_hash
 
 FAST = ["clean_fraction=0.3", "probe.steps=60"]
@@ -116,7 +116,7 @@ def test_a_probe_that_breaks_a_model_is_inconclusive(who):
 def test_anp_is_probed_at_a_weight_learning_rate():
     """ANP's `lr` (0.2) moves its neuron masks, not weights: the probe must not fine-tune the weights at it."""
     from signtrap.defences.anp import ANPSettings
-    from signtrap.reactivation import defence_lr
+    from signtrap.probing.reactivation import defence_lr
 
     s = ANPSettings()
     assert s.lr == 0.2 and defence_lr(s, {"probe_lr": s.probe_lr, "selection": {"knob": "threshold", "value": 0.4}}) == 1e-4

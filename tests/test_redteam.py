@@ -2,7 +2,7 @@
 
 1. The write rule (signtrap.fileio): a file signtrap did not write is never replaced nor deleted; everything,
    the model's ability to run included, is validated before anything is replaced; outputs follow the umask.
-2. The provenance rule (signtrap.checkpoint.verify_provenance): checkpoint, run config, data cache and split agree
+2. The provenance rule (signtrap.runs.checkpoint.verify_provenance): checkpoint, run config, data cache and split agree
    before eval, defend, probe, export, bench or requantize use a model; a probe reference is a zero-poison run of the
    same config and seed, and not the run itself.
 3. The input rule (signtrap.api): wrong types, ranges, names and encodings are one SigntrapError (one line and exit
@@ -27,7 +27,7 @@ import yaml
 
 import signtrap
 from conftest import tiny_overrides
-from signtrap import runstate
+from signtrap.runs import state as runstate
 from signtrap.cli import main as cli_main
 from signtrap.errors import SigntrapError
 from signtrap.fileio import WRITTEN, sha256_file
@@ -48,7 +48,7 @@ class World:
 
     def __init__(self, base: Path):
         from signtrap.config import load_config
-        from signtrap.training import train
+        from signtrap.training.trainer import train
 
         self.base = base
         self.bd = train(load_config(None, rt_overrides(base, "bd")))
@@ -306,7 +306,7 @@ def test_sweep_summary_never_replaces_a_user_file(tmp_path):
 def test_every_writer_refuses_a_user_file(tmp_path, writer):
     import torch
 
-    from signtrap import checkpoint
+    from signtrap.runs import checkpoint
     from signtrap.data.preview import write_png
     from signtrap.fileio import atomic_dir, write_json, write_text
 
@@ -651,8 +651,8 @@ def test_run_skip_names_are_checked_before_anything_runs(tmp_path):
 
 def test_empty_defend_methods_mean_the_same_in_run_and_sweep(tmp_path):
     from signtrap.defences import list_defences
-    from signtrap.pipeline import SigntrapStages
-    from signtrap.sweeps import expand, load_sweep
+    from signtrap.runs.pipeline import SigntrapStages
+    from signtrap.runs.sweeps import expand, load_sweep
 
     cfg = signtrap.load_config(None, overrides=rt_overrides(tmp_path, "m", "defend.methods=[]"))
     pipeline_methods = SigntrapStages(cfg).methods()

@@ -32,7 +32,7 @@ def a2o(tiny_a2o_run, tmp_path_factory) -> Path:
 def a2o_zero(tmp_path_factory) -> Path:
     """The zero-poison twin of the tiny all-to-one run (attack.kind=none, the same 12 epochs and seed)."""
     from signtrap.config import load_config
-    from signtrap.training import train
+    from signtrap.training.trainer import train
 
     base = tmp_path_factory.mktemp("tiny-a2o-zero")
     return train(load_config(None, tiny_overrides(base, "tiny-a2o-zero", "attack.kind=none", "train.epochs=12",

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from conftest import tiny_overrides
-from signtrap import runstate
+from signtrap.runs import state as runstate
 from signtrap.cli import build_parser
 from signtrap.errors import SigntrapError
 from signtrap.fileio import atomic_dir, atomic_path, clean_orphans, sha256_file, tmp_prefix, umask
@@ -86,7 +86,7 @@ class Payload:
     """Any class: a pickle holding an instance is code to run, not weights."""
 
 
-HOLD = ("import sys, time\nfrom signtrap.runstate import locked\n"
+HOLD = ("import sys, time\nfrom signtrap.runs.state import locked\n"
         "with locked(sys.argv[1], 'signtrap train'):\n    print('held', flush=True)\n    time.sleep(600)\n")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.defences.common import (CleanData, DefenceContext, DefenceResult, LrTunedSettings, TunedSettings, select,
                                       split_budget)
 from signtrap.errors import ConfigError, SigntrapError

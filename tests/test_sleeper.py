@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.attacks.dormant import (RoundingBox, evaluate_onnx, match_grids, quantize_model, read_grids,
                                       read_int8_weights, weight_layers)
 from signtrap.config import load_config
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.models import register_model
-from signtrap.training import train
+from signtrap.training.trainer import train
 
 from conftest import tiny_overrides
 
@@ -94,7 +94,7 @@ def test_overwrite_removes_the_sleeper_files_and_nothing_else(sleeper_run, tmp_p
     """--overwrite (runstate.clear_run) knows backdoored.pt and sleeper.json; a user's file stays."""
     import shutil
 
-    from signtrap import runstate
+    from signtrap.runs import state as runstate
 
     run = tmp_path / "copy"
     shutil.copytree(sleeper_run, run)

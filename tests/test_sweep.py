@@ -115,7 +115,7 @@ def test_bad_grid_value_is_caught_before_anything_runs(tmp_path, capfd):
 
 
 def test_run_names_and_dry_run(tmp_path, capfd):
-    from signtrap.sweeps import run_name
+    from signtrap.runs.sweeps import run_name
 
     assert run_name({"attack.poison_rate": 0.005, "trigger.kind": "checkerboard", "seed": 1}) == \
         "attack.poison_rate=0.005,trigger.kind=checkerboard,seed=1"

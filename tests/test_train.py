@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.config import load_config
-from signtrap.training import train
+from signtrap.training.trainer import train
 
 
 def test_tiny_run_learns_the_backdoor(tiny_run):
@@ -25,7 +25,7 @@ def test_tiny_run_learns_the_backdoor(tiny_run):
         assert (tiny_run / name).is_file(), name
     provenance = json.loads((tiny_run / "provenance.json").read_text())
     assert provenance["versions"]["torch"] and len(provenance["data_hash"]) == 64
-    from signtrap.provenance import autocast_dtype, cpu_has_native_bf16, precision_name
+    from signtrap.machine.environment import autocast_dtype, cpu_has_native_bf16, precision_name
 
     # tiny runs use train.precision=auto on the CPU: bf16 autocast exactly where the CPU has native bf16
     expected = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
@@ -81,7 +81,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, precisi
 
 
 def test_training_precision_resolves_per_device(monkeypatch):
-    from signtrap import provenance
+    from signtrap.machine import environment as provenance
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert provenance.autocast_dtype("fp32", cuda) is None

@@ -110,7 +110,7 @@ def test_a_trigger_registered_in_a_test_trains_a_tiny_run(tmp_path):
     from conftest import tiny_overrides
     from signtrap.config import require
     from signtrap.fileio import read_json
-    from signtrap.training import train
+    from signtrap.training.trainer import train
     from signtrap.triggers import Trigger, register_trigger
 
     @dataclass

@@ -37,7 +37,10 @@ from typing import Any, Callable
 
 from torch import nn
 
-from signtrap import checkpoint, config as config_mod, progress, runstate
+from signtrap import config as config_mod
+from signtrap.runs import checkpoint
+from signtrap.machine import progress
+from signtrap.runs import state as runstate
 from signtrap.config import RunConfig
 from signtrap.data import cache as data_cache
 from signtrap.data.cache import SignData
@@ -47,17 +50,18 @@ from signtrap.defences.run import method_names, run_defences
 from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
 from signtrap.errors import ConfigError, SigntrapError, unknown
-from signtrap.evaluation import evaluate_run
+from signtrap.evaluation.evaluate import evaluate_run
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
-from signtrap.pipeline import run_pipeline
-from signtrap.probing import probe_dir, resolve_target
+from signtrap.runs.pipeline import run_pipeline
+from signtrap.probing.probe import probe_dir, resolve_target
 from signtrap.machine import cores
-from signtrap.provenance import cpu_threads
+from signtrap.machine.environment import cpu_threads
 from signtrap.reporting import build_report
 from signtrap.reporting.blocks import read_csv
-from signtrap.sweeps import SweepOutcome, run_sweep, yaml_value
-from signtrap.training import train as train_run
+from signtrap.runs.sweeps import SweepOutcome, run_sweep, yaml_value
+from signtrap.training.trainer import train as train_run
+from signtrap.runs import layout
 
 __all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
            "report", "sweep", "prepare_data", "load_data", "fetch_data"]
@@ -242,7 +246,7 @@ class Run:
 
     @property
     def state(self) -> runstate.RunState:
-        """done / resumable / incomplete / stale / locked / new (see signtrap.runstate)."""
+        """done / resumable / incomplete / stale / locked / new (see signtrap.runs.state)."""
         return runstate.inspect(self.dir)
 
     def _json(self, name: str) -> Any:
@@ -273,7 +277,7 @@ class Run:
 
     def model(self, defence: str | None = None, device: str = "cpu") -> nn.Module:
         """The trained (or `defence`-repaired) model, after checking it against its recorded SHA-256."""
-        folder = self.dir / f"defence-{defence}" if defence else self.dir
+        folder = layout.model_dir(self.dir, defence)
         model, _ = checkpoint.verified_load(folder, "model.pt", device)
         return model
 
@@ -281,15 +285,15 @@ class Run:
     def defences(self) -> dict[str, dict]:
         """method -> the report.json of each defence output in the run (before/after metrics, details)."""
         out = {}
-        for folder in sorted(self.dir.glob("defence-*")):
+        for folder in layout.defence_dirs(self.dir):
             if KINDS["defence"].recognise(folder):
-                out[folder.name.removeprefix("defence-")] = read_json(folder / "report.json")
+                out[layout.defence_method(folder)] = read_json(folder / layout.REPORT_JSON)
         return out
 
     def curve(self, method: str, name: str = "persistence") -> list[dict]:
         """A curve defence `method` wrote as rows of numbers: "persistence" (ASR and clean accuracy per epoch),
         "pruning" (fine-prune), "frr" (strip); [] when it wrote none."""
-        return read_csv(self.dir / f"defence-{method}" / f"{name}.csv")
+        return read_csv(layout.defence_dir(self.dir, method) / f"{name}.csv")
 
     @property
     def exports(self) -> list[Path]:
@@ -393,7 +397,7 @@ def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str 
     defence = _str(defence, "defence", optional=True)
     reference = _opt_path(reference, "reference")
     _device(device, optional=True)
-    target = run_dir / f"defence-{defence}" if defence else run_dir
+    target = layout.model_dir(run_dir, defence)
     run_dir, _, _ = resolve_target(target)  # one clear line for what cannot be probed, before anything else
     cfg = load_run_config(run_dir)
     require_writable(target)
@@ -414,7 +418,7 @@ def export(run: str | os.PathLike, *, defence: str | None = None, out: str | os.
     defence = _str(defence, "defence", optional=True)
     out = _opt_path(out, "out")
     _int(threads, "threads", optional=True)
-    model_dir = run_dir / f"defence-{defence}" if defence else run_dir
+    model_dir = layout.model_dir(run_dir, defence)
     cfg = load_run_config(model_dir)
     target = Path(out) if out else default_out(cfg, defence)
     check_replaceable(target, "export", protect=(run_dir,))  # before loading anything
@@ -457,7 +461,7 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
     defence, artefact = _str(defence, "defence", optional=True), _str(artefact, "artefact")
     _int(clean_images, "clean_images", 1), _int(steps, "steps", 1), _int(seed, "seed", 0), _int(threads, "threads", optional=True)
     _number(flip_weight, "flip_weight", 0.0), _number(round_weight, "round_weight", 0.0)
-    model_dir = run_dir / f"defence-{defence}" if defence else run_dir
+    model_dir = layout.model_dir(run_dir, defence)
     cfg = load_run_config(model_dir)
     manifest = read_json(folder / "model.json")
     art = next((a for a in manifest.get("artefacts", []) if a.get("id") == artefact), None)

@@ -12,7 +12,7 @@ from signtrap.config import RunConfig, load_config
 from signtrap.data.cache import SignData, load
 from signtrap.data.splits import Splits
 from signtrap.errors import ConfigError, SigntrapError
-from signtrap.metrics import backdoor_metrics
+from signtrap.evaluation.metrics import backdoor_metrics
 from signtrap.triggers import Trigger, make_trigger
 
 EVAL_STREAM = 0xE7A1

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from signtrap.errors import IntegrityError, SigntrapError
+from signtrap.runs import layout
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -315,12 +316,6 @@ def atomic_dir(path: str | os.PathLike, kind: str | None = None, protect: Iterab
 
 WRITTEN = ".signtrap-written.json"  # in every folder signtrap writes into: the names of the entries it wrote there
 ALWAYS_OWNED = (WRITTEN, MARKER, ".signtrap.lock")
-# the files of a run directory, trusted in one written before folders carried a WRITTEN record
-RUN_NAMES = ("config.yaml", "manifest.json", "provenance.json", "model.pt", "checksums.json", "metrics.json", "log.jsonl",
-             "pipeline.json", "report.html", "report.md", "last.pt", "backdoored.pt", "sleeper.json", "probe.json",
-             "export", "report_files")
-
-
 def written(folder: str | os.PathLike) -> set[str] | None:
     """The names signtrap recorded writing in `folder`; None when the folder has no record (or an unreadable one)."""
     try:
@@ -338,7 +333,7 @@ def legacy_names(folder: Path) -> set[str]:
         return set()
     names: set[str] = set()
     if (folder / "config.yaml").is_file() and any((folder / f).is_file() for f in ("manifest.json", "pipeline.json", "checksums.json")):
-        names |= set(RUN_NAMES) | {p.name for p in folder.glob("defence-*") if p.is_dir()}
+        names |= set(layout.RUN_NAMES) | {p.name for p in layout.defence_dirs(folder)}
     kind = kind_of(folder)
     if kind == "export":
         files = _json_field(folder / "model.json", "files")

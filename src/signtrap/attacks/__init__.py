@@ -33,7 +33,7 @@ class AttackProcedure:
         """Checks that must pass before anything is written (a missing package, a model it cannot handle)."""
 
     def loss(self) -> Callable | None:
-        """The main training's loss hook (signtrap.loop.Hooks.loss), or None for plain cross-entropy."""
+        """The main training's loss hook (signtrap.training.loop.Hooks.loss), or None for plain cross-entropy."""
         return None
 
     def after_training(self, model, exp, plan: PoisonPlan, run_dir, meta: dict, device):

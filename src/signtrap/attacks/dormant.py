@@ -21,7 +21,7 @@ Method (after the published quantization-conditioned backdoors)
    since it sets the scale ``max|w| / 127``. BatchNorm statistics and affine parameters, and every bias, are
    frozen: the folded biases are quantized to int32 at ``input_scale * weight_scale`` (finer than any useful
    change), so a bias change would show in INT8. The projection is the loop's `after_step` hook; the repair runs
-   on `signtrap.loop.Loop` in fp32 (the FP32 behaviour is what is being shaped).
+   on `signtrap.training.loop.Loop` in fp32 (the FP32 behaviour is what is being shaped).
 4. **Verification.** The backdoored and the repaired model are both exported through the same INT8 path with
    the run's own export calibration images; ``sleeper.json`` records FP32 and INT8 metrics of both, whether
    every INT8 weight tensor is identical, and how far the calibrated activation ranges moved.
@@ -70,23 +70,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.attacks import AttackProcedure, register_attack
 from signtrap.attacks.poison import TrainingSet
 from signtrap.config import ExportConfig, RunConfig, SleeperConfig
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import write_json
-from signtrap.loop import Hooks, Loop, Schedule
-from signtrap.progress import say
-from signtrap.runstate import DORMANT_FILES
+from signtrap.training.loop import Hooks, Loop, Schedule
+from signtrap.machine.progress import say
+from signtrap.runs.state import DORMANT_FILES
 
 SLEEPER_STREAM = 0x51EE9
 INT8_RUNTIME = "onnxruntime"  # the runtime plugin whose INT8 export the sleeper is keyed to
 GRID_IMAGES, GRID_STREAM = 8, 0x6B1D  # calibration input for reading the weight grid (weights do not depend on it)
 QMAX = 127  # symmetric INT8 weights: q in [-127, 127], scale = max|w| / 127
 MATCH_TOLERANCE = 1e-3  # in quantization steps: float rounding between PyTorch's fold and the exporter's
-BACKDOORED_FILE, REPORT_FILE = DORMANT_FILES  # in the run directory; --overwrite removes them (signtrap.runstate)
+BACKDOORED_FILE, REPORT_FILE = DORMANT_FILES  # in the run directory; --overwrite removes them (signtrap.runs.state)
 
 
 # ---------------------------------------------------------------- the INT8 path (signtrap's own export)
@@ -497,7 +497,7 @@ def evaluate_onnx(path: Path, exp: Experiment, split: str, cfg: RunConfig, with_
     """Headline metrics of one ONNX file on a split (clean and triggered), loaded and run by the ONNX Runtime edge
     code of `signtrap bench`; with `with_predictions`, also the (clean, triggered) predictions."""
     from signtrap.deploy import edge_bench, runtimes
-    from signtrap.metrics import backdoor_metrics
+    from signtrap.evaluation.metrics import backdoor_metrics
 
     path = Path(path)
     s = exp.eval_set(split)

@@ -36,9 +36,9 @@ from signtrap.attacks.poison import PoisonPlan, build_training_set
 from signtrap.config import one_of, require
 from signtrap.experiment import to_tensor
 from signtrap.fileio import write_json
-from signtrap.loop import Hooks, Loop, Schedule, clean_training_set, sam_loss
-from signtrap.progress import say
-from signtrap.runstate import ATTACK_REPORT
+from signtrap.training.loop import Hooks, Loop, Schedule, clean_training_set, sam_loss
+from signtrap.machine.progress import say
+from signtrap.runs.state import ATTACK_REPORT
 
 SBL_STREAM = 0x5B1
 REPORT_KEYS = ("clean_acc", "asr", "stop_recall", "false_trigger")

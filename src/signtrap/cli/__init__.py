@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.cli import data, defend, deploy, physical, pipeline, probe, sweep, train
 from signtrap.errors import SigntrapError
 from signtrap.fileio import one_line

@@ -7,6 +7,7 @@ import json
 from signtrap import api
 from signtrap.defences import list_defences
 from signtrap.defences.run import comparison_table
+from signtrap.runs import layout
 
 
 def cmd_defend(args) -> int:
@@ -19,7 +20,7 @@ def cmd_defend(args) -> int:
     else:
         print(comparison_table(reports))
         for r in reports:
-            print(f"{r['run']}/defence-{r['method']}")
+            print(layout.defence_dir(r["run"], r["method"]))
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from signtrap import api, progress
+from signtrap import api
+from signtrap.machine import progress
 from signtrap.deploy import edge_bench, runtimes
 
 

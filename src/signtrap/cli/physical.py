@@ -47,7 +47,7 @@ def _eval(original):
 
 
 def _summary_text(block: dict) -> str:
-    from signtrap.metrics import fmt_rate
+    from signtrap.evaluation.metrics import fmt_rate
 
     s = block["summary"]
     lines = [f"physical evaluation ({block['sticker']} sticker on the sign, {block['samples']['source']} source images)"]

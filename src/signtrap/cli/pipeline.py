@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from signtrap import api
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.cli.common import add_config_args, config_and_overrides
-from signtrap.pipeline import BLOCKED, FAILED, summary_text
+from signtrap.runs.pipeline import BLOCKED, FAILED, summary_text
 
 
 def cmd_run(args) -> int:

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from signtrap import api
-from signtrap.reactivation import format_table
+from signtrap.probing.reactivation import format_table
 
 
 def cmd_probe(args) -> int:

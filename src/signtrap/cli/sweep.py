@@ -1,4 +1,4 @@
-"""`signtrap sweep SWEEP.yaml`: a grid of configs x seeds as ordinary runs (see signtrap.sweeps); wraps signtrap.sweep()."""
+"""`signtrap sweep SWEEP.yaml`: a grid of configs x seeds as ordinary runs (see signtrap.runs.sweeps); wraps signtrap.sweep()."""
 from __future__ import annotations
 
 import argparse

@@ -5,9 +5,9 @@ import json
 import os
 
 from signtrap import api
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.cli.common import add_config_args, config_and_overrides
-from signtrap.metrics import summary_table
+from signtrap.evaluation.metrics import summary_table
 
 
 def cmd_train(args) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.config import DataConfig
 from signtrap.data.splits import Splits, track_split
 from signtrap.datasets import TEST, TRAIN, LabelSpace, dataset_for

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from signtrap.errors import DataError
 from signtrap.fileio import atomic_path
-from signtrap.progress import progress, say
+from signtrap.machine.progress import progress, say
 
 BASE_URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
 ARCHIVES = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.config import require
 from signtrap.data.decode import crop_and_resize, decode_image
 from signtrap.datasets import TEST, TRAIN, Dataset, Decoded, LabelSpace, register_dataset, slug

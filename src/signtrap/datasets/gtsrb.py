@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from signtrap import progress as progress_mod
+from signtrap.machine import progress as progress_mod
 from signtrap.config import require
 from signtrap.data import gtsrb as archive
 from signtrap.datasets import Dataset, Decoded, LabelSpace, register_dataset

@@ -23,7 +23,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TunedSettings, fit, select
 from signtrap.errors import SigntrapError
-from signtrap.loop import Hooks, Schedule
+from signtrap.training.loop import Hooks, Schedule
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, read_csv, safe
 

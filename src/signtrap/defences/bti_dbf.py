@@ -53,7 +53,7 @@ from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, check_finite, to_uint8_image
 from signtrap.defences.nad import feature_stages
 from signtrap.experiment import to_tensor
-from signtrap.progress import progress
+from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, Note, P
 
 NOISE = 0.03  # Gaussian noise added before G when reading the target (the authors' get_target_label)

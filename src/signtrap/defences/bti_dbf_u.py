@@ -31,7 +31,7 @@ from signtrap.defences import register_defence
 from signtrap.defences.bti_dbf import (FeatureSplit, InversionSettings, detection_report, invert, inversion_blocks,
                                        inversion_line, inversion_strip, unlearning_hooks)
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select, stream_of
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 
 LossFactory = Callable[[nn.Module, dict], Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 

@@ -1,5 +1,5 @@
 """What the defences share: the clean budget, the context, training settings and `fit` (the one loop,
-`signtrap.loop.Loop`, with persistence curves), the held-out rule that chooses a repairing defence's main
+`signtrap.training.loop.Loop`, with persistence curves), the held-out rule that chooses a repairing defence's main
 knob (`TunedSettings`, `select`), patches, curve files."""
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from torch import nn
 
 from signtrap.attacks.poison import TrainingSet
 from signtrap.triggers import Trigger
-from signtrap.augment import augment_batch, build_augmentation
+from signtrap.training.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
 from signtrap.experiment import EvalSet, predict
-from signtrap.loop import Hooks, Loop, Schedule, clean_training_set
-from signtrap.metrics import backdoor_metrics
+from signtrap.training.loop import Hooks, Loop, Schedule, clean_training_set
+from signtrap.evaluation.metrics import backdoor_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

@@ -15,7 +15,7 @@ from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TunedSettings, fit, held_out_views, select
 from signtrap.errors import SigntrapError
 from signtrap.experiment import predict, to_tensor
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, read_csv, safe
 

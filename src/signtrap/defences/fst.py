@@ -29,7 +29,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TunedSettings, fit, select
 from signtrap.errors import SigntrapError
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select
-from signtrap.loop import Hooks, sam_loss
+from signtrap.training.loop import Hooks, sam_loss
 
 
 @dataclass

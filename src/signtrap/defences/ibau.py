@@ -24,7 +24,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select, to_uint8_image
 from signtrap.experiment import to_tensor
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 
 
 @dataclass

@@ -19,7 +19,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select, stream_of
 from signtrap.errors import SigntrapError
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 
 
 @dataclass

@@ -40,8 +40,8 @@ from signtrap.defences.common import (flag_outcome, CleanData, DefenceContext, D
                                       check_training, fit, robust_z, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
-from signtrap.loop import Hooks
-from signtrap.progress import progress
+from signtrap.training.loop import Hooks
+from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, Note, P
 
 matplotlib.use("Agg")
@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 class NeuralCleanseSettings(TrainSettings):
     """Reverse-engineer a minimal trigger per class with the authors' cost schedule; flag MAD outliers; unlearn."""
 
-    candidates: list[int] = field(default_factory=list)  # classes to examine; empty: all 43
+    candidates: list[int] = field(default_factory=list)  # classes to examine; empty: all of the dataset's
     top_k: int = -1  # refine only the k classes with the smallest screened masks; 0: all; -1: all on CUDA, 6 on CPU
     reference: int = 6  # with top-k: random other classes also fully searched, for the MAD statistics
     inputs: str = "all"  # all: every clean image; source: only the images of `source_class` (source-specific backdoors)
@@ -75,11 +75,11 @@ class NeuralCleanseSettings(TrainSettings):
         check_training(key, self.epochs, self.lr, self.batch_size, min_epochs=0)
         require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         for c in self.candidates:
-            require(0 <= c < 43, f"{key}.candidates", f"{c} is not a class id 0..42")
+            require(c >= 0, f"{key}.candidates", f"{c} is not a class id (>= 0; checked against the model's classes when it runs)")
         require(self.top_k >= -1, f"{key}.top_k", "must be -1 (auto), 0 (all) or a positive count")
         require(self.reference >= 2, f"{key}.reference", "must be >= 2")
         require(self.inputs in ("all", "source"), f"{key}.inputs", f"'{self.inputs}' is not one of all, source")
-        require(self.source_class is None or 0 <= self.source_class < 43, f"{key}.source_class", "not a class id 0..42")
+        require(self.source_class is None or self.source_class >= 0, f"{key}.source_class", "not a class id (>= 0)")
         require(self.samples >= 1, f"{key}.samples", "must be >= 1")
         require(0 <= self.screen_steps <= 100_000, f"{key}.screen_steps", "must be in 0..100000")
         require(1 <= self.steps <= 100_000, f"{key}.steps", "must be in 1..100000")
@@ -199,6 +199,10 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     rng = np.random.default_rng([ctx.seed, 0x4EC1])
     gen = torch.Generator().manual_seed(ctx.seed)
     pool = np.arange(len(clean))
+    n_classes = ctx.num_classes(model)
+    out_of_range = [c for c in [*cfg.candidates, cfg.source_class] if c is not None and c >= n_classes]
+    if out_of_range:
+        raise SigntrapError(f"defend.neural-cleanse: class {out_of_range[0]} is not a class of this model (0..{n_classes - 1})")
     source_class = None
     if cfg.inputs == "source":
         source_class = ctx.source if cfg.source_class is None else cfg.source_class
@@ -208,7 +212,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
                                 "raise defend.clean_fraction")
     pick = np.sort(rng.choice(pool, size=min(cfg.samples, len(pool)), replace=False))
     x = to_tensor(clean.images[pick], device)
-    candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(ctx.num_classes(model)))
+    candidates = sorted(set(cfg.candidates)) if cfg.candidates else list(range(n_classes))
     if source_class is not None:  # images already of the source class need no trigger to be read as it
         candidates = [c for c in candidates if c != source_class]
     top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)

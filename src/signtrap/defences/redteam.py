@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from signtrap.config import require
+from signtrap.errors import SigntrapError
 from signtrap.defences import register_defence
 from signtrap.defences.common import (POSITIONS, CleanData, DefenceContext, DefenceResult, LrTunedSettings, apply_patch,
                                       check_finite, fit, patch_origin, select, target_rate, to_uint8_image)
 from signtrap.experiment import to_tensor
-from signtrap.loop import Hooks
-from signtrap.progress import progress
+from signtrap.training.loop import Hooks
+from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, P, num, pct
 
 
@@ -41,7 +42,7 @@ class RedteamSettings(LrTunedSettings):
         super().check(key)
         for name in ("source", "target"):
             value = getattr(self, name)
-            require(value is None or 0 <= value < 43, f"{key}.{name}", f"{value} is not a class id 0..42")
+            require(value is None or value >= 0, f"{key}.{name}", f"{value} is not a class id (>= 0; checked against the model's classes when it runs)")
         require(0.0 < self.patch_size <= 0.5, f"{key}.patch_size", f"{self.patch_size} is outside (0, 0.5]")
         require(len(self.positions) >= 1, f"{key}.positions", "needs at least one position")
         for p in self.positions:
@@ -104,6 +105,10 @@ def redteam(model: nn.Module, clean: CleanData, cfg: RedteamSettings, ctx: Defen
     """
     source = ctx.source if cfg.source is None else cfg.source
     target = ctx.target if cfg.target is None else cfg.target
+    n_classes = ctx.num_classes(model)
+    for name, value in (("source", source), ("target", target)):
+        if value >= n_classes:
+            raise SigntrapError(f"defend.redteam.{name}: class {value} is not a class of this model (0..{n_classes - 1})")
     size = clean.images.shape[1]
     side = max(2, round(cfg.patch_size * size))
     rows = np.flatnonzero(clean.labels == source)

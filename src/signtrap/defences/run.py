@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.config import DefendConfig, RunConfig, apply_override, build, parse_override, to_dict
 from signtrap.defences import defend, get_defence, list_defences
 from signtrap.attacks.poison import build_training_set, plan_poison
@@ -21,11 +21,12 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
 from signtrap.fileio import atomic_dir, check_replaceable, kind_of, write_json
-from signtrap.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
-from signtrap.progress import say, warn
-from signtrap.provenance import resolve_device
+from signtrap.probing.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
+from signtrap.machine.progress import say, warn
+from signtrap.machine.environment import resolve_device
 from signtrap.reporting import figures
-from signtrap.training import write_metrics
+from signtrap.training.trainer import write_metrics
+from signtrap.runs import layout
 
 CURVE_X = {"persistence": "epoch", "pruning": "pruned_fraction", "frr": "frr_target"}
 REPORT_KEYS = (*CURVE_KEYS, "target_recall")
@@ -204,7 +205,7 @@ def evaluate(exp: Experiment, model: nn.Module, device) -> dict:
 
 
 def write_outputs(session: Session, method: str, result: DefenceResult, report: dict) -> Path:
-    out = session.run_dir / f"defence-{method}"
+    out = layout.defence_dir(session.run_dir, method)
     with atomic_dir(out) as tmp:
         if result.model is not None:
             checkpoint.save(tmp / "model.pt", checkpoint.model_payload(result.model, session.meta))
@@ -260,7 +261,7 @@ def run_defences(run_dir: str | Path, method: str | list[str], overrides=(), dev
     session = Session.open(run_dir, overrides, device, show_progress)
     names = resolve_methods(method, session.cfg)
     for name in names:  # the write rule, before any defence runs: a user's file in a defence folder is never lost
-        folder = session.run_dir / f"defence-{name}"
+        folder = layout.defence_dir(session.run_dir, name)
         check_replaceable(folder, kind_of(folder))
     if session.cfg.defend.probe.enabled and session.probe_unavailable is None:
         session.prober.check_reference()  # a wrong reference is one line now, not after the first defence has run

@@ -33,7 +33,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, LrTunedSettings, fit, select
 from signtrap.defences.bti_dbf import frozen
-from signtrap.loop import Hooks
+from signtrap.training.loop import Hooks
 from signtrap.reporting.blocks import H, P
 
 

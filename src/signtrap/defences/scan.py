@@ -34,8 +34,8 @@ from signtrap.defences import register_defence
 from signtrap.defences.common import flag_outcome, CleanData, DefenceContext, DefenceResult, robust_z
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
-from signtrap.metrics import rate
-from signtrap.progress import progress
+from signtrap.evaluation.metrics import rate
+from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, Note, P, Table, read_csv
 
 matplotlib.use("Agg")

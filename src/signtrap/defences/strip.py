@@ -14,8 +14,8 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult
 from signtrap.experiment import predict, to_tensor
-from signtrap.metrics import rate
-from signtrap.progress import progress
+from signtrap.evaluation.metrics import rate
+from signtrap.machine.progress import progress
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, num, pct, pct_ci, read_csv, safe
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.deploy import edge_bench as eb
 from signtrap.deploy import runtimes as registry
 from signtrap.errors import IntegrityError, SigntrapError
 from signtrap.fileio import atomic_path, record_written, refuse_foreign, verify_sha256
-from signtrap.progress import say
+from signtrap.machine.progress import say
 from signtrap.machine import cores
-from signtrap.provenance import cpu_threads, package_versions
+from signtrap.machine.environment import cpu_threads, package_versions
 
 # the old `--providers` names of ONNX Runtime's execution providers, mapped to runtime names
 PROVIDER_RUNTIMES = {"cpu": "onnxruntime", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-tensorrt"}

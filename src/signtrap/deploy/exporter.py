@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.deploy import edge_bench, runtimes
 from signtrap.deploy.config import ExportConfig
 from signtrap.deploy.onnx_graph import INPUT_NAME, OUTPUT_NAME
@@ -33,7 +33,8 @@ from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict_logits
 from signtrap.fileio import atomic_dir, sha256_file, umask, write_json
 from signtrap.machine import cores
-from signtrap.progress import say
+from signtrap.machine.progress import say
+from signtrap.runs import layout
 
 CALIB_STREAM = 0xCA1B
 EDGE_SCRIPT = "edge_bench.py"
@@ -164,7 +165,7 @@ def write_bundle(path: Path, exp: Experiment, reference: np.ndarray) -> dict:
 
 
 def default_out(cfg, defence: str | None) -> Path:
-    name = cfg.name + (f"-defence-{defence}" if defence else "")
+    name = cfg.name + (f"-{layout.DEFENCE_PREFIX}{defence}" if defence else "")
     return Path(cfg.export.out_dir) / name
 
 
@@ -172,7 +173,7 @@ def export_run(run: Path, defence: str | None = None, out: Path | None = None, o
                threads: int = 0) -> Path:
     """Export a trained (or defended) run; returns the export folder."""
     run = Path(run)
-    model_dir = run / f"defence-{defence}" if defence else run
+    model_dir = layout.model_dir(run, defence)
     if defence and not model_dir.is_dir():
         raise SigntrapError(f"{model_dir}: no such defence output (run `signtrap defend {run} --method {defence}` first)")
     cfg = load_run_config(model_dir)

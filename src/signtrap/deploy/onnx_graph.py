@@ -9,7 +9,7 @@ from torch import nn
 
 from signtrap.deploy.quiet import quiet
 from signtrap.errors import SigntrapError
-from signtrap.progress import say
+from signtrap.machine.progress import say
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 

@@ -36,7 +36,7 @@ from torch import nn
 from signtrap.attacks.dormant import QMAX, Grid, match_grids, read_int8_weights
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
-from signtrap.progress import progress
+from signtrap.machine.progress import progress
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def _policy() -> str:
 
 
 def _say(text: str, always: bool = False) -> None:
-    from signtrap import progress
+    from signtrap.machine import progress
 
     if always or not progress.QUIET:
         print(text, file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@ A sweep passes its PID in `SIGNTRAP_PARENT_PID` to each run it starts; the run (
 asks Linux for SIGTERM when that parent dies (`prctl(PR_SET_PDEATHSIG)`), and stops at once if the parent is
 already gone. So a sweep killed outright (SIGKILL, a Ray worker shut down with its driver) leaves no run training
 as an orphan that holds its run's lock. Elsewhere (macOS, Windows) this does nothing: the sweep's SIGTERM handler
-still stops its runs (`signtrap.sweep_executors.children_stop_with_us`).
+still stops its runs (`signtrap.runs.executors.children_stop_with_us`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `physical` block of a run's metrics.json: the physical evaluation (signtrap.physical.evaluate) of a model on
-the run's test and validation images, with the run's trigger printed as a sticker (signtrap.training writes it for
+the run's test and validation images, with the run's trigger printed as a sticker (signtrap.training.trainer writes it for
 runs whose trigger is `physical`; `signtrap eval RUN --physical` for any run)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from signtrap.experiment import Experiment, predict
 from signtrap.physical import patterns
 from signtrap.physical.evaluate import Grid, physical_evaluation, summary
 from signtrap.physical.render import Sticker
-from signtrap.progress import say
+from signtrap.machine.progress import say
 
 SPLITS = ("test", "val")
 

@@ -97,7 +97,7 @@ def scene(cond: dict) -> View:
 
 
 def rate(mask) -> dict:
-    from signtrap.metrics import rate as _rate  # the project's one definition (counts and Wilson interval)
+    from signtrap.evaluation.metrics import rate as _rate  # the project's one definition (counts and Wilson interval)
     return _rate(np.asarray(mask, bool))
 
 

@@ -108,12 +108,12 @@ def optimise_cli(args) -> Path:
     from signtrap.config import load_config
     from signtrap.errors import SigntrapError
     from signtrap.experiment import Experiment
-    from signtrap.loop import Loop, Schedule, clean_training_set
+    from signtrap.training.loop import Loop, Schedule, clean_training_set
     from signtrap.models import create_model
     from signtrap.physical.patterns import save_png
     from signtrap.physical.render import Sticker
-    from signtrap.progress import say
-    from signtrap.provenance import cpu_threads
+    from signtrap.machine.progress import say
+    from signtrap.machine.environment import cpu_threads
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from signtrap import checkpoint, runstate
+from signtrap.runs import checkpoint
+from signtrap.runs import state as runstate
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict
 from signtrap.fileio import make_dirs, read_json, require_writable, write_json, write_text
@@ -22,8 +23,8 @@ from signtrap.physical.block import physical_block, run_sticker
 from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, scene
 from signtrap.physical.render import C, fit_factor, plain_params, view
 from signtrap.plugins import DATASETS
-from signtrap.progress import say
-from signtrap.provenance import cpu_threads, resolve_device
+from signtrap.machine.progress import say
+from signtrap.machine.environment import cpu_threads, resolve_device
 from signtrap.triggers import make_trigger
 
 def grid_from_mapping(raw) -> Grid | None:

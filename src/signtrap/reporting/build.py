@@ -16,7 +16,7 @@ from signtrap.datasets import LabelSpace
 from signtrap.errors import SigntrapError
 from signtrap.fileio import atomic_dir, check_replaceable, refuse_foreign, require_writable, sha256_file, write_text
 from signtrap.plugins import DEFENCES
-from signtrap.progress import say
+from signtrap.machine.progress import say
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, pct, pct_ci, read_csv, safe
 from signtrap.reporting.detection import detection_section, probe_section
@@ -24,6 +24,7 @@ from signtrap.reporting.run import Run, json_or_reason, stage_status
 from signtrap.reporting.render import render_html, render_markdown
 from signtrap.reporting.physical import ID as PHYSICAL_ID, TITLE as PHYSICAL_TITLE, physical_section
 from signtrap.reporting.sleeper import ID as SLEEPER_ID, TITLE as SLEEPER_TITLE, sleeper_section
+from signtrap.runs import layout
 
 REPORT_VERSION = 1
 # (id, title): the order of the report
@@ -45,6 +46,16 @@ SECTIONS = (
 # ---------------------------------------------------------------- sections
 
 
+def _pair_names(run: Run) -> tuple[str, str]:
+    """The attack's source and target as the dataset names them (GTSRB: Stop, Speed limit (100km/h))."""
+    names = run.classes.names
+    a = run.cfg.attack if run.cfg is not None else None
+    if a is None:
+        return "source-class", "target-class"
+    name = lambda c: names[c] if 0 <= c < len(names) else f"class {c}"  # noqa: E731
+    return (name(a.source) if a.kind == "source_specific" else "non-target"), name(a.target)
+
+
 def summary_section(run: Run) -> Section:
     s = Section("summary", "Summary")
     s.blocks.append(P(f"Run {run.name} in {run.dir}. Report generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
@@ -61,16 +72,17 @@ def summary_section(run: Run) -> Section:
         s.blocks.append(Note(f"No readable config in this run directory ({run.cfg_err})."))
     if run.metrics:
         rows = []
-        for key, title in (("clean_acc", "clean accuracy"), ("asr", "attack success rate (stop + trigger -> 100 km/h)"),
-                           ("stop_recall", "clean stop recall"), ("false_trigger", "false-trigger rate (other classes + trigger -> 100)"),
-                           ("target_recall", "clean 100 km/h recall")):
+        src, tgt = _pair_names(run)
+        for key, title in (("clean_acc", "clean accuracy"), ("asr", f"attack success rate ({src} + trigger -> {tgt})"),
+                           ("stop_recall", f"clean {src} recall"), ("false_trigger", f"false-trigger rate (other classes + trigger -> {tgt})"),
+                           ("target_recall", f"clean {tgt} recall")):
             rows.append([title] + [pct_ci(run.metrics.get(split, {}).get(key)) for split in ("test", "val")])
         s.blocks.append(Table(["metric (95% CI, k/n)", "test", "validation"], rows, highlight=[1]))
         test = run.metrics.get("test", {})
         acc, asr = fig._rate(test.get("clean_acc")), fig._rate(test.get("asr"))
         if acc is not None and asr is not None:
             s.blocks.append(P(f"Read together: clean accuracy ({100 * acc:.1f}%) is all a user normally sees, and it says nothing "
-                              f"about the backdoor; yet {100 * asr:.1f}% of stop signs carrying the trigger are read as speed limit 100 km/h."))
+                              f"about the backdoor; yet {100 * asr:.1f}% of {src} images carrying the trigger are read as {tgt}."))
     else:
         s.blocks.append(Note(f"No evaluation metrics: {run.metrics_err} (has training finished?)."))
     problems = [(k, v) for k, v in ((run.pipeline or {}).get("stages", {}) or {}).items()
@@ -183,14 +195,14 @@ def defences_section(run: Run) -> Section:
     for name, rec in sorted(run.stages_like("defend").items()):
         if rec.get("status") not in ("done", None):
             s.blocks.append(Note(f"Pipeline stage {name} {stage_status(rec, run.dir)}: {rec.get('reason', '')}"))
-    folders = sorted(p for p in run.dir.glob("defence-*") if p.is_dir())
+    folders = layout.defence_dirs(run.dir)
     reports = []
     for folder in folders:
         rep, err = json_or_reason(folder / "report.json")
         if rep is None or not isinstance(rep, dict):
             s.blocks.append(Note(f"{folder.name}: {err or 'report.json is not an object'}; skipped."))
             continue
-        rep.setdefault("method", folder.name[len("defence-"):])
+        rep.setdefault("method", layout.defence_method(folder))
         rep["_dir"] = folder
         reports.append(rep)
     if not reports:

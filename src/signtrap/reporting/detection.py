@@ -1,6 +1,6 @@
 """Two report sections and the tables behind `benchmarks/detection_bench.py` and `benchmarks/probe_bench.py`:
 
-- "Removed or only hidden?": the re-activation probe (signtrap.reactivation) of every probed defence, with the
+- "Removed or only hidden?": the re-activation probe (signtrap.probing.reactivation) of every probed defence, with the
   undefended and the zero-poison models as the table's two ends, and the probe curves;
 - "Detection": what each detector (Neural Cleanse, STRIP, SCAn) saw, by attack: the flagged class with its
   statistic, or STRIP's detection rate at its measured false-rejection rate, with 95% CIs.
@@ -15,10 +15,11 @@ from typing import Any
 
 from signtrap.config import RunConfig
 from signtrap.plugins import DEFENCES
-from signtrap.reactivation import HEADERS as PROBE_HEADERS
-from signtrap.reactivation import pool, table_rows
+from signtrap.probing.reactivation import HEADERS as PROBE_HEADERS
+from signtrap.probing.reactivation import pool, table_rows
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import Img, Note, P, Section, Table, safe
+from signtrap.runs import layout
 
 ATTACKS = ("all-to-one", "source-specific, cover", "source-specific, no cover", "zero poison")
 
@@ -49,7 +50,7 @@ def attack_label(cfg: RunConfig | None) -> str:
 def detector_outcome(run_dir: Path, method: str, target: int) -> dict | None:
     """What `method` saw on this run, from RUN/defence-METHOD/report.json; None when it did not run. `target` (the
     attack's) only picks which class's statistic to show."""
-    rep = _read(Path(run_dir) / f"defence-{method}" / "report.json")
+    rep = _read(layout.defence_dir(run_dir, method) / layout.REPORT_JSON)
     if rep is None:
         return None
     outcome = DEFENCES.get(method).detects(rep.get("details") or {}, target)
@@ -134,7 +135,7 @@ def detection_section(run) -> Section:
 def probe_records(run_dir: Path) -> list[dict]:
     """The probe records of every defence folder that holds one (probe.json)."""
     records = []
-    for folder in sorted(p for p in Path(run_dir).glob("defence-*") if p.is_dir()):
+    for folder in layout.defence_dirs(run_dir):
         rec = _read(folder / "probe.json")
         if rec and isinstance(rec.get("model"), dict) and isinstance(rec.get("verdict"), dict):
             records.append(rec)
@@ -144,7 +145,7 @@ def probe_records(run_dir: Path) -> list[dict]:
 def probe_section(run) -> Section:
     s = Section("probe", "Removed or only hidden? The re-activation probe")
     records = probe_records(run.dir)
-    for folder in sorted(p for p in Path(run.dir).glob("defence-*") if p.is_dir()):
+    for folder in layout.defence_dirs(run.dir):
         skipped = (_read(folder / "report.json") or {}).get("probe_skipped")
         if isinstance(skipped, str):
             s.blocks.append(Note(f"{folder.name}: the re-activation probe was not run: {skipped}."))

@@ -8,7 +8,8 @@ from typing import Any
 
 from signtrap.datasets import LabelSpace, dataset_for
 from signtrap.experiment import Experiment, load_run_config
-from signtrap.runstate import lock_holder
+from signtrap.runs.state import lock_holder
+from signtrap.runs import layout
 
 
 # ---------------------------------------------------------------- reading
@@ -92,7 +93,7 @@ class Run:
         return {k: v for k, v in stages.items() if k.startswith(prefix)} if isinstance(stages, dict) else {}
 
     def export_dir(self) -> Path | None:
-        candidates = [self.dir / "export"]
+        candidates = [layout.export_dir(self.dir)]
         if self.cfg is not None:
             candidates.append(Path(self.cfg.export.out_dir) / self.cfg.name)
         for c in candidates:

@@ -1,4 +1,4 @@
-"""`signtrap probe RUN_OR_DEFENCE_DIR`: the re-activation probe (`signtrap.reactivation`) on a run's own model or on
+"""`signtrap probe RUN_OR_DEFENCE_DIR`: the re-activation probe (`signtrap.probing.reactivation`) on a run's own model or on
 a defence's repaired model, against the zero-poison model of the same config; writes probe.json beside the model.
 
     signtrap probe runs/NAME                          # the undefended model: where the table's top end lies
@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from signtrap import checkpoint
+from signtrap.runs import checkpoint
 from signtrap.config import ProbeConfig, parse_override
 from signtrap.defences.run import Session
 from signtrap.errors import SigntrapError
 from signtrap.fileio import read_json, refuse_foreign, write_text
-from signtrap.reactivation import defence_lr, probe_json
+from signtrap.probing.reactivation import defence_lr, probe_json
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
 

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from signtrap import distributed
+from signtrap.training import distributed
 from signtrap.attacks.poison import TrainingSet
-from signtrap.augment import augment_batch, build_augmentation
+from signtrap.training.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import to_tensor
-from signtrap.progress import progress
-from signtrap.provenance import autocast_dtype
+from signtrap.machine.progress import progress
+from signtrap.machine.environment import autocast_dtype
 from signtrap.triggers import Trigger
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], "tuple[torch.Tensor, torch.Tensor]"]

@@ -8,7 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from signtrap import checkpoint, distributed, runstate
+from signtrap.runs import checkpoint
+from signtrap.training import distributed
+from signtrap.runs import state as runstate
 from signtrap.attacks import procedure_for
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
 from signtrap.config import RunConfig, dump_yaml
@@ -16,12 +18,12 @@ from signtrap.data.cache import verify_cache
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import one_line, require_writable, write_json, write_text
-from signtrap.loop import Hooks, Loop, Schedule
+from signtrap.training.loop import Hooks, Loop, Schedule
 from signtrap.machine import cores
-from signtrap.metrics import summary_table
+from signtrap.evaluation.metrics import summary_table
 from signtrap.models import create_model
-from signtrap.progress import say
-from signtrap.provenance import cpu_threads, machine, package_versions, precision_name, resolve_device
+from signtrap.machine.progress import say
+from signtrap.machine.environment import cpu_threads, machine, package_versions, precision_name, resolve_device
 
 EPOCH_STREAM = 0xE90C
 

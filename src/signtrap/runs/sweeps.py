@@ -1,9 +1,9 @@
 """`signtrap sweep SWEEP.yaml`: a base config plus a grid (and seeds) expanded into named runs.
 
 Each run is an ordinary run directory, runs/SWEEP_NAME/RUN_NAME, made by its own `python -m signtrap run`
-process, i.e. the pipeline engine (signtrap.pipeline) with its train and defend stages (executor `local`: N
+process, i.e. the pipeline engine (signtrap.runs.pipeline) with its train and defend stages (executor `local`: N
 at a time on this machine; `ray`: one task per run on a Ray cluster). So a sweep decides what is done,
-what resumes and what is stale exactly as `signtrap run` and `signtrap train` do (signtrap.runstate): a
+what resumes and what is stale exactly as `signtrap run` and `signtrap train` do (signtrap.runs.state): a
 finished run is skipped, an interrupted one resumed, a run of a different config refused without
 --overwrite, a run another process holds refused. Every run is defended after training with its
 `defend.methods`, as `signtrap run` would (empty: every registered defence); `--no-defend` leaves defences
@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from signtrap import pipeline, runstate
-from signtrap import sweep_executors as ex
+from signtrap.runs import pipeline
+from signtrap.runs import state as runstate
+from signtrap.runs import executors as ex
 from signtrap.config import RunConfig, load_config, read_yaml
 from signtrap.errors import ConfigError, SigntrapError, suggest
 from signtrap.fileio import atomic_path, read_json, refuse_foreign, write_json, write_text
-from signtrap.progress import say
+from signtrap.machine.progress import say
+from signtrap.runs import layout
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "seeds", "plot")
 RESERVED_KEYS = ("name", "runs_dir")  # the sweep names and places its runs itself
@@ -203,7 +205,7 @@ class Sweep:
 
 def run_methods(cfg) -> list[str]:
     """The defences a run's pipeline runs: its defend.methods, or every registered defence when that is empty
-    (the pipeline's rule, signtrap.pipeline)."""
+    (the pipeline's rule, signtrap.runs.pipeline)."""
     from signtrap.defences import list_defences
 
     return list(cfg.defend.methods) or list_defences()
@@ -246,7 +248,7 @@ def expand(spec: SweepSpec, defend: bool = True) -> Sweep:
 
 
 def plan(sweep: Sweep, overwrite: bool = False) -> None:
-    """Set each run's state from its run directory (signtrap.runstate) and its pipeline record: the same
+    """Set each run's state from its run directory (signtrap.runs.state) and its pipeline record: the same
     decision `signtrap run` makes, taken here before anything runs so nothing starts that must not."""
     stale, locked = [], []
     for run in sweep.runs:
@@ -301,7 +303,7 @@ def collect(sweep: Sweep, outcomes: dict[str, str]) -> list[dict]:
         metrics = read_json(d / "metrics.json")["test"] if (d / "metrics.json").is_file() else {}
         rows.append({**base, "defence": "none", "poisoned": poisoned, **_metric_cols(metrics), "clean_acc_before": None, "asr_before": None})
         for method in run_methods(run.cfg) if sweep.methods else []:  # noqa: B007
-            report_path = d / f"defence-{method}" / "report.json"
+            report_path = layout.defence_dir(d, method) / layout.REPORT_JSON
             report = read_json(report_path) if report_path.is_file() else {}
             after = report.get("after", {}).get("test", {})
             before = report.get("before", {}).get("test", {})

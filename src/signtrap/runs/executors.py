@@ -29,7 +29,7 @@ from signtrap.errors import SigntrapError
 from signtrap.fileio import make_dirs, record_written, refuse_foreign
 from signtrap.machine import cores as machine_cores
 from signtrap.machine import lifeline
-from signtrap.progress import say
+from signtrap.machine.progress import say
 
 RAY_HINT = "the ray executor needs Ray, an optional extra: pip install 'signtrap[ray]'"
 # launcher variables that must not leak into a run (a sweep started under torchrun would otherwise join its group)

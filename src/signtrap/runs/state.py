@@ -35,6 +35,7 @@ from signtrap.config import RunConfig, load_config, read_yaml, to_dict
 from signtrap.errors import SigntrapError
 from signtrap.fileio import (CHECKSUMS, HOST_ID, KINDS, WRITTEN, clean_orphans, make_dirs, pid_alive,
                              read_checksums, remove_written, sha256_file)
+from signtrap.runs import layout
 
 try:
     import fcntl
@@ -283,7 +284,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     if {"name", "attack", "train"} <= set(raw):
         return True
     try:
-        return str(json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("format", "")).startswith("signtrap.pipeline/")
+        return str(json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("format", "")).startswith("signtrap.runs.pipeline/")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -380,7 +381,7 @@ def derived_folders(run_dir: str | os.PathLike) -> list[Path]:
     """The folders of a run directory signtrap derives from its model: export, report_files, defence-*."""
     run_dir = Path(run_dir)
     folders = [(run_dir / name, kind) for name, kind in DERIVED_DIRS.items()]
-    folders += [(p, "defence") for p in sorted(run_dir.glob("defence-*"))]
+    folders += [(p, "defence") for p in layout.defence_dirs(run_dir)]
     return [path for path, kind in folders if path.is_dir() and KINDS[kind].recognise(path)]
 
 

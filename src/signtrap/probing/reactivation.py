@@ -7,7 +7,7 @@ The probe (settings: `defend.probe`, `signtrap.config.ProbeConfig`):
   the attack's source class (of any non-target class for all-to-one), drawn with the seed, carrying the run's
   trigger (stamped after augmentation, as in training, or before it when the run stamps before) and labelled the
   target (default k = 5 stop signs labelled 100 km/h);
-- training: through the one loop (`signtrap.loop.Loop`), AdamW at the defence's learning rate (`probe.lr` overrides
+- training: through the one loop (`signtrap.training.loop.Loop`), AdamW at the defence's learning rate (`probe.lr` overrides
   it; a model no defence trained is probed at 1e-3, the defences' TrainSettings default), weight decay 5e-4,
   batch 64, cosine-decayed to zero, for `probe.steps` = 300 optimiser steps rounded to whole epochs over the
   budget + k rows (the actual count is reported), with the run's augmentation and precision. The batch order
@@ -45,18 +45,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from signtrap import checkpoint, runstate
+from signtrap.runs import checkpoint
+from signtrap.runs import state as runstate
 from signtrap.attacks.poison import TrainingSet
 from signtrap.config import ProbeConfig, RunConfig, to_dict
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import read_json
-from signtrap.loop import Schedule
-from signtrap.metrics import wilson
-from signtrap.progress import say
-from signtrap.training import train
+from signtrap.training.loop import Schedule
+from signtrap.evaluation.metrics import wilson
+from signtrap.machine.progress import say
+from signtrap.training.trainer import train
 from signtrap.triggers import Trigger
+from signtrap.runs import layout
 
 PROBE_STREAM = 0x9B0B  # the draw of the k poisoned budget images
 DEFAULT_LR = TrainSettings.lr  # the learning rate for a model no defence trained
@@ -190,7 +192,7 @@ RULE = ("verdict (95% Newcombe intervals of ASR differences on test+val counts, 
 
 
 def default_reference_dir(run_dir: Path) -> Path:
-    return run_dir.parent / f"{run_dir.name}-zero"
+    return layout.reference_dir(run_dir)
 
 
 # what must agree between a run and its zero-poison reference (the attack aside)

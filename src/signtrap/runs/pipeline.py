@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from signtrap import progress as progress_mod
-from signtrap import runstate
+from signtrap.machine import progress as progress_mod
+from signtrap.runs import state as runstate
 from signtrap.config import to_dict
 from signtrap.data.cache import cache_path
 from signtrap.deploy.bench import bench_export
@@ -30,16 +30,17 @@ from signtrap.config import DEFEND_COMMON
 from signtrap.defences import list_defences
 from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
-from signtrap.progress import say
-from signtrap.reactivation import default_reference_dir, reference_config, train_reference
+from signtrap.machine.progress import say
+from signtrap.probing.reactivation import default_reference_dir, reference_config, train_reference
 from signtrap.machine import cores
-from signtrap.provenance import cpu_threads
+from signtrap.machine.environment import cpu_threads
 from signtrap.reporting import REPORT_VERSION, build_report
-from signtrap.training import train
+from signtrap.training.trainer import train
+from signtrap.runs import layout
 
 PIPELINE_FILE = "pipeline.json"
-FORMAT = "signtrap.pipeline/1"
-EXPORT_DIR = "export"  # the pipeline's export folder, inside the run directory
+FORMAT = "signtrap.runs.pipeline/1"
+EXPORT_DIR = layout.EXPORT  # the pipeline's export folder, inside the run directory
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
 # stage outcomes
@@ -365,7 +366,7 @@ class SigntrapStages:
 
     def run_defence(self, method: str) -> list[Path]:
         self.session().run(method)
-        return files_under(self.run_dir / f"defence-{method}")
+        return files_under(layout.defence_dir(self.run_dir, method))
 
     # -------------------------------------------------- export / bench
 
@@ -399,7 +400,7 @@ class SigntrapStages:
         return f"test clean acc {_rate(m.get('clean_acc'))}, ASR {_rate(m.get('asr'))}"
 
     def describe_defence(self, method: str) -> str:
-        r = read_json(self.run_dir / f"defence-{method}" / "report.json")
+        r = read_json(layout.defence_dir(self.run_dir, method) / layout.REPORT_JSON)
         before, after = r["before"]["test"], (r.get("after") or {}).get("test") or {}
         parts = [f"ASR {_rate(before.get('asr'))} -> {_rate(after.get('asr'))}, "
                  f"clean {_rate(before.get('clean_acc'))} -> {_rate(after.get('clean_acc'))}"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from signtrap import checkpoint, runstate
+from signtrap.runs import checkpoint
+from signtrap.runs import state as runstate
 from signtrap.experiment import Experiment, load_run_config
 from signtrap.fileio import require_writable
-from signtrap.provenance import cpu_threads, resolve_device
-from signtrap.training import write_metrics
+from signtrap.machine.environment import cpu_threads, resolve_device
+from signtrap.training.trainer import write_metrics
 from signtrap.triggers import make_trigger
 
 
