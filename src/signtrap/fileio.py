@@ -316,6 +316,8 @@ def atomic_dir(path: str | os.PathLike, kind: str | None = None, protect: Iterab
 
 WRITTEN = ".signtrap-written.json"  # in every folder signtrap writes into: the names of the entries it wrote there
 ALWAYS_OWNED = (WRITTEN, MARKER, ".signtrap.lock")
+
+
 def written(folder: str | os.PathLike) -> set[str] | None:
     """The names signtrap recorded writing in `folder`; None when the folder has no record (or an unreadable one)."""
     try:
