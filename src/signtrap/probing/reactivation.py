@@ -191,10 +191,6 @@ RULE = ("verdict (95% Newcombe intervals of ASR differences on test+val counts, 
 # ---------------------------------------------------------------- the zero-poison reference
 
 
-def default_reference_dir(run_dir: Path) -> Path:
-    return layout.reference_dir(run_dir)
-
-
 # what must agree between a run and its zero-poison reference (the attack aside)
 # None: the whole section; a tuple: those keys; the data section minus where its files live (its own settings are
 # the dataset plugin's, whatever they are)
@@ -314,7 +310,7 @@ class Prober:
         given = self.settings.reference
         if not given and is_zero_poison(self.run_dir, self.cfg):
             return self.run_dir, False  # the run is its own reference
-        ref_dir = Path(given) if given else default_reference_dir(self.run_dir)
+        ref_dir = Path(given) if given else layout.reference_dir(self.run_dir)
         if ref_dir.resolve() == self.run_dir.resolve():
             raise SigntrapError(f"probe reference {ref_dir}: is the probed run itself; the reference must be another run "
                                 "directory, the zero-poison model of the same config and seed (attack.kind=none)")

@@ -31,7 +31,7 @@ from signtrap.defences import list_defences
 from signtrap.defences.run import Session
 from signtrap.fileio import read_json, sha256_file, write_json
 from signtrap.machine.progress import say
-from signtrap.probing.reactivation import default_reference_dir, reference_config, train_reference
+from signtrap.probing.reactivation import reference_config, train_reference
 from signtrap.machine import cores
 from signtrap.machine.environment import cpu_threads
 from signtrap.reporting import REPORT_VERSION, build_report
@@ -342,7 +342,7 @@ class SigntrapStages:
         return None
 
     def reference_dir(self) -> Path:
-        return default_reference_dir(self.run_dir)
+        return layout.reference_dir(self.run_dir)
 
     def reference_settings(self) -> dict:
         return runstate.training_view(reference_config(self.cfg, self.reference_dir()))
