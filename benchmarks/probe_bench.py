@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.read:
         for run in runs:
             for folder in layout.defence_dirs(run):
-                rep = folder / layout.REPORT_JSON
-                if rep.is_file() and json.loads(rep.read_text()).get("probe_seconds") is not None:
-                    seconds.setdefault(layout.defence_method(folder), []).append(json.loads(rep.read_text())["probe_seconds"])
+                probe = folder / layout.PROBE
+                if probe.is_file() and json.loads(probe.read_text()).get("seconds") is not None:
+                    seconds.setdefault(layout.defence_method(folder), []).append(json.loads(probe.read_text())["seconds"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for run, records in zip(runs, per_run):
         print(f"\n{run}")

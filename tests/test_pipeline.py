@@ -151,7 +151,7 @@ def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
     first = run_json(args, capsys)
     assert first["code"] == 0, first
     assert statuses(first) == {**{s: RAN for s in ("train", "defend:finetune", "defend:strip", "export", "bench", "report")},
-                               "reference": DISABLED}  # defend.probe.enabled=false: no zero-poison twin
+                               **{s: DISABLED for s in ("reference", "probe:finetune", "probe:strip")}}  # probe.enabled=false
     run_dir = Path(first["run"])
     assert Path(first["report"]).is_file() and (run_dir / "report.md").is_file()
     assert (run_dir / "defence-finetune" / "report.json").is_file() and (run_dir / "export" / "bench.json").is_file()
@@ -175,9 +175,11 @@ def test_pipeline_end_to_end_resumes_and_remakes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_probe_reference_is_a_stage_that_resumes(tmp_path, capsys, monkeypatch):
-    """The zero-poison twin the probe needs is the pipeline's `reference` stage: recorded and hashed in pipeline.json,
-    resumed after an interruption, and the defences' probes use it instead of training one of their own."""
+def test_the_probe_and_its_reference_are_stages_that_resume(tmp_path, capsys, monkeypatch):
+    """The zero-poison twin the probe needs is the pipeline's `reference` stage, and each repaired model's probe is
+    the stage `probe:M` after `defend:M`: recorded and hashed in pipeline.json, resumed where an interruption left
+    them (the defence is not run again), and the probes use the twin instead of training one of their own."""
+    from signtrap.defences.run import Session
     from signtrap.probing import reactivation
 
     args = [*tiny_overrides(tmp_path, "pipe"), "defend.methods=[finetune]", "defend.finetune.epochs=1", "defend.finetune.lr=1e-3",
@@ -199,16 +201,33 @@ def test_the_probe_reference_is_a_stage_that_resumes(tmp_path, capsys, monkeypat
     assert (tmp_path / "runs" / "pipe-zero" / "last.pt").is_file()  # one epoch of the twin, kept for the resume
 
     monkeypatch.setattr(reactivation, "train", real_train)
-    second = run_json(args, capsys)
-    assert second["code"] == 0, second
-    assert statuses(second)["reference"] == RAN and statuses(second)["defend:finetune"] == RAN
+    real_probe = Session.probe
+
+    def killed_during_the_probe(self, folder, label=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "probe", killed_during_the_probe)
+    assert main(["run", *args, "--quiet"]) == 130  # the twin finished, the defence ran, interrupted in its probe
     record = json.loads((run_dir / "pipeline.json").read_text())
+    assert [record["stages"][s]["status"] for s in ("reference", "defend:finetune", "probe:finetune")] == ["done", "done", "interrupted"]
     assert "../pipe-zero/model.pt" in record["stages"]["reference"]["outputs"]
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "runs" / "pipe-zero" / "log.jsonl").read_text().splitlines()]
     assert epochs == sorted(set(epochs))  # resumed after epoch 1, not restarted
+
+    monkeypatch.setattr(Session, "probe", real_probe)
+    second = run_json(args, capsys)
+    assert second["code"] == 0, second
+    assert {k: v for k, v in statuses(second).items() if v == RAN} == {"probe:finetune": RAN}  # resumed at the probe
     assert (run_dir / "defence-finetune" / "probe.json").is_file()
-    third = run_json(args, capsys)
-    assert statuses(third)["reference"] == SKIPPED
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    assert list(record["stages"]["probe:finetune"]["outputs"]) == ["defence-finetune/probe.json"]
+    assert "defence-finetune/probe.json" not in record["stages"]["defend:finetune"]["outputs"]
+    note = next(s for s in second["stages"] if s["name"] == "probe:finetune")["note"]
+    assert "held-out ASR" in note and "zero-poison twin" in note, note  # the closing table says what the probe found
+
+    third = run_json([*args, "defend.probe.k=3"], capsys)  # a probe setting changed: the probe alone runs again
+    assert {k for k, v in statuses(third).items() if v == RAN} == {"probe:finetune"}
+    assert json.loads((run_dir / "defence-finetune" / "probe.json").read_text())["k"] == 3
 
 
 def test_unknown_defence_fails_before_training(tmp_path, capsys):

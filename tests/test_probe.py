@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import signtrap
 from signtrap.attacks.poison import TrainingSet
 from signtrap.cli import main
 from signtrap.config import ProbeConfig, load_config
@@ -193,13 +194,14 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
     out = run_copy / "defence-finetune"
     report = json.loads((out / "report.json").read_text())
     probe = json.loads((out / "probe.json").read_text())
-    assert report["probe"]["verdict"] == probe["verdict"] and probe["verdict"]["verdict"] in VERDICTS
+    assert "probe" not in report  # the defence's own report; the probe is its own step (a stage of `signtrap run`)
+    assert reports[0]["probe"]["verdict"] == probe["verdict"] and probe["verdict"]["verdict"] in VERDICTS
+    assert reports[0]["probe_seconds"] == probe["seconds"] > 0
     assert probe["model"]["before"]["test"]["asr"] == report["after"]["test"]["asr"]  # the probe starts from the repaired model
     assert probe["settings"]["lr"] == defence_lr(report["settings"], report["details"])  # at the defence's learning rate
-    rows = (out / "persistence.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    segments = [r.split(",")[header.index("segment")] for r in rows[1:]]
-    epochs = [int(r.split(",")[header.index("epoch")]) for r in rows[1:]]
+    assert "segment" not in (out / "persistence.csv").read_text().splitlines()[0]  # the defence's curve alone
+    curve = signtrap.load_run(run_copy).curve("finetune")  # the defence's curve, then the probe's segment
+    segments, epochs = [r.get("segment") for r in curve], [int(r["epoch"]) for r in curve]
     assert segments[:2] == ["defence", "defence"] and segments[-1] == "probe" and segments.count("probe") == probe["model"]["epochs"]
     assert epochs == list(range(len(epochs)))  # the probe continues the defence's epochs
     from signtrap.defences.run import comparison_table

@@ -58,7 +58,7 @@ from signtrap.probing.probe import probe_dir, resolve_target
 from signtrap.machine import cores
 from signtrap.machine.environment import cpu_threads
 from signtrap.reporting import build_report
-from signtrap.reporting.blocks import read_csv
+from signtrap.reporting.blocks import persistence_curve, read_csv
 from signtrap.runs.sweeps import SweepOutcome, run_sweep, yaml_value
 from signtrap.training.trainer import train as train_run
 from signtrap.runs import layout
@@ -67,7 +67,7 @@ __all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "pro
            "report", "sweep", "prepare_data", "load_data", "fetch_data"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
-STAGES = ("defend", "export", "bench", "report")  # what `run(skip=...)` may leave out
+STAGES = ("defend", "probe", "export", "bench", "report")  # what `run(skip=...)` may leave out
 
 
 # ---------------------------------------------------------------- the input rule: every argument checked, one line
@@ -292,8 +292,10 @@ class Run:
 
     def curve(self, method: str, name: str = "persistence") -> list[dict]:
         """A curve defence `method` wrote as rows of numbers: "persistence" (ASR and clean accuracy per epoch),
-        "pruning" (fine-prune), "frr" (strip); [] when it wrote none."""
-        return read_csv(layout.defence_dir(self.dir, method) / f"{name}.csv")
+        "pruning" (fine-prune), "frr" (strip); [] when it wrote none. The persistence curve ends with the
+        re-activation probe's segment (`segment == "probe"`) when the defence was probed."""
+        folder = layout.defence_dir(self.dir, method)
+        return persistence_curve(folder) if name == "persistence" else read_csv(folder / f"{name}.csv")
 
     @property
     def exports(self) -> list[Path]:
@@ -493,10 +495,10 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
 
 def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = False, overwrite: bool = False,
         skip: Iterable[str] = (), overrides: Overrides = None, **keywords: Any) -> dict:
-    """The whole pipeline, train -> defend -> export -> bench -> report, resumable (`signtrap run`).
+    """The whole pipeline, train -> reference -> defend and probe -> export -> bench -> report, resumable (`signtrap run`).
 
     Stages whose outputs are intact are skipped; returns the summary (per-stage status, report path).
-    `skip`: stages to leave out ("defend", "export", "bench", "report"); `force`: re-run every stage;
+    `skip`: stages to leave out ("defend", "probe", "export", "bench", "report"); `force`: re-run every stage;
     `overwrite`: replace a run trained with a different config."""
     skip = _names(skip, "stage to skip", STAGES)
     _bool(force, "force"), _bool(overwrite, "overwrite")

@@ -47,7 +47,7 @@ def cmd_report(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("run", help="the whole pipeline: train, defend, export, bench, report (resumable)",
+    p = subparsers.add_parser("run", help="the whole pipeline: train, reference, defend and probe, export, bench, report (resumable)",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Stages whose outputs exist with their recorded SHA-256 are skipped, so an interrupted\n"
                                      "run resumes; a missing or corrupted file is re-made with everything that depends on it.\n"
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary of the stages")
     p.add_argument("--force", action="store_true", help="re-run every stage")
     p.add_argument("--overwrite", action="store_true", help="retrain a run directory whose model was trained with a different config")
-    p.add_argument("--skip", action="append", choices=("defend", "export", "bench", "report"), help="leave a stage out (repeatable)")
+    p.add_argument("--skip", action="append", choices=api.STAGES, help="leave a stage out (repeatable)")
     p.set_defaults(func=cmd_run)
     r = subparsers.add_parser("report", help="render runs/NAME/report.html (self-contained) and report.md")
     r.add_argument("run", help="runs/NAME")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
                                       write_curve_csv)
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
-from signtrap.fileio import atomic_dir, check_replaceable, kind_of, write_json
-from signtrap.probing.reactivation import Prober, defence_lr, format_table, probe_json, probe_segment, shortfall
+from signtrap.fileio import atomic_dir, check_replaceable, kind_of, read_json, write_json, write_text
+from signtrap.probing.reactivation import Prober, defence_lr, format_table, probe_json, shortfall
 from signtrap.machine.progress import say, warn
 from signtrap.machine.environment import resolve_device
 from signtrap.reporting import figures
@@ -97,12 +98,6 @@ class Session:
         before = evaluate(exp, model, dev)
         return cls(run_dir, cfg, exp, model, meta, clean, ctx, before)
 
-    def probe_shortfall(self) -> str | None:
-        """Why the probe cannot run on this budget (too few images to poison), or None."""
-        a = self.cfg.attack
-        kind = "all_to_one" if a.kind == "all_to_one" else "source_specific"
-        return shortfall(self.clean.labels, self.cfg.defend.probe.k, kind, a.source, a.target)
-
     @property
     def prober(self) -> Prober:
         """The re-activation probe on this run's budget (signtrap.probe); built on first use."""
@@ -116,8 +111,11 @@ class Session:
         a = self.cfg.attack
         return shortfall(self.clean.labels, self.cfg.defend.probe.k, a.kind, a.source, a.target)
 
-    def run(self, method: str) -> dict:
-        """Defend with `method` and write runs/NAME/defence-METHOD; returns the report."""
+    def run(self, method: str, probe: bool = True) -> dict:
+        """Defend with `method` and write runs/NAME/defence-METHOD; then, with `probe`, the re-activation probe of
+        its repaired model (`Session.probe`, probe.json beside it). Returns the report, with the probe's record
+        under "probe" when it ran (report.json on disk holds the defence alone: the probe is its own step, a stage
+        of `signtrap run`)."""
         spec = get_defence(method)
         settings = self.cfg.defend.method(method)
         say(f"defence {method}: {len(self.clean)} clean images, settings {dataclasses.asdict(settings)}")
@@ -141,15 +139,29 @@ class Session:
         if skip:  # the defence stands; the probe is reported as not run, with its reason
             warn(f"{skip}; the re-activation probe is skipped for {method}")
             report["probe_skipped"] = skip
-        elif result.model is not None and self.cfg.defend.probe.enabled:  # removed or only hidden?
-            start = time.perf_counter()
-            record = self.prober.compare(result.model, method, defence_lr(settings, result.report))
-            result.curves["persistence"] = probe_segment(result.curves.get("persistence", []), record["curves"]["model"])
-            result.artefacts["probe.json"] = probe_json(record)
-            report["probe"] = {k: v for k, v in record.items() if k != "curves"}
-            report["probe_seconds"] = round(time.perf_counter() - start, 2)
         write_outputs(self, method, result, report)
+        record = self.probe(layout.defence_dir(self.run_dir, method)) if probe and self.cfg.defend.probe.enabled else None
+        if record is not None:
+            report["probe"] = {k: v for k, v in record.items() if k != "curves"}
+            report["probe_seconds"] = record["seconds"]
         return report
+
+    def probe(self, folder: Path, label: str | None = None) -> dict | None:
+        """The re-activation probe (removed, or only hidden?) of the repaired model in defence `folder`, read back
+        verified, at the defence's learning rate; writes folder/probe.json and returns its record. None, with
+        nothing written, when there is nothing to probe: the defence changed no model, or the budget cannot feed
+        the probe (the defence's report says so under "probe_skipped")."""
+        report = read_json(folder / layout.REPORT_JSON)
+        if not report.get("repaired_model") or self.probe_unavailable:
+            return None
+        model, _ = checkpoint.verified_load(folder, "model.pt", self.context.device)
+        start = time.perf_counter()
+        record = self.prober.compare(model, label or report.get("method", folder.name),
+                                     defence_lr(report.get("settings") or {}, report.get("details")))
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        text = probe_json(record).decode()
+        write_text(folder / layout.PROBE, text)
+        return json.loads(text)  # what probe.json holds
 
     @property
     def monitor_note(self) -> str:

@@ -11,14 +11,15 @@ Bare keys of the probe's settings (`k=10`) stand for `probe.k=10`; other overrid
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
-from signtrap.runs import checkpoint
 from signtrap.config import ProbeConfig, parse_override
 from signtrap.defences.run import Session
 from signtrap.errors import SigntrapError
 from signtrap.fileio import read_json, refuse_foreign, write_text
-from signtrap.probing.reactivation import defence_lr, probe_json
+from signtrap.probing.reactivation import probe_json
+from signtrap.runs import layout
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
 
@@ -55,15 +56,15 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     """Probe the model in `target` (a run or a defence folder) and the zero-poison reference; writes and returns
     probe.json's record. Everything is validated before anything trains."""
     target = Path(target)
-    run_dir, folder, report = resolve_target(target)
-    refuse_foreign(target / "probe.json")  # the write rule, before minutes of probing
+    run_dir, folder, _ = resolve_target(target)
+    refuse_foreign(target / layout.PROBE)  # the write rule, before minutes of probing
     session = Session.open(run_dir, probe_overrides(overrides, reference), device, show_progress)
     prober = session.prober  # checks k against the budget
     prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
-    if folder is None:
-        record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
-    else:
-        model, _ = checkpoint.verified_load(folder, "model.pt", session.context.device)
-        record = prober.compare(model, report.get("method", folder.name), defence_lr(report.get("settings") or {}, report.get("details")))
-    write_text(target / "probe.json", probe_json(record).decode())
+    if folder is not None:
+        return session.probe(folder)  # what `signtrap defend` and the pipeline's probe stage run
+    start = time.perf_counter()
+    record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    write_text(target / layout.PROBE, probe_json(record).decode())
     return record

@@ -6,11 +6,14 @@ Sections (and each defence's own report block, see `signtrap.defences`) are list
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signtrap.probing.reactivation import probe_segment
 from signtrap.reporting import figures as fig
+from signtrap.runs import layout
 
 
 @dataclass
@@ -55,6 +58,18 @@ class Section:
     title: str
     blocks: list = field(default_factory=list)
 
+
+
+def persistence_curve(folder: Path) -> list[dict]:
+    """A defence folder's persistence curve (persistence.csv), with its re-activation probe (probe.json), when
+    there is one, appended as the final segment (epochs continue; column `segment`)."""
+    rows = read_csv(folder / "persistence.csv")
+    try:
+        probe = json.loads((folder / layout.PROBE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return rows
+    curve = ((probe.get("curves") or {}).get("model") or []) if isinstance(probe, dict) else []
+    return probe_segment(rows, curve) if rows and curve else rows
 
 
 def read_csv(path: Path) -> list[dict]:

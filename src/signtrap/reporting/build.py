@@ -18,7 +18,7 @@ from signtrap.fileio import atomic_dir, check_replaceable, refuse_foreign, requi
 from signtrap.plugins import DEFENCES
 from signtrap.machine.progress import say
 from signtrap.reporting import figures as fig
-from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, pct, pct_ci, read_csv, safe
+from signtrap.reporting.blocks import H, Img, Note, P, Pre, Section, Table, pct, pct_ci, persistence_curve, read_csv, safe
 from signtrap.reporting.detection import detection_section, probe_section
 from signtrap.reporting.run import Run, json_or_reason, stage_status
 from signtrap.reporting.render import render_html, render_markdown
@@ -228,7 +228,7 @@ def defences_section(run: Run) -> Section:
         s.blocks.append(Img("defences_before_after", png, "Test-set clean accuracy, attack success rate and clean stop recall before "
                                                           "(grey) and after (blue) each defence. A defence that keeps ASR high "
                                                           "has not removed the backdoor, whatever its clean accuracy."))
-    curves = {r["method"]: read_csv(r["_dir"] / "persistence.csv") for r in reports}
+    curves = {r["method"]: persistence_curve(r["_dir"]) for r in reports}
     curves = {k: v for k, v in curves.items() if v}
     s.blocks.append(H("Persistence curves"))
     if curves:

@@ -1,4 +1,6 @@
-"""`signtrap run CONFIG`: train -> defend -> export -> bench -> report in one run directory, resumable.
+"""`signtrap run CONFIG`: train -> reference -> defend:M, probe:M (each defence) -> export -> bench -> report in one
+run directory, resumable. The probe's zero-poison twin (`reference`, RUNS/NAME-zero) and the re-activation probe of
+each repaired model (`probe:M`, defence-M/probe.json) are stages like the others.
 
 Each stage records, in runs/NAME/pipeline.json, the SHA-256 of every file it wrote and a key: a hash of
 the settings it was made from and of its upstream stages' outputs. A later run skips a stage whose key
@@ -316,7 +318,7 @@ class SigntrapStages:
     def defend_settings(self, method: str) -> dict:
         """What a defence's output depends on besides the trained model: the common settings and its own."""
         d = self.cfg.defend
-        common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k != "methods"}
+        common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k not in ("methods", "probe")}  # probe: its stage
         return {"common": common, "method": method, "settings": dataclasses.asdict(d.method(method))}
 
     def session(self) -> Session:
@@ -331,6 +333,8 @@ class SigntrapStages:
         p = self.cfg.defend.probe
         if "defend" in self.skip or not methods:
             return "no defence runs (the probe follows the defences)"
+        if "probe" in self.skip:
+            return "skipped with --skip probe"
         if not p.enabled:
             return "defend.probe.enabled is false"
         if not self.cfg.attack.active:
@@ -352,7 +356,7 @@ class SigntrapStages:
         as a stage of its own, so it is recorded, hashed and resumed like the run itself. Nothing is trained when the
         defender's budget cannot feed the probe (too few source-class images for probe.k: each probe says so)."""
         ref = self.reference_dir()
-        self._no_probe = self.session().probe_shortfall()
+        self._no_probe = self.session().probe_unavailable
         if self._no_probe:
             return []
         train_reference(self.run_dir, self.cfg, ref)
@@ -365,8 +369,42 @@ class SigntrapStages:
         return f"{self.reference_dir().name}: test clean acc {_rate(m.get('clean_acc'))}, ASR {_rate(m.get('asr'))}"
 
     def run_defence(self, method: str) -> list[Path]:
-        self.session().run(method)
-        return files_under(layout.defence_dir(self.run_dir, method))
+        self.session().run(method, probe=False)  # the probe is the next stage
+        return files_under(layout.defence_dir(self.run_dir, method), exclude=(layout.PROBE,))
+
+    # -------------------------------------------------- the re-activation probe of each repaired model
+
+    def probe_off(self, reference_off: str | None) -> str | None:
+        """Why no defence is probed, or None (a defence that changes no model is found out when its probe stage runs)."""
+        if "defend" in self.skip:
+            return "skipped with --skip defend"
+        if "probe" in self.skip:
+            return "skipped with --skip probe"
+        if not self.cfg.defend.probe.enabled:
+            return "defend.probe.enabled is false"
+        return None
+
+    def probe_settings(self, method: str) -> dict:
+        """What a probe's record depends on besides the repaired model and the reference: the probe's settings and
+        the defender's budget (the defence's own settings reach it through the defence stage's outputs)."""
+        return {**self.defend_settings(method)["common"], "probe": to_dict(self.cfg.defend.probe)}
+
+    def run_probe(self, method: str) -> list[Path]:
+        folder = layout.defence_dir(self.run_dir, method)
+        self.session().probe(folder)
+        return [folder / layout.PROBE] if (folder / layout.PROBE).is_file() else []
+
+    def describe_probe(self, method: str) -> str:
+        folder = layout.defence_dir(self.run_dir, method)
+        if not (folder / layout.PROBE).is_file():
+            report = read_json(folder / layout.REPORT_JSON)
+            return (f"not run: {report['probe_skipped']}" if report.get("probe_skipped") else
+                    "nothing to probe: the defence changed no model (detector or filter)")
+        record = read_json(folder / layout.PROBE)
+        m, ref = record["model"], record["reference"]
+        return (f"{record['verdict']['verdict']}: held-out ASR {_rate(m['before']['held_out']['asr'])} -> "
+                f"{_rate(m['after']['held_out']['asr'])} with k={record['k']} (zero-poison twin -> "
+                f"{_rate(ref['after']['held_out']['asr'])})")
 
     # -------------------------------------------------- export / bench
 
@@ -407,13 +445,7 @@ class SigntrapStages:
         sel = (r.get("details") or {}).get("selection") or {}
         if sel and not sel.get("fixed"):
             parts.append(f"{sel['knob']}={sel['value']:g} chosen" + ("" if sel.get("within_tolerance") else " (none kept the model)"))
-        probe = r.get("probe") or {}
-        verdict = probe.get("verdict")
-        if isinstance(verdict, dict):
-            verdict = verdict.get("verdict") or verdict.get("label")
-        if verdict:
-            parts.append(f"probe: {verdict}")
-        elif not r.get("repaired_model"):
+        if not r.get("repaired_model"):
             parts.append("no repair (detector or filter)")
         return "; ".join(parts)
 
@@ -455,11 +487,14 @@ class SigntrapStages:
         reference_off = self.reference_off(methods)
         stages.append(Stage("reference", ("train",), self.reference_settings(), self.on_cores(self.run_reference),
                             disabled=reference_off, describe=self.describe_reference))
-        defend_deps = ("train",) if reference_off else ("train", "reference")
+        probe_off = self.probe_off(reference_off)
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
-            stages.append(Stage(f"defend:{m}", defend_deps, self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
+            stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
                                 disabled=off, describe=lambda m=m: self.describe_defence(m)))
+            stages.append(Stage(f"probe:{m}", (f"defend:{m}",) if reference_off else (f"defend:{m}", "reference"),
+                                self.probe_settings(m), self.on_cores(lambda m=m: self.run_probe(m)), disabled=probe_off,
+                                describe=lambda m=m: self.describe_probe(m)))
         if not methods:
             stages.append(Stage("defend", ("train",), None, None, disabled="no defences registered"))
         export_off = ("export.enabled is false" if not self.cfg.export.enabled else
