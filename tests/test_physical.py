@@ -116,7 +116,7 @@ def test_bad_eot_settings_are_refused():
 
 def overrides(base: Path, name: str, *extra: str) -> list[str]:
     return [f"name={name}", f"runs_dir={base / 'runs'}", f"data.cache_dir={SHARED_CACHE}", "device=cpu", "data.source=synth",
-            "data.synth_per_class=60", "data.synth_test_per_class=10", "aug.enabled=false", "model.name=signnet",
+            "data.synth_per_class=60", "data.synth_test_per_class=10", "aug.enabled=false", "model.name=signnet_small",
             "model.dropout=0", "train.epochs=6", "train.batch_size=64", "train.lr=0.005", "train.threads=1",
             "attack.poison_count=30", "attack.cover_rate=0.01", *extra]
 

@@ -20,7 +20,7 @@ from signtrap.training.trainer import train
 from conftest import tiny_overrides
 
 # the tiny backdoored run of conftest, then a repair strong enough for its small, un-augmented training set
-SLEEPER = ("attack.dormant=int8", "attack.sleeper.epochs=3", "attack.sleeper.lr=0.0003", "train.threads=1")
+SLEEPER = ("attack.dormant=int8", "attack.sleeper.epochs=3", "attack.sleeper.lr=0.0003", "train.threads=1", "model.name=signnet")
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_tiny_run_learns_the_backdoor(tiny_run):
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [1, 2, 3, 4, 5, 6] and all("val_asr" in row for row in log)
     payload = torch.load(tiny_run / "model.pt", weights_only=True)
-    assert payload["meta"]["model_name"] == "signnet" and payload["meta"]["input_size"] == 32
+    assert payload["meta"]["model_name"] == "signnet_small" and payload["meta"]["input_size"] == 32
     assert len(payload["meta"]["classes"]) == 43
 
 
