@@ -61,7 +61,7 @@ def test_neural_cleanse_and_strip_see_the_all_to_one_backdoor(tiny_a2o_run, tmp_
     nc = detect(run, "neural-cleanse")  # the authors' optimisation (cost schedule, early stop) on every candidate
     assert nc["flagged"] == [7] and nc["anomaly_index"]["7"] > 2, nc["anomaly_index"]
     assert nc["trigger_pixels"] == 36  # the tiny runs' 6 x 6 trigger; the reversed mask of 7 is near its size
-    assert nc["target_mask_l1"] < nc["median_mask_l1"] / 2, nc
+    assert nc["target_mask_l1"] <= 1.5 * nc["trigger_pixels"] and nc["target_mask_l1"] < 0.6 * nc["median_mask_l1"], nc
     strip = detect(run, "strip")
     assert strip["attack_inputs"] == "triggered non-target images"
     assert strip["auc"] > 0.8, strip  # triggered inputs of every class keep a low entropy

@@ -168,7 +168,7 @@ def test_atomic_dir_replaces_only_an_empty_folder_or_one_of_its_own_kind(tmp_pat
 
 
 def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
-    args = tiny_overrides(tmp_path, "same", "train.epochs=1", "train.threads=1")
+    args = tiny_overrides(tmp_path, "same", "train.epochs=40", "train.threads=1")  # long: stopped once the second is refused
     first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "runs" / "same" / runstate.LOCK_FILE
@@ -180,11 +180,13 @@ def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
         time.sleep(0.2)
     second = cli("train", *args)
     one_line_error(second, f"in use by process {first.pid} on host {socket.gethostname()}", "signtrap train")
-    out, err = first.communicate(timeout=900)
-    assert first.returncode == 0, err
+    assert first.poll() is None, "the first training ended before the second was refused: the test raced"
+    first.send_signal(signal.SIGINT)  # the refused second left the first alone: Ctrl-C stops it cleanly
+    first.communicate(timeout=300)
+    assert first.returncode == 130, first.returncode  # the interrupted training's own exit, not a crash
     run = tmp_path / "runs" / "same"
-    stored = yaml.safe_load((run / "config.yaml").read_text())
-    assert stored["train"]["epochs"] == 1 and runstate.inspect(run).status == runstate.DONE
+    assert runstate.lock_holder(run) is None  # released with the process
+    assert runstate.inspect(run).status in (runstate.RESUMABLE, runstate.NEW), runstate.inspect(run)  # resumable or nothing
 
 
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
