@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     import signtrap.machine.progress as progress
 
     progress.QUIET = True
-    calls = trace(overrides)
+    try:
+        calls = trace(overrides)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # the traced run's folder: this script's own
     graph = structure().import_graph()
     higher = above(graph)
     path = [m for i, (m, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != m]
