@@ -373,7 +373,8 @@ def defend(run: str | os.PathLike, method: str | list[str] = "all", *, device: s
            **keywords: Any) -> list[dict]:
     """Apply a defence, several (a list or `"nad,anp"`), or `"all"` (the run's defend.methods, else every
     registered one) to a trained run and write RUN/defence-METHOD (`signtrap defend`); returns one report per
-    method (before/after metrics)."""
+    method (before/after metrics; for a repaired model, the re-activation probe's record under "probe", as written
+    to RUN/defence-METHOD/probe.json)."""
     run_dir = _dir(run)
     method = _names(method, "defence")
     _device(device, optional=True)
