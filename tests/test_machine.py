@@ -184,3 +184,17 @@ def test_training_records_the_cores_it_held(tmp_path, budget):
     machine = json.loads((run / "provenance.json").read_text())["machine"]
     assert len(machine["cores_claimed"]) == 1 and machine["torch_threads"] == 1 and machine["usable_cpus"] == N
     assert cores.claimed() is None and cores.holders() == {c: None for c in cores.allowed_cpus()}
+
+
+def test_plain_progress_shows_slow_units_as_seconds_each(capsys):
+    from signtrap.machine.progress import PlainProgress
+
+    bar = PlainProgress(12, "search", "class")
+    bar.start -= 60.0  # six classes in a minute: 0.1 class/s, which "0 class/s" would hide
+    bar.n = 6
+    bar._print()
+    line = capsys.readouterr().err
+    assert "6/12 class (10.0 s/class, eta 60s)" in line, line
+    bar.n = 600
+    bar._print()
+    assert "(10 class/s" in capsys.readouterr().err

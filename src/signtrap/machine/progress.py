@@ -33,7 +33,8 @@ class PlainProgress:
         eta = f", eta {max(self.total - self.n, 0) / rate:.0f}s" if self.total and rate > 0 else ""
         total = f"/{self.total}" if self.total else ""
         post = f" {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}{total} {self.unit} ({rate:.0f} {self.unit}/s{eta}){post}", file=sys.stderr, flush=True)
+        speed = f"{rate:.0f} {self.unit}/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/{self.unit}"  # slow units: s each
+        print(f"{self.desc}: {self.n}{total} {self.unit} ({speed}{eta}){post}", file=sys.stderr, flush=True)
         self.last = time.perf_counter()
 
     def close(self) -> None:
