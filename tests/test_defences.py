@@ -235,10 +235,11 @@ def test_several_methods_are_named_once_and_checked_before_any_work(tiny_run, ca
 STRONG = {"anp": ["anp.threshold=0.7"], "i-bau": ["i-bau.lr=1e-3", "i-bau.epochs=3", "i-bau.fixed_point_steps=2"]}
 
 
-# ANP on this fixture moved from ASR 98.3% -> 61.9% (last stop) to 98.1% -> 95.0% (one thread) and 99.0% -> 84.3% (two)
-# after this stop's changes, with its threshold fixed and its code untouched; the cause (most likely a changed draw
-# of the global random state before its mask noise) is not found yet: kept visible as an expected failure, not passed.
-ANP_OPEN = pytest.mark.xfail(strict=False, reason="ANP's removal on the tiny all-to-one fixture regressed this stop; cause open")
+# ANP on the full-width signnet fixture moved from ASR 98.3% -> 61.9% to 98.1% -> 95.0% (one thread) and 99.0% -> 84.3%
+# (two) between two stops, its threshold fixed and its code untouched (most likely a changed draw of the global random
+# state before its mask noise; not found). On the signnet_small fixture it passed in every run of the stop that moved
+# the tiny runs to it (three): kept a non-strict expected failure until CI has shown it holding.
+ANP_OPEN = pytest.mark.xfail(strict=False, reason="ANP's removal on the tiny all-to-one fixture varied between stops; cause open")
 
 
 @pytest.mark.slow
