@@ -374,7 +374,7 @@ class SigntrapStages:
 
     # -------------------------------------------------- the re-activation probe of each repaired model
 
-    def probe_off(self, reference_off: str | None) -> str | None:
+    def probe_off(self) -> str | None:
         """Why no defence is probed, or None (a defence that changes no model is found out when its probe stage runs)."""
         if "defend" in self.skip:
             return "skipped with --skip defend"
@@ -487,7 +487,7 @@ class SigntrapStages:
         reference_off = self.reference_off(methods)
         stages.append(Stage("reference", ("train",), self.reference_settings(), self.on_cores(self.run_reference),
                             disabled=reference_off, describe=self.describe_reference))
-        probe_off = self.probe_off(reference_off)
+        probe_off = self.probe_off()
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
             stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
