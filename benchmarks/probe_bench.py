@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             for folder in layout.defence_dirs(run):
                 probe = folder / layout.PROBE
-                if probe.is_file() and json.loads(probe.read_text()).get("seconds") is not None:
-                    seconds.setdefault(layout.defence_method(folder), []).append(json.loads(probe.read_text())["seconds"])
+                taken = json.loads(probe.read_text()).get("seconds") if probe.is_file() else None
+                if taken is not None:
+                    seconds.setdefault(layout.defence_method(folder), []).append(taken)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for run, records in zip(runs, per_run):
         print(f"\n{run}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from signtrap.defences.common import (CURVE_KEYS, CleanData, DefenceContext, Def
                                       write_curve_csv)
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import EvalSet, Experiment, load_run_config
-from signtrap.fileio import atomic_dir, check_replaceable, kind_of, read_json, write_json, write_text
-from signtrap.probing.reactivation import Prober, defence_lr, format_table, probe_json, shortfall
+from signtrap.fileio import atomic_dir, check_replaceable, kind_of, read_json, write_json
+from signtrap.probing.reactivation import Prober, defence_lr, format_table, shortfall, write_probe
 from signtrap.machine.progress import say, warn
 from signtrap.machine.environment import resolve_device
 from signtrap.reporting import figures
@@ -155,13 +154,9 @@ class Session:
         if not report.get("repaired_model") or self.probe_unavailable:
             return None
         model, _ = checkpoint.verified_load(folder, "model.pt", self.context.device)
-        start = time.perf_counter()
         record = self.prober.compare(model, label or report.get("method", folder.name),
                                      defence_lr(report.get("settings") or {}, report.get("details")))
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        text = probe_json(record).decode()
-        write_text(folder / layout.PROBE, text)
-        return json.loads(text)  # what probe.json holds
+        return write_probe(folder / layout.PROBE, record)
 
     @property
     def monitor_note(self) -> str:

@@ -11,14 +11,13 @@ Bare keys of the probe's settings (`k=10`) stand for `probe.k=10`; other overrid
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 from signtrap.config import ProbeConfig, parse_override
 from signtrap.defences.run import Session
 from signtrap.errors import SigntrapError
-from signtrap.fileio import read_json, refuse_foreign, write_text
-from signtrap.probing.reactivation import probe_json
+from signtrap.fileio import read_json, refuse_foreign
+from signtrap.probing.reactivation import write_probe
 from signtrap.runs import layout
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
@@ -63,8 +62,5 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
     if folder is not None:
         return session.probe(folder)  # what `signtrap defend` and the pipeline's probe stage run
-    start = time.perf_counter()
     record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    write_text(target / layout.PROBE, probe_json(record).decode())
-    return record
+    return write_probe(target / layout.PROBE, record)

@@ -52,7 +52,7 @@ from signtrap.config import ProbeConfig, RunConfig, to_dict
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
-from signtrap.fileio import read_json
+from signtrap.fileio import read_json, write_text
 from signtrap.training.loop import Schedule
 from signtrap.evaluation.metrics import wilson
 from signtrap.machine.progress import say
@@ -388,7 +388,8 @@ class Prober:
     def compare(self, model: nn.Module | None, label: str, trained_lr: float | None = None) -> dict:
         """Probe `model` (None: the undefended model) and the zero-poison reference at the same learning rate (the
         defence's); the table's two ends (the undefended and zero-poison models) are probed once per session, at the
-        first learning rate used. Returns the record written to probe.json."""
+        first learning rate used. Returns the record written to probe.json, with the seconds this call took."""
+        start = time.perf_counter()
         lr = self.lr_for(trained_lr)
         if self._ends_lr is None:
             self._ends_lr = lr
@@ -407,7 +408,8 @@ class Prober:
                                                        self.settings.max_clean_drop)},
                 "curves": {"model": probed["curve"], "reference": reference["curve"], "backdoored": ends["backdoored"]["curve"],
                            "ends_reference": ends["reference"]["curve"]},
-                "rule": RULE.format(margin=100 * margin, max_drop=100 * self.settings.max_clean_drop)}
+                "rule": RULE.format(margin=100 * margin, max_drop=100 * self.settings.max_clean_drop),
+                "seconds": round(time.perf_counter() - start, 2)}
 
 
 def strip_curve(result: dict) -> dict:
@@ -424,6 +426,13 @@ def probe_segment(persistence: list[dict], probe_curve: list[dict]) -> list[dict
 
 def probe_json(record: dict) -> bytes:
     return (json.dumps(record, indent=2, default=_default) + "\n").encode()
+
+
+def write_probe(path: Path, record: dict) -> dict:
+    """Write `record` to probe.json at `path` (atomically, the write rule applied) and return what the file holds."""
+    text = probe_json(record).decode()
+    write_text(path, text)
+    return json.loads(text)
 
 
 def _default(obj: Any) -> Any:
