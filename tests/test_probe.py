@@ -2,6 +2,7 @@
 import copy
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -19,8 +20,8 @@ from signtrap.defences.common import CleanData
 from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
 from signtrap.training.loop import Loop, Schedule
-from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe, probe_schedule,
-                                   probe_set, verdict)
+from signtrap.probing.reactivation import (CURVE_POINTS, VERDICTS, choose_poison, config_differences, defence_lr, newcombe,
+                                           probe_schedule, probe_set, verdict)
 from signtrap.runs.state import LOCK_FILE, WRITTEN
 from test_defences import tree_hash
 
@@ -204,6 +205,10 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
     segments, epochs = [r.get("segment") for r in curve], [int(r["epoch"]) for r in curve]
     assert segments[:2] == ["defence", "defence"] and segments[-1] == "probe" and segments.count("probe") == probe["model"]["epochs"]
     assert epochs == list(range(len(epochs)))  # the probe continues the defence's epochs
+    probe_epochs, start = probe["model"]["epochs"], segments.index("probe") - 1
+    every = math.ceil(probe_epochs / CURVE_POINTS)  # measured at about CURVE_POINTS epochs and the last, not all
+    measured = [int(r["epoch"]) - start for r in curve if r.get("segment") == "probe" and "clean_acc" in r]
+    assert probe_epochs > CURVE_POINTS and measured == sorted({*range(every, probe_epochs + 1, every), probe_epochs})
     from signtrap.defences.run import comparison_table
 
     table = comparison_table(reports)

@@ -235,6 +235,7 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
+    val_every: int = 1  # the per-epoch validation columns every N epochs and after the last (each pass costs a few seconds)
     threads: int = 0  # 0: all cores
     eval_batch_size: int = 512
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 | fp32 | bf16
@@ -247,6 +248,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
         require(0.0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must be in [0, epochs)")
+        require(1 <= self.val_every <= 10_000, "train.val_every", f"{self.val_every} is outside 1..10000")
         require(self.threads >= 0, "train.threads", "must be >= 0")
         one_of(self.precision, "train.precision", ("auto", "fp32", "bf16"))
 

@@ -13,7 +13,11 @@ The probe (settings: `defend.probe`, `signtrap.config.ProbeConfig`):
   budget + k rows (the actual count is reported), with the run's augmentation and precision. The batch order
   depends on the seed only, so every model probed with the same settings sees the same batches;
 - measurement: clean accuracy and ASR on the test and validation splits before and after the probe; the verdict
-  pools test + validation (held out from training and from every defence decision) for larger counts.
+  pools test + validation (held out from training and from every defence decision) for larger counts. The curve
+  (the defence's monitor metrics while the probe trains) is measured at about `CURVE_POINTS` evenly spaced epochs
+  and the last, not after every epoch: a small budget makes hundreds of short epochs, and measuring each cost more
+  than the training (SynthSigns' demo: 43 epochs of 7 steps per probed model). Measuring trains nothing, so the
+  probed model and the verdict do not depend on it.
 
 The identical probe runs on the zero-poison model of the same config (attack.kind=none, same seed, data, model and
 training settings: `--reference RUN`, or RUNS/NAME-zero next to the run, trained on demand once and reused).
@@ -106,6 +110,9 @@ def probe_set(clean: CleanData, rows: np.ndarray, target: int, trigger: Trigger,
     labels = np.concatenate([clean.labels, np.full(len(rows), target, np.int64)])
     triggered = np.concatenate([np.zeros(len(clean), bool), np.ones(len(rows), bool)])
     return TrainingSet(images, labels, triggered, stamp_before, np.zeros((len(images), 4), np.int64))
+
+
+CURVE_POINTS = 10  # the probe's curve: measured at about this many epochs (and the last)
 
 
 def probe_schedule(settings: ProbeConfig, rows: int, lr: float) -> Schedule:
@@ -368,7 +375,7 @@ class Prober:
         start = time.perf_counter()
         before = self.measure(model)
         curve = fit(model, self.clean, self.ctx, method="probe", schedule=schedule, augment=self.settings.augment,
-                    data=self.data, trigger=self.exp.trigger)
+                    data=self.data, trigger=self.exp.trigger, measure_every=math.ceil(schedule.epochs / CURVE_POINTS))
         after = self.measure(model)
         change = None
         if before["held_out"]["clean_acc"]["rate"] is not None:

@@ -78,7 +78,12 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     space = exp.classes
     model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
     dry_run(model, cfg.model.name, exp.data.size, space.num_classes)  # a model that cannot run at the data's size fails before any file is touched
-    hooks = Hooks(probe=lambda m: validation_columns(exp, m, device), loss=procedure.loss() if procedure else None)
+
+    def validate(m: nn.Module) -> dict:  # every train.val_every epochs and after the last
+        epoch = len(loop.history) + 1
+        return validation_columns(exp, m, device) if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs else {}
+
+    hooks = Hooks(probe=validate, loss=procedure.loss() if procedure else None)
     loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, EPOCH_STREAM, aug=cfg.aug,
                 precision=cfg.train.precision, trigger=exp.trigger, hooks=hooks, world=world, desc="epoch",
                 show_progress=main)
@@ -168,8 +173,9 @@ def end_of_epoch(cfg: RunConfig, loop: Loop, run_dir: Path, epoch: int, row: dic
     """Write the epoch checkpoint and the log (rank 0 only); `history` already ends with `row`."""
     checkpoint.save(run_dir / "last.pt", {**loop.state_dict(), "epoch": epoch, "history": history})
     write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    say(f"epoch {epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s, "
-        f"val clean acc {_pct(row['val_clean_acc'])}, val ASR {_pct(row['val_asr'])}, val false-trigger {_pct(row['val_false_trigger'])}")
+    val = (f", val clean acc {_pct(row['val_clean_acc'])}, val ASR {_pct(row['val_asr'])}, "
+           f"val false-trigger {_pct(row['val_false_trigger'])}") if "val_clean_acc" in row else ""
+    say(f"epoch {epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}, {row['images_per_s']:.0f} img/s{val}")
 
 
 def finish(cfg: RunConfig, exp: Experiment, model: nn.Module, run_dir: Path, device: torch.device, history: list) -> dict:
