@@ -80,6 +80,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, precisi
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_validation_every_n_epochs_and_the_last_changes_no_weight(tmp_path):
+    runs = {n: train(load_config(None, tiny_overrides(tmp_path, f"v{n}", "train.epochs=3", f"train.val_every={n}",
+                                                     "train.precision=fp32"))) for n in (1, 2)}
+    logs = {n: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for n, d in runs.items()}
+    assert ["val_clean_acc" in row for row in logs[2]] == [False, True, True]  # epoch 2, then the last
+    assert all("val_clean_acc" in row for row in logs[1])
+    assert [row["val_clean_acc"] for row in logs[2][1:]] == [row["val_clean_acc"] for row in logs[1][1:]]
+    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in runs.values())
+    for key in a:  # validating trains nothing and draws no random number
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_training_precision_resolves_per_device(monkeypatch):
     from signtrap.machine import environment as provenance
 
@@ -102,6 +114,7 @@ def run_cli(*args):
     ("attack.poison_count=500", "only"),
     ("model.name=resnet19", "unknown model 'resnet19'"),
     ("trigger.size=31", "does not fit"),
+    ("train.val_every=0", "train.val_every"),
 ])
 def test_bad_training_input_is_one_line_and_nonzero(tmp_path, override, message):
     result = run_cli("train", *tiny_overrides(tmp_path, "bad", override))
