@@ -166,6 +166,9 @@ def test_cli_defend_then_eval(run_copy, capsys):
     (["--method", "finetune", "clean_fraction=1.5"], "defend.clean_fraction: 1.5 is outside (0, 1]"),
     (["--method", "finetune", "finetune.epoch=2"], "unknown config key 'defend.finetune.epoch' (did you mean 'epochs'?)"),
     (["--method", "redteam", "redteam.positions=[middle]"], "'middle' is not one of"),
+    (["--method", "redteam", "redteam.target=50"], "defend.redteam.target: class 50 is not a class of this model (0..42)"),
+    (["--method", "neural-cleanse", "neural-cleanse.candidates=[3,60]"],
+     "defend.neural-cleanse.candidates: class 60 is not a class of this model (0..42)"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_run_untouched(run_copy, capsys, args, message):
     before = tree_hash(run_copy)

@@ -113,6 +113,16 @@ class DefenceContext:
         model.train(was_training)
         return n
 
+    def check_classes(self, model: nn.Module, key: str, classes: dict[str, int | list[int] | None]) -> int:
+        """The model's class count, after one clear error when a setting names a class it does not have (the settings'
+        own checks know only that an id is >= 0: the class count comes with the model)."""
+        n = self.num_classes(model)
+        for name, value in classes.items():
+            for c in value if isinstance(value, list) else [value]:
+                if c is not None and not 0 <= c < n:
+                    raise SigntrapError(f"{key}.{name}: class {c} is not a class of this model (0..{n - 1})")
+        return n
+
     def class_name(self, c: int) -> str:
         return self.class_names[c] if 0 <= c < len(self.class_names) else f"class {c}"
 

@@ -199,10 +199,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     rng = np.random.default_rng([ctx.seed, 0x4EC1])
     gen = torch.Generator().manual_seed(ctx.seed)
     pool = np.arange(len(clean))
-    n_classes = ctx.num_classes(model)
-    out_of_range = [c for c in [*cfg.candidates, cfg.source_class] if c is not None and c >= n_classes]
-    if out_of_range:
-        raise SigntrapError(f"defend.neural-cleanse: class {out_of_range[0]} is not a class of this model (0..{n_classes - 1})")
+    n_classes = ctx.check_classes(model, "defend.neural-cleanse", {"candidates": list(cfg.candidates), "source_class": cfg.source_class})
     source_class = None
     if cfg.inputs == "source":
         source_class = ctx.source if cfg.source_class is None else cfg.source_class

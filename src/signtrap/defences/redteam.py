@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from signtrap.config import require
-from signtrap.errors import SigntrapError
 from signtrap.defences import register_defence
 from signtrap.defences.common import (POSITIONS, CleanData, DefenceContext, DefenceResult, LrTunedSettings, apply_patch,
                                       check_finite, fit, patch_origin, select, target_rate, to_uint8_image)
@@ -105,10 +104,7 @@ def redteam(model: nn.Module, clean: CleanData, cfg: RedteamSettings, ctx: Defen
     """
     source = ctx.source if cfg.source is None else cfg.source
     target = ctx.target if cfg.target is None else cfg.target
-    n_classes = ctx.num_classes(model)
-    for name, value in (("source", source), ("target", target)):
-        if value >= n_classes:
-            raise SigntrapError(f"defend.redteam.{name}: class {value} is not a class of this model (0..{n_classes - 1})")
+    ctx.check_classes(model, "defend.redteam", {"source": source, "target": target})
     size = clean.images.shape[1]
     side = max(2, round(cfg.patch_size * size))
     rows = np.flatnonzero(clean.labels == source)
