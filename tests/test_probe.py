@@ -20,7 +20,8 @@ from signtrap.defences.common import CleanData
 from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
 from signtrap.training.loop import Loop, Schedule
-from signtrap.probing.reactivation import (CURVE_POINTS, VERDICTS, choose_poison, config_differences, defence_lr, newcombe,
+from signtrap.probing import reactivation
+from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe,
                                            probe_schedule, probe_set, verdict)
 from signtrap.runs.state import LOCK_FILE, WRITTEN
 from test_defences import tree_hash
@@ -187,7 +188,8 @@ def test_probe_wakes_a_suppressed_backdoor_and_not_a_clean_model(session):
 
 
 @pytest.mark.slow
-def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_run, capsys):
+def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_run, capsys, monkeypatch):
+    monkeypatch.setattr(reactivation, "CURVE_POINTS", 2)  # the tiny probe has 5 epochs: its curve measured at 3 and 5
     before = tree_hash(run_copy, skip_defences=True)
     reports = run_defences(run_copy, "finetune", [*FAST, "finetune.epochs=1", f"probe.reference={tiny_zero_run}"], "cpu",
                            show_progress=False)
@@ -206,9 +208,9 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
     assert segments[:2] == ["defence", "defence"] and segments[-1] == "probe" and segments.count("probe") == probe["model"]["epochs"]
     assert epochs == list(range(len(epochs)))  # the probe continues the defence's epochs
     probe_epochs, start = probe["model"]["epochs"], segments.index("probe") - 1
-    every = math.ceil(probe_epochs / CURVE_POINTS)  # measured at about CURVE_POINTS epochs and the last, not all
+    every = math.ceil(probe_epochs / reactivation.CURVE_POINTS)  # measured at about CURVE_POINTS epochs and the last
     measured = [int(r["epoch"]) - start for r in curve if r.get("segment") == "probe" and "clean_acc" in r]
-    assert probe_epochs > CURVE_POINTS and measured == sorted({*range(every, probe_epochs + 1, every), probe_epochs})
+    assert every > 1 and measured == sorted({*range(every, probe_epochs + 1, every), probe_epochs})
     from signtrap.defences.run import comparison_table
 
     table = comparison_table(reports)
