@@ -25,7 +25,7 @@ from signtrap.training.augment import augment_batch, build_augmentation
 from signtrap.config import AugConfig, require
 from signtrap.errors import SigntrapError
 from signtrap.experiment import EvalSet, predict
-from signtrap.training.loop import Hooks, Loop, Schedule, clean_training_set
+from signtrap.training.loop import Hooks, Loop, Schedule, clean_training_set, measured
 from signtrap.evaluation.metrics import backdoor_metrics
 
 matplotlib.use("Agg")
@@ -214,7 +214,7 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
         epoch, calls[0] = calls[0], calls[0] + 1
         if epoch and ctx.guard is not None:  # the held-out rule may abandon a candidate that can no longer be kept
             ctx.guard(m, epoch, schedule.epochs)
-        if epoch % measure_every and epoch != schedule.epochs:
+        if not measured(epoch, measure_every, schedule.epochs):
             return {}
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 

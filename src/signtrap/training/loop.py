@@ -234,6 +234,12 @@ class Loop:
                 "images_per_s": round(seen / seconds, 1) if seconds > 0 else None, "seconds": round(seconds, 2)}
 
 
+def measured(epoch: int, every: int, epochs: int) -> bool:
+    """Whether the row after epoch `epoch` (0: before training) of `epochs` carries the monitor columns: every
+    `every`-th epoch and the last (`train.val_every` for training; the defences' and the probe's curves)."""
+    return epoch % every == 0 or epoch == epochs
+
+
 def clean_training_set(images: np.ndarray, labels: np.ndarray) -> TrainingSet:
     """A TrainingSet of clean images (the defender's budget): no row carries the trigger."""
     images = np.asarray(images)

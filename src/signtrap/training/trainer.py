@@ -18,7 +18,7 @@ from signtrap.data.cache import verify_cache
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
 from signtrap.fileio import one_line, require_writable, write_json, write_text
-from signtrap.training.loop import Hooks, Loop, Schedule
+from signtrap.training.loop import Hooks, Loop, Schedule, measured
 from signtrap.machine import cores
 from signtrap.evaluation.metrics import summary_table
 from signtrap.models import create_model
@@ -80,8 +80,8 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     dry_run(model, cfg.model.name, exp.data.size, space.num_classes)  # a model that cannot run at the data's size fails before any file is touched
 
     def validate(m: nn.Module) -> dict:  # every train.val_every epochs and after the last
-        epoch = len(loop.history) + 1
-        return validation_columns(exp, m, device) if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs else {}
+        due = measured(len(loop.history) + 1, cfg.train.val_every, cfg.train.epochs)
+        return validation_columns(exp, m, device) if due else {}
 
     hooks = Hooks(probe=validate, loss=procedure.loss() if procedure else None)
     loop = Loop(model, ts, Schedule.from_train(cfg.train), device, cfg.seed, EPOCH_STREAM, aug=cfg.aug,
