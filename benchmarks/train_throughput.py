@@ -75,6 +75,8 @@ KINDS = ("backdoored", "zero")
 
 
 def time_to_quality(args) -> int:
+    from signtrap.evaluation.metrics import fmt_rate
+
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = Path(args.existing or args.runs_dir or tempfile.mkdtemp(prefix="signtrap-quality-"))
     walls: dict[str, float | None] = {}
@@ -114,9 +116,9 @@ def time_to_quality(args) -> int:
             if kind == "backdoored":
                 held += [m[split]["asr"]["rate"] >= BARS["asr"] for split in ("test", "val")]
             print(f"{name}: {wall:.0f} s {'wall clock' if walls[name] is not None else 'in-run'}, {len(log)} epochs; "
-                  f"test clean {_count(m['test']['clean_acc'])}, val clean {_count(m['val']['clean_acc'])}, "
-                  f"ASR test {_count(m['test']['asr'])} val {_count(m['val']['asr'])}, false-trigger test "
-                  f"{_count(m['test']['false_trigger'])}; bars {'held' if all(held) else 'MISSED'}")
+                  f"test clean {fmt_rate(m['test']['clean_acc'])}, val clean {fmt_rate(m['val']['clean_acc'])}, "
+                  f"ASR test {fmt_rate(m['test']['asr'])} val {fmt_rate(m['val']['asr'])}, false-trigger test "
+                  f"{fmt_rate(m['test']['false_trigger'])}; bars {'held' if all(held) else 'MISSED'}")
             print(f"   validation clean accuracy by training time: {', '.join(curve)}")
         for split in ("test", "val"):
             costs[split].append(100 * (finals["zero"][split]["clean_acc"]["rate"] - finals["backdoored"][split]["clean_acc"]["rate"]))
@@ -124,10 +126,6 @@ def time_to_quality(args) -> int:
         print(f"cost of the backdoor ({split}, zero poison minus backdoored, points): "
               f"{', '.join(f'{c:+.2f}' for c in costs[split])} (mean {np.mean(costs[split]):+.2f})")
     return 0
-
-
-def _count(entry: dict) -> str:
-    return f"{100 * entry['rate']:.2f}% ({entry['k']}/{entry['n']})" if entry.get("rate") is not None else "n/a"
 
 
 def signtrap_route(cfg, exp, ts, steps: int) -> float:
