@@ -6,7 +6,8 @@ ASR after, the re-activation probe's verdict and the clean-accuracy change again
 
 Every (run, budget) goes through the public API, `signtrap.defend(run, methods, overrides=[clean_fraction=F, ...])`,
 which takes the run's lock and its `train.threads` like `signtrap defend`; each budget's defence folders are
-copied to OUT/RUN-NAME/budget-F/ before the next budget replaces them. Writes OUT/budget.csv (one row per run,
+copied to OUT/RUN-NAME/budget-F/ before the next budget replaces them. A (run, budget) whose methods are all in
+OUT/budget.csv already is kept, not re-run: a sweep stopped part-way goes on where it stopped. Writes OUT/budget.csv (one row per run,
 method and budget) and OUT/budget.png (three panels against the budget: ASR after on the test split, the probe's
 verdict, the clean-accuracy change on the test split). Prints the table; asserts nothing. Defend copies of
 shared runs: RUN/defence-METHOD is rewritten.
@@ -113,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [float(b) for b in args.budgets.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows = read(args.out / "budget.csv")  # a sweep stopped part-way (or run one budget at a time) goes on from here
     for run in args.runs:
         for budget in budgets:
+            done = {r["method"] for r in rows if r["run"] == run.name and r["budget"] == budget}
+            if set(methods) <= done:
+                print(f"{run.name}: budget {budget:g} already in {args.out / 'budget.csv'}; kept", file=sys.stderr)
+                continue
+            rows = [r for r in rows if not (r["run"] == run.name and r["budget"] == budget and r["method"] in methods)]
             start = time.perf_counter()
             reports = signtrap.defend(run, methods, device=args.device, overrides=[f"clean_fraction={budget}", *args.overrides])
             print(f"{run.name}: budget {budget:g} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -126,10 +132,30 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(kept / src.name, ignore_errors=True)
                     shutil.copytree(src, kept / src.name)
             rows += [row_of(run, budget, r) for r in reports]
+            rows.sort(key=lambda r: (r["run"], r["budget"]))  # stable: methods stay in the order they ran
             write(rows, args.out)  # after every budget: a long sweep keeps what it finished
     print(table(rows))
     print(f"\n{args.out / 'budget.csv'}, {args.out / 'budget.png'}")
     return 0
+
+
+NUMERIC = {"budget": float, "clean_images": int, "clean_before": float, "clean_after": float, "clean_change_pt": float,
+           "val_clean_change_pt": float, "asr_before": float, "asr_after": float, "asr_after_k": int, "asr_after_n": int,
+           "val_asr_after": float, "seconds": float}
+
+
+def read(path: Path) -> list[dict]:
+    """The rows of an earlier sweep's budget.csv (none if there is none), with their numbers back as numbers."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and set(rows[0]) != set(FIELDS):
+        raise SystemExit(f"budget_bench: {path} has other columns than this script writes; use another --out")
+    for r in rows:
+        for key, kind in NUMERIC.items():
+            r[key] = kind(float(r[key])) if r[key] not in ("", None) else None
+    return rows
 
 
 def write(rows: list[dict], out: Path) -> None:

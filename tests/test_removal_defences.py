@@ -110,3 +110,22 @@ def test_new_defences_are_registered_one_file_each():
         assert spec.summarize is not None and spec.report is not None
         spec.settings().check(f"defend.{name}")
         assert json.dumps(spec.doc)  # a docstring that states the rule
+
+
+def test_budget_bench_keeps_finished_budgets_and_resumes(tmp_path, capsys):
+    """The budget sweep's CSV reads back as it was written, and a (run, budget) already in it is not run again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("budget_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "budget_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = {field: None for field in bench.FIELDS}
+    row.update(run="seed0", method="finetune", budget=0.05, clean_images=1761, clean_before=0.984, clean_after=0.981,
+               clean_change_pt=-0.3, asr_before=1.0, asr_after=1.0, asr_after_k=23, asr_after_n=23, verdict="persists",
+               setting="lr=0.0001", seconds=55.2)
+    bench.write([row], tmp_path)
+    assert bench.read(tmp_path / "budget.csv") == [{**row, "run": "seed0"}]
+    # everything asked for is there already: no defence runs (the run folder does not even exist)
+    assert bench.main([str(tmp_path / "seed0"), "--methods", "finetune", "--budgets", "0.05", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "already in" in out.err and "persists" in out.out
