@@ -62,8 +62,10 @@ def pid_alive(pid: int) -> bool:
 def orphan(entry: Path, name: str | None = None, owned: bool = False) -> bool:
     """Whether `entry` is a temporary file left by a dead writer (of target `name`, when given).
 
-    `owned`: the caller holds the lock of the folder (a run directory), so a temporary file written before
-    temporary names carried a PID, or by a process on another host, is an orphan too. A live process on this
+    `owned`: the caller holds the lock of the folder (a run directory), so a temporary file written by a process
+    on another host is an orphan too, and so is one written before temporary names carried a PID
+    (`.NAME.RANDOM.tmp`) when NAME is a file signtrap writes there (the folder's write record, its kind's known
+    names, a run's files): a user's own `.notes.v2.tmp` is not signtrap's to remove. A live process on this
     host keeps its files in any case (an export may write beside its target inside a run directory).
     """
     match = _TMP.match(entry.name)
@@ -73,8 +75,13 @@ def orphan(entry: Path, name: str | None = None, owned: bool = False) -> bool:
         if match["host"] != HOST_ID:
             return owned
         return not pid_alive(int(match["pid"]))
-    legacy = entry.name.startswith(".") and entry.name.endswith(".tmp")
-    return owned and legacy and (name is None or entry.name.startswith(f".{name}."))
+    if not (owned and entry.name.startswith(".") and entry.name.endswith(".tmp")):
+        return False
+    target = entry.name[1:-len(".tmp")].rpartition(".")[0]  # .NAME.RANDOM.tmp -> NAME
+    if not target or (name is not None and target != name):
+        return False
+    known = (written(entry.parent) or set()) | legacy_names(entry.parent) | set(layout.RUN_NAMES) | {layout.REPORT_JSON}
+    return target in known
 
 
 def clean_orphans(directory: str | os.PathLike, name: str | None = None, owned: bool = False) -> list[Path]:
