@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.read:
                 continue
             extra = [f"probe.reference={ref}"] if ref is not None else []
+            extra.append("probe.always=true")  # this benchmark measures the probe: trained even where the verdict is decided before it
             # the public API, as a user calls it (the run lock, the core budget); every defence probed (probe.enabled)
             for report in signtrap.defend(run, methods, device=args.device, overrides=[*args.overrides, *extra]):
                 method = report["method"]

@@ -21,7 +21,7 @@ from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
 from signtrap.training.loop import Loop, Schedule
 from signtrap.probing import reactivation
-from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, newcombe,
+from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, format_table, newcombe,
                                            probe_schedule, probe_set, verdict)
 from signtrap.runs.state import LOCK_FILE, WRITTEN
 from test_defences import tree_hash
@@ -191,8 +191,8 @@ def test_probe_wakes_a_suppressed_backdoor_and_not_a_clean_model(session):
 def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_run, capsys, monkeypatch):
     monkeypatch.setattr(reactivation, "CURVE_POINTS", 2)  # the tiny probe has 5 epochs: its curve measured at 3 and 5
     before = tree_hash(run_copy, skip_defences=True)
-    reports = run_defences(run_copy, "finetune", [*FAST, "finetune.epochs=1", f"probe.reference={tiny_zero_run}"], "cpu",
-                           show_progress=False)
+    reports = run_defences(run_copy, "finetune", [*FAST, "finetune.epochs=1", f"probe.reference={tiny_zero_run}", "probe.always=true"],
+                           "cpu", show_progress=False)
     assert tree_hash(run_copy, skip_defences=True) == before
     out = run_copy / "defence-finetune"
     report = json.loads((out / "report.json").read_text())
@@ -215,6 +215,19 @@ def test_defend_probes_every_defence_that_returns_a_model(run_copy, tiny_zero_ru
 
     table = comparison_table(reports)
     assert "re-activation probe" in table and "zero-poison model" in table and "backdoored (no defence)" in table
+
+
+def test_a_model_that_never_suppressed_the_backdoor_is_not_probed(session):
+    """Work not done: when the measurements before the probe decide the verdict (persists), no probe trains."""
+    prober = session.prober
+    trained = {key for key in prober._cache if key[1] != "before"}
+    record = prober.compare(prober.backdoored, "untouched", trained_lr=1e-3)
+    assert record["trained"] is False and record["verdict"]["verdict"] == "persists"
+    assert record["model"]["after"] is None and record["ends"] is None and record["curves"] == {}
+    assert {key for key in prober._cache if key[1] != "before"} == trained  # nothing was probed for it
+    diff = newcombe(record["model"]["before"]["held_out"]["asr"], record["reference"]["before"]["held_out"]["asr"])
+    assert record["verdict"]["before_diff"] == diff and diff[1] > prober.settings.margin
+    assert "not trained" in format_table([record])
 
 
 def test_a_budget_too_small_for_the_probe_skips_it_and_keeps_the_defence(run_copy, capsys):

@@ -395,7 +395,9 @@ def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str 
     Keywords are the probe's settings (`k=10`, `steps=500`) or the defend section's (`clean_fraction=0.1`).
     Writes probe.json beside the probed model and returns its record: "verdict" (removed / hidden / persists /
     inconclusive, with its reason), "model" and "reference" (held-out ASR and clean accuracy before and after
-    the probe), "ends" (the undefended and zero-poison models, probed at the same settings)."""
+    the probe), "ends" (the undefended and zero-poison models, probed at the same settings). `signtrap.defend`'s
+    probe of a defence that never suppressed the backdoor is not trained (its "after" is None, "trained" false:
+    the verdict, persists, was decided before it) unless probe.always=true."""
     run_dir = _dir(run)
     defence = _str(defence, "defence", optional=True)
     reference = _opt_path(reference, "reference")

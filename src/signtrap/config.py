@@ -276,6 +276,7 @@ class ProbeConfig:
     max_clean_drop: float = 0.1  # verdict inconclusive when the probe itself costs a model more clean accuracy than this
     reference: str | None = None  # the zero-poison run; None: RUNS/NAME-zero next to the run, trained on demand
     train_reference: bool = True  # train the zero-poison reference when there is none (once, cached)
+    always: bool = False  # also probe a defence that did not suppress the backdoor (its verdict, persists, is decided before the probe)
 
     def check(self) -> None:
         require(1 <= self.k <= 100_000, "defend.probe.k", f"{self.k} is outside 1..100000")

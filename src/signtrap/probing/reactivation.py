@@ -19,6 +19,12 @@ The probe (settings: `defend.probe`, `signtrap.config.ProbeConfig`):
   than the training (SynthSigns' demo: 43 epochs of 7 steps per probed model). Measuring trains nothing, so the
   probed model and the verdict do not depend on it.
 
+Work not done: a defence whose repaired model's held-out ASR is, before any probe, already more than the margin
+above the zero-poison model's has not suppressed the backdoor, and its verdict (persists) does not depend on what
+the probe would do; its probe is not trained (probe.json says so, with the before-probe figures that decided it),
+nor are the zero-poison and undefended models probed for it. `probe.always=true` trains it anyway (the curve), as
+`signtrap probe` does for the model it is pointed at.
+
 The identical probe runs on the zero-poison model of the same config (attack.kind=none, same seed, data, model and
 training settings: `--reference RUN`, or RUNS/NAME-zero next to the run, trained on demand once and reused).
 
@@ -160,18 +166,28 @@ def newcombe(a: dict, b: dict) -> tuple[float, float, float] | None:
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
+def decided_before(model_before: dict, reference_before: dict, margin: float) -> dict | None:
+    """The verdict when the measurements before the probe already decide it (persists: the backdoor was never
+    suppressed), else None: the probe must run."""
+    before = newcombe(model_before["held_out"]["asr"], reference_before["held_out"]["asr"])
+    if before is None or not before[1] > margin:
+        return None
+    return {"margin": margin, "before_diff": before, "after_diff": None, "verdict": "persists",
+            "reason": f"before the probe its ASR is {100 * before[0]:+.1f} points [{100 * before[1]:+.1f}, {100 * before[2]:+.1f}] "
+                      f"from the zero-poison model's: more than {100 * margin:g} above, the backdoor was never suppressed"}
+
+
 def verdict(model: dict, reference: dict, margin: float, max_clean_drop: float = 0.1) -> dict:
     """Removed, hidden, persists or inconclusive (rule in the module docstring) from two probe results."""
+    decided = decided_before(model["before"], reference["before"], margin)
+    if decided is not None:
+        return {**decided, "after_diff": newcombe(model["after"]["held_out"]["asr"], reference["after"]["held_out"]["asr"])}
     before = newcombe(model["before"]["held_out"]["asr"], reference["before"]["held_out"]["asr"])
     after = newcombe(model["after"]["held_out"]["asr"], reference["after"]["held_out"]["asr"])
     out = {"margin": margin, "before_diff": before, "after_diff": after}
     if before is None or after is None:
         return {**out, "verdict": "inconclusive", "reason": "no held-out triggered images to measure ASR on"}
     pct = f"{100 * margin:g}"
-    if before[1] > margin:
-        return {**out, "verdict": "persists",
-                "reason": f"before the probe its ASR is {100 * before[0]:+.1f} points [{100 * before[1]:+.1f}, {100 * before[2]:+.1f}] "
-                          f"from the zero-poison model's: more than {pct} above, the backdoor was never suppressed"}
     for who, result in (("the probed model", model), ("the zero-poison model", reference)):
         change = result.get("clean_acc_change")
         if isinstance(change, (int, float)) and change < -max_clean_drop:  # an ASR read off a broken model means nothing
@@ -384,6 +400,13 @@ class Prober:
                 "steps": schedule.epochs * schedule.steps_per_epoch(len(self.data.labels)), "before": before, "after": after,
                 "clean_acc_change": change, "curve": curve, "seconds": round(time.perf_counter() - start, 2)}
 
+    def measured(self, which: str) -> dict:
+        """A model's held-out metrics before any probe (the zero-poison reference's or the undefended one's), measured once."""
+        key = (which, "before")
+        if key not in self._cache:
+            self._cache[key] = self.measure(self.reference() if which == "reference" else self.backdoored)
+        return self._cache[key]
+
     def cached(self, which: str, lr: float) -> dict:
         """The probe of the zero-poison reference or of the undefended model at `lr`, computed once."""
         key = (which, lr)
@@ -398,6 +421,11 @@ class Prober:
         first learning rate used. Returns the record written to probe.json, with the seconds this call took."""
         start = time.perf_counter()
         lr = self.lr_for(trained_lr)
+        if model is not None and not self.settings.always:
+            before = self.measure(model)
+            decided = decided_before(before, self.measured("reference"), self.settings.margin)
+            if decided is not None:
+                return self.untrained(label, lr, before, decided, start)
         if self._ends_lr is None:
             self._ends_lr = lr
         reference = self.cached("reference", lr)
@@ -416,6 +444,21 @@ class Prober:
                 "curves": {"model": probed["curve"], "reference": reference["curve"], "backdoored": ends["backdoored"]["curve"],
                            "ends_reference": ends["reference"]["curve"]},
                 "rule": RULE.format(margin=100 * margin, max_drop=100 * self.settings.max_clean_drop),
+                "seconds": round(time.perf_counter() - start, 2)}
+
+
+    def untrained(self, label: str, lr: float, before: dict, decided: dict, start: float) -> dict:
+        """probe.json's record for a model whose verdict the measurements before the probe decided: no probe trained."""
+        note = ("not trained: the verdict was decided before the probe (the backdoor was never suppressed); "
+                "probe.always=true trains it anyway")
+        return {"label": label, "settings": {**dataclasses.asdict(self.settings), "lr": lr}, "k": len(self.rows),
+                "poisoned_budget_rows": [int(r) for r in (self.clean.rows[self.rows] if self.clean.rows is not None else self.rows)],
+                "budget_images": len(self.clean), "reference_dir": str(self.reference_dir), "trained": False, "note": note,
+                "verdict": decided, "model": {"label": label, "lr": lr, "before": before, "after": None, "clean_acc_change": None},
+                "reference": {"label": "zero-poison model", "lr": lr, "before": self.measured("reference"), "after": None,
+                              "clean_acc_change": None},
+                "ends": None, "curves": {},
+                "rule": RULE.format(margin=100 * self.settings.margin, max_drop=100 * self.settings.max_clean_drop),
                 "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -467,9 +510,10 @@ def table_rows(records: list[dict]) -> list[list[str]]:
     rows, ends = [], {}
     for r in records:
         m, ref = r["model"], r["reference"]
-        rows.append([r["label"], f"{r['settings']['lr']:g}", _rate(m["before"]["held_out"]["asr"]), _rate(m["after"]["held_out"]["asr"]),
-                     _rate(ref["after"]["held_out"]["asr"]), _pts(m["clean_acc_change"]), r["verdict"]["verdict"]])
-        ends.setdefault(r["ends"]["lr"], r["ends"])
+        rows.append([r["label"], f"{r['settings']['lr']:g}", _rate(m["before"]["held_out"]["asr"]), _after(m), _after(ref),
+                     _pts(m["clean_acc_change"]), r["verdict"]["verdict"]])
+        if r.get("ends"):
+            ends.setdefault(r["ends"]["lr"], r["ends"])
     for lr, e in ends.items():
         for key, verdict_of in (("backdoored", e["backdoored_verdict"]["verdict"]), ("reference", "reference")):
             x = e[key]
@@ -481,6 +525,11 @@ def table_rows(records: list[dict]) -> list[list[str]]:
 
 
 HEADERS = ["model", "probe lr", "ASR before probe", "ASR after probe", "zero-poison after probe", "clean acc change", "verdict"]
+
+
+def _after(result: dict) -> str:
+    """ASR after the probe, or why there is none (a verdict decided before the probe trains no probe)."""
+    return "not trained" if result.get("after") is None else _rate(result["after"]["held_out"]["asr"])
 
 
 def _pts(change: float | None) -> str:

@@ -163,7 +163,10 @@ def probe_section(run) -> Section:
                           highlight=[i for i, row in enumerate(table_rows(records)) if row[-1] == "hidden"]))
     s.blocks.append(P(r0["rule"] + "."))
     for r in records:
-        s.blocks.append(P(f"{r['label']}: {r['verdict']['verdict']}: {r['verdict']['reason']}."))
+        untrained = f" The probe was {r['note']}." if r.get("trained") is False and r.get("note") else ""
+        s.blocks.append(P(f"{r['label']}: {r['verdict']['verdict']}: {r['verdict']['reason']}.{untrained}"))
+    if not any(r.get("curves") for r in records):
+        return s  # every verdict was decided before the probe: no curve to draw
     png = safe(s, "the probe curves", probe_figure, records)
     if png:
         s.blocks.append(Img("probe_curves", png, "ASR on the monitor split during the probe: each probed defence (colours), the "
@@ -189,8 +192,8 @@ def probe_figure(records: list[dict]) -> bytes:
         if lr not in seen:  # the zero-poison model at this defence's learning rate
             seen.add(lr)
             line(curves.get("reference") or [], color="grey", linestyle="--", label=f"zero-poison (lr {lr:g})")
-        ends_lr = r["ends"]["lr"]
-        if ("ends", ends_lr) not in seen:
+        ends_lr = (r.get("ends") or {}).get("lr")  # none when the verdict was decided before the probe
+        if ends_lr is not None and ("ends", ends_lr) not in seen:
             seen.add(("ends", ends_lr))
             line(curves.get("backdoored") or [], color="black", label=f"undefended (lr {ends_lr:g})")
     ax.set_xlabel("probe epoch (0: before)")

@@ -402,6 +402,9 @@ class SigntrapStages:
                     "nothing to probe: the defence changed no model (detector or filter)")
         record = read_json(folder / layout.PROBE)
         m, ref = record["model"], record["reference"]
+        if m.get("after") is None:  # the verdict was decided before the probe: none trained
+            return (f"{record['verdict']['verdict']}: held-out ASR {_rate(m['before']['held_out']['asr'])} against the zero-poison "
+                    f"twin's {_rate(ref['before']['held_out']['asr'])} before any probe; the probe was not trained (probe.always=true trains it)")
         return (f"{record['verdict']['verdict']}: held-out ASR {_rate(m['before']['held_out']['asr'])} -> "
                 f"{_rate(m['after']['held_out']['asr'])} with k={record['k']} (zero-poison twin -> "
                 f"{_rate(ref['after']['held_out']['asr'])})")
