@@ -57,7 +57,8 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     target = Path(target)
     run_dir, folder, _ = resolve_target(target)
     refuse_foreign(target / layout.PROBE)  # the write rule, before minutes of probing
-    session = Session.open(run_dir, probe_overrides(overrides, reference), device, show_progress)
+    # asked for by name, the probe trains even where the verdict is decided before it (always=false turns that off)
+    session = Session.open(run_dir, ["probe.always=true", *probe_overrides(overrides, reference)], device, show_progress)
     prober = session.prober  # checks k against the budget
     prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
     if folder is not None:
