@@ -27,7 +27,7 @@ TIMES = {
     "01": "full size about 6 min (six small models), fast size about 1 min",
     "02": "full size about 6 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
     "03": "full size about 1 min (plus 1 min if lab 1 has not trained its model yet), fast size under 1 min",
-    "04": "full size about 20 min (four small models, eight probes, two detector runs), fast size about 2 min",
+    "04": "full size about 20 min before its PAM section, which adds one defence and its probe (not re-timed), fast size about 2 min",
     "05": "full size about 4 min on SynthSigns (real GTSRB much longer), fast size about 1.5 min",
     "06": "full size about 6 min (three small models, two physical evaluations), fast size about 2 min",
 }
