@@ -446,7 +446,6 @@ class Prober:
                 "rule": RULE.format(margin=100 * margin, max_drop=100 * self.settings.max_clean_drop),
                 "seconds": round(time.perf_counter() - start, 2)}
 
-
     def untrained(self, label: str, lr: float, before: dict, decided: dict, start: float) -> dict:
         """probe.json's record for a model whose verdict the measurements before the probe decided: no probe trained."""
         note = ("not trained: the verdict was decided before the probe (the backdoor was never suppressed); "

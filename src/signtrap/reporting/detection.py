@@ -155,10 +155,16 @@ def probe_section(run) -> Section:
                              "probes one."))
         return s
     r0 = records[0]
-    s.blocks.append(P(f"Each repaired model was fine-tuned on the defender's {r0['budget_images']} clean images plus k={r0['k']} "
-                      f"poisoned ones (~{r0['settings']['steps']} steps at the defence's learning rate); the identical probe ran on "
-                      "the undefended model and on the zero-poison model of the same config. A defence whose model re-learns the "
-                      "backdoor no faster than the zero-poison model removed it; one whose ASR jumps back far above it only hid it."))
+    if all(r.get("trained") is False for r in records):
+        s.blocks.append(P("No probe was trained: before any probe, every repaired model's held-out ASR was already more than "
+                          "the margin above the zero-poison model's, which decides the verdict (persists) whatever a probe "
+                          f"would do. `defend.probe.always=true` trains the probes anyway (k={r0['k']} poisoned images added to "
+                          f"the defender's {r0['budget_images']} clean ones, ~{r0['settings']['steps']} steps)."))
+    else:
+        s.blocks.append(P(f"Each repaired model was fine-tuned on the defender's {r0['budget_images']} clean images plus k={r0['k']} "
+                          f"poisoned ones (~{r0['settings']['steps']} steps at the defence's learning rate); the identical probe ran on "
+                          "the undefended model and on the zero-poison model of the same config. A defence whose model re-learns the "
+                          "backdoor no faster than the zero-poison model removed it; one whose ASR jumps back far above it only hid it."))
     s.blocks.append(Table(PROBE_HEADERS, table_rows(records),
                           highlight=[i for i, row in enumerate(table_rows(records)) if row[-1] == "hidden"]))
     s.blocks.append(P(r0["rule"] + "."))
