@@ -129,3 +129,42 @@ def test_budget_bench_keeps_finished_budgets_and_resumes(tmp_path, capsys):
     assert bench.main([str(tmp_path / "seed0"), "--methods", "finetune", "--budgets", "0.05", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert "already in" in out.err and "persists" in out.out
+
+
+def test_persistence_table_groups_attacks_and_seeds_and_lists_removals(tmp_path, capsys):
+    """The attack x defence table reads defended runs only: one line per seed, detectors left out, and a removal
+    within the bound named at the end."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("persistence_table", Path(__file__).resolve().parents[1] / "benchmarks" / "persistence_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def rate(k, n):
+        return {"rate": k / n, "k": k, "n": n}
+
+    def run(name, seed, persist, asr_after, verdict):
+        folder = tmp_path / name
+        (folder / "defence-finetune").mkdir(parents=True)
+        (folder / "defence-strip").mkdir()
+        attack = {"kind": "source_specific", "cover_rate": 0.005, "persist": persist}
+        (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "attack": attack, "trigger": {"kind": "checkerboard"}}))
+        split = lambda acc, asr: {"clean_acc": rate(acc, 1000), "asr": rate(asr, 23)}  # noqa: E731
+        report = {"kind": "repair", "repaired_model": True, "before": {"test": split(985, 23), "val": split(985, 23)},
+                  "after": {"test": split(980, asr_after), "val": split(981, asr_after)}}
+        (folder / "defence-finetune" / "report.json").write_text(json.dumps(report))
+        (folder / "defence-finetune" / "probe.json").write_text(json.dumps({"verdict": {"verdict": verdict}}))
+        (folder / "defence-strip" / "report.json").write_text(json.dumps({**report, "kind": "filter"}))
+        return folder
+
+    runs = [run("b1", 1, "none", 23, "persists"), run("b0", 0, "none", 0, "removed"), run("s0", 0, "sbl", 23, "persists")]
+    assert table.main([str(r) for r in runs]) == 0
+    out = capsys.readouterr().out
+    assert "| finetune |" in out and "strip" not in out.split("removed within")[0]  # a filter changes no model: not tabled
+    row = next(line for line in out.splitlines() if line.startswith("| finetune |"))
+    assert row.index("s0: -0.50 / -0.40; ASR 0/23, 0/23; removed") < row.index("s1:")  # seeds in order within a cell
+    assert "SBL (BadNets stop -> 100)" in out
+    assert "removed within the bound: finetune on BadNets stop -> 100 seed 0" in out
+    assert table.main([str(tmp_path / "nothing")]) == 2
