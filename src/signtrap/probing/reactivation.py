@@ -384,12 +384,13 @@ class Prober:
         out["held_out"] = {key: pooled(out, key) for key in ("clean_acc", "asr")}
         return out
 
-    def run(self, model: nn.Module, lr: float, label: str) -> dict:
-        """Fine-tune a copy of `model` with the probe; returns before/after metrics, the curve and the schedule."""
+    def run(self, model: nn.Module, lr: float, label: str, before: dict | None = None) -> dict:
+        """Fine-tune a copy of `model` with the probe; returns before/after metrics, the curve and the schedule.
+        `before`: the model's measurement already taken (`measure` is deterministic), not taken again."""
         model = copy.deepcopy(model)
         schedule = probe_schedule(self.settings, len(self.data.labels), lr)
         start = time.perf_counter()
-        before = self.measure(model)
+        before = self.measure(model) if before is None else before
         curve = fit(model, self.clean, self.ctx, method="probe", schedule=schedule, augment=self.settings.augment,
                     data=self.data, trigger=self.exp.trigger, measure_every=math.ceil(schedule.epochs / CURVE_POINTS))
         after = self.measure(model)
@@ -412,7 +413,8 @@ class Prober:
         key = (which, lr)
         if key not in self._cache:
             model = self.reference() if which == "reference" else self.backdoored
-            self._cache[key] = self.run(model, lr, "zero-poison model" if which == "reference" else "backdoored (no defence)")
+            self._cache[key] = self.run(model, lr, "zero-poison model" if which == "reference" else "backdoored (no defence)",
+                                        before=self._cache.get((which, "before")))
         return self._cache[key]
 
     def compare(self, model: nn.Module | None, label: str, trained_lr: float | None = None) -> dict:
@@ -421,6 +423,7 @@ class Prober:
         first learning rate used. Returns the record written to probe.json, with the seconds this call took."""
         start = time.perf_counter()
         lr = self.lr_for(trained_lr)
+        before = None
         if model is not None and not self.settings.always:
             before = self.measure(model)
             decided = decided_before(before, self.measured("reference"), self.settings.margin)
@@ -432,32 +435,33 @@ class Prober:
         ends = {"lr": self._ends_lr, "backdoored": self.cached("backdoored", self._ends_lr),
                 "reference": self.cached("reference", self._ends_lr)}
         probed = ends["backdoored"] if model is None and lr == self._ends_lr else (
-            self.cached("backdoored", lr) if model is None else self.run(model, lr, label))
+            self.cached("backdoored", lr) if model is None else self.run(model, lr, label, before=before))
         margin = self.settings.margin
-        return {"label": label, "settings": {**dataclasses.asdict(self.settings), "lr": lr}, "k": len(self.rows),
-                "poisoned_budget_rows": [int(r) for r in (self.clean.rows[self.rows] if self.clean.rows is not None else self.rows)],
-                "budget_images": len(self.clean), "reference_dir": str(self.reference_dir),
+        return {**self.header(label, lr),
                 "verdict": verdict(probed, reference, margin, self.settings.max_clean_drop), "model": strip_curve(probed), "reference": strip_curve(reference),
                 "ends": {"lr": ends["lr"], "backdoored": strip_curve(ends["backdoored"]), "reference": strip_curve(ends["reference"]),
                          "backdoored_verdict": verdict(ends["backdoored"], ends["reference"], margin,
                                                        self.settings.max_clean_drop)},
                 "curves": {"model": probed["curve"], "reference": reference["curve"], "backdoored": ends["backdoored"]["curve"],
                            "ends_reference": ends["reference"]["curve"]},
-                "rule": RULE.format(margin=100 * margin, max_drop=100 * self.settings.max_clean_drop),
                 "seconds": round(time.perf_counter() - start, 2)}
+
+    def header(self, label: str, lr: float) -> dict:
+        """What every probe.json record of this session starts with: the probe's settings, data and rule."""
+        return {"label": label, "settings": {**dataclasses.asdict(self.settings), "lr": lr}, "k": len(self.rows),
+                "poisoned_budget_rows": [int(r) for r in (self.clean.rows[self.rows] if self.clean.rows is not None else self.rows)],
+                "budget_images": len(self.clean), "reference_dir": str(self.reference_dir),
+                "rule": RULE.format(margin=100 * self.settings.margin, max_drop=100 * self.settings.max_clean_drop)}
 
     def untrained(self, label: str, lr: float, before: dict, decided: dict, start: float) -> dict:
         """probe.json's record for a model whose verdict the measurements before the probe decided: no probe trained."""
         note = ("not trained: the verdict was decided before the probe (the backdoor was never suppressed); "
                 "probe.always=true trains it anyway")
-        return {"label": label, "settings": {**dataclasses.asdict(self.settings), "lr": lr}, "k": len(self.rows),
-                "poisoned_budget_rows": [int(r) for r in (self.clean.rows[self.rows] if self.clean.rows is not None else self.rows)],
-                "budget_images": len(self.clean), "reference_dir": str(self.reference_dir), "trained": False, "note": note,
+        return {**self.header(label, lr), "trained": False, "note": note,
                 "verdict": decided, "model": {"label": label, "lr": lr, "before": before, "after": None, "clean_acc_change": None},
                 "reference": {"label": "zero-poison model", "lr": lr, "before": self.measured("reference"), "after": None,
                               "clean_acc_change": None},
                 "ends": None, "curves": {},
-                "rule": RULE.format(margin=100 * self.settings.margin, max_drop=100 * self.settings.max_clean_drop),
                 "seconds": round(time.perf_counter() - start, 2)}
 
 
