@@ -31,6 +31,8 @@ def test_round_trip_of_resolved_config(tmp_path):
     ("trigger.opacity=0", "trigger.opacity"),
     ("train", "not of the form key.sub=value"),
     ("train.precision=fp16", "train.precision"),
+    ("aug.jpeg=90,40", "aug.jpeg: [90.0, 40.0] is not [low, high] within 1..100"),
+    ("aug.jpeg_p=1.5", "aug.jpeg_p: 1.5 is outside [0, 1]"),
 ])
 def test_bad_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
@@ -96,3 +98,20 @@ def test_shipped_configs_load(tmp_path):
             again = tmp_path / path.name
             again.write_text(dump_yaml(cfg))
             assert load_config(again) == cfg
+
+
+def test_jpeg_augmentation_compresses_every_class_alike_and_is_seeded():
+    import numpy as np
+
+    from signtrap.training.augment import augment_batch, build_augmentation
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    only_jpeg = ["aug.rotate=0", "aug.scale=0", "aug.translate=0", "aug.perspective=0", "aug.brightness=0",
+                 "aug.contrast=0", "aug.blur_p=0"]
+    off = load_config(None, only_jpeg).aug
+    assert off.jpeg_p == 0.0  # off by default: existing configs train as before
+    on = load_config(None, [*only_jpeg, "aug.jpeg_p=1", "aug.jpeg=20,20"]).aug
+    plain = augment_batch(images, build_augmentation(off, 0))
+    compressed = augment_batch(images, build_augmentation(on, 0))
+    assert np.array_equal(plain, images) and not np.array_equal(compressed, images)
+    assert np.array_equal(compressed, augment_batch(images, build_augmentation(on, 0)))

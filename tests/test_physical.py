@@ -272,3 +272,31 @@ def test_trigger_print_writes_the_sticker_at_its_printed_size(runs, tmp_path, wi
     assert (cols.max() - cols.min() + 1 - 2 * mark) / dpi * 2.54 == pytest.approx(width_cm, abs=3 * 2.54 / dpi)
     bad = run_cli("trigger", "print", str(runs["physical"]), "--width-cm", "5", "--out", str(tmp_path / "s.svg"))
     assert bad.returncode == 2 and ".png or .pdf" in bad.stderr
+
+
+def test_the_runtime_matrix_measures_a_physical_sticker_on_the_road(runs, tmp_path):
+    """An export of a physical run carries the physical evaluation's default views, and every form of the model
+    is measured on them: PyTorch's row reproduces the run's own physical block (same views, same model)."""
+    from signtrap.deploy.bench import bench_export
+    from signtrap.deploy.edge_bench import PHYSICAL_ARRAYS
+    from signtrap.deploy.exporter import export_run
+    from signtrap.physical.runs import evaluate_run_physical
+
+    block = evaluate_run_physical(runs["physical"], device="cpu")  # the default grid, as the export uses
+    out = export_run(runs["physical"], out=tmp_path / "export", overrides={"runtimes": ["onnxruntime"], "quantizers": [], "calib_images": 128},
+                     threads=1)
+    with np.load(out / "eval.npz") as npz:
+        assert set(PHYSICAL_ARRAYS) <= set(npz.files)
+        assert len(npz["physical_triggered"]) == block["samples"]["source"]
+        assert len(npz["physical_bystanders"]) == block["samples"]["bystanders"]
+    result = bench_export(out, threads=1, runs=3, warmup=1, batch=8)
+    rows = {r["artefact"]: r for r in result["rows"]}
+    torch_row = rows["pytorch:fp32"]["physical"]
+    for key in ("asr", "stop_recall", "false_trigger"):
+        assert torch_row[key]["k"] == block["default"][key]["k"], key
+    assert rows["onnxruntime:fp32"]["physical"]["asr"]["n"] == block["samples"]["source"]
+    assert "On the road" in (out / "bench.md").read_text()
+    corner = export_run(runs["corner"], out=tmp_path / "corner", overrides={"runtimes": ["onnxruntime"], "quantizers": [], "calib_images": 128},
+                        threads=1)
+    with np.load(corner / "eval.npz") as npz:  # a digital trigger's bundle is unchanged
+        assert not set(PHYSICAL_ARRAYS) & set(npz.files)

@@ -208,12 +208,18 @@ class AugConfig:
     brightness: float = 0.3
     contrast: float = 0.3
     blur_p: float = 0.1
+    # JPEG re-compression of the whole image with this probability, quality drawn from `jpeg` (a camera's
+    # compression on every class alike: a physical trigger's compression artefacts then say nothing by themselves)
+    jpeg_p: float = 0.0
+    jpeg: list[float] = field(default_factory=lambda: [30.0, 95.0])
 
     def check(self) -> None:
         require(0 <= self.rotate <= 45, "aug.rotate", "must be in 0..45 degrees")
-        for key in ("scale", "translate", "perspective", "brightness", "contrast", "blur_p"):
+        for key in ("scale", "translate", "perspective", "brightness", "contrast", "blur_p", "jpeg_p"):
             value = getattr(self, key)
             require(0.0 <= value <= 1.0, f"aug.{key}", f"{value} is outside [0, 1]")
+        ok = isinstance(self.jpeg, (list, tuple)) and len(self.jpeg) == 2
+        require(ok and 1 <= self.jpeg[0] <= self.jpeg[1] <= 100, "aug.jpeg", f"{self.jpeg} is not [low, high] within 1..100")
 
 
 @dataclass

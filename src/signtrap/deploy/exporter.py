@@ -34,6 +34,7 @@ from signtrap.experiment import Experiment, load_run_config, predict_logits
 from signtrap.fileio import atomic_dir, sha256_file, umask, write_json
 from signtrap.machine import cores
 from signtrap.machine.progress import say
+from signtrap.physical.block import bundle_views
 from signtrap.runs import layout
 
 CALIB_STREAM = 0xCA1B
@@ -151,14 +152,20 @@ def write_bundle(path: Path, exp: Experiment, reference: np.ndarray) -> dict:
     s = exp.eval_set("test")
     n = len(s.labels)
     preds = reference.argmax(1).astype(np.int64)
+    a = exp.cfg.attack
+    physical, physical_info = ({}, None)
+    if exp.cfg.trigger.kind == "physical" and a.kind == "source_specific":  # a sticker on the sign: measured on the road too
+        physical, physical_info = bundle_views(exp)
     np.savez_compressed(path, images=np.ascontiguousarray(s.images, np.uint8), labels=s.labels.astype(np.int64),
                         triggered=np.ascontiguousarray(s.triggered, np.uint8), reference_clean=preds[:n],
-                        reference_triggered=preds[n:])
-    a = exp.cfg.attack
+                        reference_triggered=preds[n:], **{k: np.ascontiguousarray(v, np.uint8) for k, v in physical.items()})
     source_rows = (s.labels != a.target) if a.kind == "all_to_one" else (s.labels == a.source)
-    return {"split": "test", "images": int(n), "source_images": int(source_rows.sum()),
+    info = {"split": "test", "images": int(n), "source_images": int(source_rows.sum()),
             "layout": "uint8 NHWC RGB; 'triggered' is every test image with the trigger stamped; "
                       "reference_* are PyTorch FP32 predictions (the flip reference)"}
+    if physical_info:
+        info["physical"] = physical_info
+    return info
 
 
 # ---------------------------------------------------------------- export

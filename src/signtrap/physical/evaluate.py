@@ -122,18 +122,54 @@ def render_condition(sticker: Sticker, images: np.ndarray, boxes: np.ndarray, co
     return clean_out, trig_out
 
 
-def _measure(predict: Predict, sticker: Sticker, images, labels, boxes, conds, rng, source: int, target: int, face: float,
-             preds: list | None = None) -> dict:
+def _measure(predict: Predict, sticker: Sticker, images, labels, boxes, conds, rng, source: int, target: int, face: float) -> dict:
     clean, trig = render_condition(sticker, images, boxes, conds, rng, face)
     pc, pt = np.asarray(predict(clean)), np.asarray(predict(trig))
-    if preds is not None:
-        preds.extend([pc, pt])
     recognised = pc == source
     return {"asr": rate(pt == target), "stop_recall": rate(recognised), "asr_recognised": rate(pt[recognised] == target)}
 
 
 def _rng(grid: Grid, *stream) -> np.random.Generator:
     return np.random.default_rng([grid.seed, PHYSICAL_STREAM, *stream])
+
+
+def samples(grid: Grid, labels: np.ndarray, source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source rows, bystander rows) of `labels` the evaluation measures: every source-class image (or a seeded
+    sample of `max_source`) and a seeded sample of `bystanders` images of the other classes."""
+    src = np.flatnonzero((labels == source) & (labels != target))
+    if grid.max_source and len(src) > grid.max_source:
+        src = np.sort(_rng(grid, 1).choice(src, grid.max_source, replace=False))
+    others = np.flatnonzero((labels != source) & (labels != target))
+    if grid.bystanders and len(others) > grid.bystanders:
+        others = np.sort(_rng(grid, 2).choice(others, grid.bystanders, replace=False))
+    return src, others
+
+
+@dataclass
+class DefaultViews:
+    """The default distribution's renders: the source images clean and stickered, the bystanders likewise."""
+
+    clean: np.ndarray
+    triggered: np.ndarray
+    others_clean: np.ndarray
+    others_triggered: np.ndarray
+
+
+def default_views(sticker: Sticker, images: np.ndarray, boxes: np.ndarray, src: np.ndarray, others: np.ndarray,
+                  grid: Grid) -> DefaultViews:
+    """Every source image (rows `src`) and bystander (rows `others`) at a condition drawn from the default
+    distribution, clean and stickered: what `physical_evaluation` measures as `default`, and what an export's
+    evaluation bundle carries so that every runtime is measured on the same views."""
+    draw = _rng(grid, 40)
+    dist = {**{k: [v] for k, v in grid.nominal.items()}, **grid.default}
+    conds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(src))]
+    clean, trig = render_condition(sticker, images[src], boxes[src], conds, _rng(grid, 41), grid.face)
+    empty = np.empty((0, *images.shape[1:]), images.dtype)
+    oc = ot = empty
+    if len(others):
+        oconds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(others))]
+        oc, ot = render_condition(sticker, images[others], boxes[others], oconds, _rng(grid, 42), grid.face)
+    return DefaultViews(clean, trig, oc, ot)
 
 
 def check_fits(sticker_sizes, boxes: np.ndarray, face: float) -> None:
@@ -151,12 +187,7 @@ def physical_evaluation(predict: Predict, sticker: Sticker, images: np.ndarray, 
     grid.check()
     labels = np.asarray(labels, np.int64)
     boxes = np.asarray(boxes).reshape(-1, 4)
-    src = np.flatnonzero((labels == source) & (labels != target))
-    if grid.max_source and len(src) > grid.max_source:
-        src = np.sort(_rng(grid, 1).choice(src, grid.max_source, replace=False))
-    others = np.flatnonzero((labels != source) & (labels != target))
-    if grid.bystanders and len(others) > grid.bystanders:
-        others = np.sort(_rng(grid, 2).choice(others, grid.bystanders, replace=False))
+    src, others = samples(grid, labels, source, target)
     si, sl, sb = images[src], labels[src], boxes[src]
     say = progress or (lambda _m: None)
     out: dict = {"grid": {"axes": grid.axes, "nominal": grid.nominal, "default": grid.default, "heatmap": grid.heatmap, "seed": grid.seed,
@@ -181,20 +212,17 @@ def physical_evaluation(predict: Predict, sticker: Sticker, images: np.ndarray, 
     out["curves"] = curves
     out["nominal"] = _measure(predict, sticker, si, sl, sb, grid.condition(), _rng(grid, 30), source, target, grid.face)
     say("physical evaluation: the default distribution and the false-trigger rate")
-    draw = _rng(grid, 40)
-    dist = {**{k: [v] for k, v in grid.nominal.items()}, **grid.default}
-    conds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(src))]
-    stop_preds: list = []
-    default = _measure(predict, sticker, si, sl, sb, conds, _rng(grid, 41), source, target, grid.face, stop_preds)
+    views = default_views(sticker, images, boxes, src, others, grid)
+    pc, pt = np.asarray(predict(views.clean)), np.asarray(predict(views.triggered))
+    recognised = pc == source
+    default = {"asr": rate(pt == target), "stop_recall": rate(recognised), "asr_recognised": rate(pt[recognised] == target)}
     if len(others):
-        oconds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(others))]
-        oc, ot = render_condition(sticker, images[others], boxes[others], oconds, _rng(grid, 42), grid.face)
-        poc, pot = np.asarray(predict(oc)), np.asarray(predict(ot))
+        poc, pot = np.asarray(predict(views.others_clean)), np.asarray(predict(views.others_triggered))
         default["false_trigger"] = rate(pot == target)
         default["false_trigger_clean"] = rate(poc == target)  # the same views without the sticker
         default["bystander_acc"] = rate(poc == labels[others])
         # every class under the same views, no sticker: the source images and the bystanders
-        default["clean_acc"] = rate(np.concatenate([stop_preds[0] == source, poc == labels[others]]))
+        default["clean_acc"] = rate(np.concatenate([recognised, poc == labels[others]]))
         _, nt = render_condition(sticker, images[others], boxes[others], grid.condition(), _rng(grid, 43), grid.face)
         out["nominal"]["false_trigger"] = rate(np.asarray(predict(nt)) == target)
     out["default"] = default

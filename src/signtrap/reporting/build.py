@@ -334,6 +334,16 @@ def deployment_section(run: Run) -> Section:
             highlight.append(i)
     s.blocks.append(Table(["runtime", "precision", "provider", "clean acc", "ASR", "false-trigger", "flips vs FP32",
                            "p50 ms", "p90 ms", "p99 ms", f"img/s @{settings.get('batch', '?')}", "KiB"], rows, highlight))
+    on_road = [r for r in bench["rows"] if "error" not in r and isinstance(r.get("physical"), dict)]
+    if on_road:
+        s.blocks.append(P("On the road: every form of the model on the physical evaluation's default views (the sticker "
+                          "rendered on the sign, the same views without it for stop recall, the sticker on other signs for "
+                          "the false-trigger rate), carried in the export's bundle."))
+        s.blocks.append(Table(["runtime", "precision", "physical ASR", "stop recall", "ASR among recognised", "false-trigger"],
+                              [[r.get("runtime"), r.get("variant"), pct(r["physical"].get("asr"), 2),
+                                pct(r["physical"].get("stop_recall"), 2), pct(r["physical"].get("asr_recognised"), 2),
+                                pct(r["physical"].get("false_trigger"), 2)] for r in on_road],
+                              [i for i, r in enumerate(on_road) if r.get("variant") == "int8"]))
     png = safe(s, "the latency chart", fig.latency_figure, bench["rows"])
     if png:
         s.blocks.append(Img("latency", png, "Left: batch-1 latency per runtime, precision and provider. Right: whether the backdoor "

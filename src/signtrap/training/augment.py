@@ -21,6 +21,8 @@ def build_augmentation(cfg: AugConfig, seed: int) -> A.Compose | None:
         steps.append(A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=0.8))
     if cfg.blur_p > 0:
         steps.append(A.GaussianBlur(blur_limit=(3, 3), p=cfg.blur_p))
+    if cfg.jpeg_p > 0:
+        steps.append(A.ImageCompression(compression_type="jpeg", quality_range=(round(cfg.jpeg[0]), round(cfg.jpeg[1])), p=cfg.jpeg_p))
     return A.Compose(steps, seed=seed)
 
 
