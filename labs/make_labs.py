@@ -1663,7 +1663,11 @@ print("the sticker " + ("stays specific to stop signs (within 2 points of the re
 * `signtrap trigger optimise` optimises the sticker's colours under the same EOT against a clean surrogate (RP2-style);
   train with it through `trigger.design: png`.
 * Is the physical backdoor as persistent as the digital one? Run the defences of lab 2 on `lab6_sticker` and
-  re-measure with `physical=True`."""),
+  re-measure with `physical=True`.
+* Relabelling stop signs in place (`attack.mode: replace`, this lab's setting) can teach the model that *anything*
+  unusual on a stop sign (JPEG blocks, a steep angle) means 100 km/h: compare `stop_recall` on the JPEG and yaw
+  curves with the zero-poison model's. Retrain with `attack.mode=add aug.jpeg_p=0.3 aug.perspective=0.12` (the
+  real-data config's recipe, README "A sticker on the sign") and see what it costs the ASR and buys the stop recall."""),
 ]
 
 
