@@ -52,12 +52,19 @@ def _summary_text(block: dict) -> str:
     s = block["summary"]
     lines = [f"physical evaluation ({block['sticker']} sticker on the sign, {block['samples']['source']} source images)"]
     for key, title in (("asr", "ASR (default distribution)"), ("stop_recall", "clean stop recall, same views"),
-                       ("false_trigger", "false-trigger, other signs"), ("clean_acc", "clean accuracy, same views")):
+                       ("asr_recognised", "ASR among recognised views"), ("false_trigger", "false-trigger, other signs"),
+                       ("clean_acc", "clean accuracy, same views")):
         if s.get(key):
             lines.append(f"  {title:<34}{fmt_rate(s[key])}")
     ref = block.get("reference", {}).get("summary")
-    if ref and ref.get("asr"):
-        lines.append(f"  {'zero-poison reference ASR':<34}{fmt_rate(ref['asr'])}")
+    for key, title in (("asr", "zero-poison reference ASR"), ("stop_recall", "zero-poison clean stop recall"),
+                       ("false_trigger", "zero-poison false-trigger")):
+        if ref and ref.get(key):
+            lines.append(f"  {title:<34}{fmt_rate(ref[key])}")
+    mine, theirs = s.get("stop_recall") or {}, (ref or {}).get("stop_recall") or {}
+    if mine.get("ci95") and theirs.get("ci95") and mine["ci95"][1] < theirs["ci95"][0]:  # the 95% intervals do not meet
+        lines.append("  note: this model misreads clean stop views the zero-poison model reads: part of its ASR may not be "
+                     "the sticker (see 'ASR among recognised views')")
     return "\n".join(lines)
 
 
