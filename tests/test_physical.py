@@ -300,3 +300,20 @@ def test_the_runtime_matrix_measures_a_physical_sticker_on_the_road(runs, tmp_pa
                         threads=1)
     with np.load(corner / "eval.npz") as npz:  # a digital trigger's bundle is unchanged
         assert not set(PHYSICAL_ARRAYS) & set(npz.files)
+
+
+def test_the_physical_summary_says_when_the_model_misreads_clean_stop_views():
+    from signtrap.cli.physical import _summary_text
+    from signtrap.evaluation.metrics import rate
+
+    def block(stop_ok: int, ref_stop_ok: int) -> dict:
+        mask = lambda k, n: np.arange(n) < k  # noqa: E731
+        summary = {"asr": rate(mask(80, 113)), "stop_recall": rate(mask(stop_ok, 113)), "asr_recognised": rate(mask(40, stop_ok)),
+                   "false_trigger": rate(mask(10, 2000)), "clean_acc": rate(mask(1900, 2113))}
+        ref = {"asr": rate(mask(0, 113)), "stop_recall": rate(mask(ref_stop_ok, 113)), "false_trigger": rate(mask(9, 2000))}
+        return {"sticker": "checkerboard", "samples": {"source": 113}, "summary": summary, "reference": {"summary": ref}}
+
+    text = _summary_text(block(77, 112))  # 68% against 99%: the intervals do not meet
+    assert "ASR among recognised views" in text and "zero-poison clean stop recall" in text
+    assert "part of its ASR may not be the sticker" in text
+    assert "may not be the sticker" not in _summary_text(block(108, 112))  # within noise of the twin
