@@ -1,6 +1,7 @@
 """The table that answers "does anything remove it?" (issue 23): attack x defence, one line per seed in each cell
 -- clean-accuracy change (test / validation, points), ASR after the defence (test and validation counts) and the
-re-activation probe's verdict -- read from defended runs; nothing is trained or defended here.
+re-activation probe's verdict -- read from defended runs; nothing is trained or defended here. For a physical sticker's
+run, also its physical ASR on the default views after the defence and before it (metrics.json's `physical` block).
 
     .venv/bin/python benchmarks/persistence_table.py RUN [RUN ...] [--bound 1.0] [--markdown table.md]
 
@@ -54,7 +55,18 @@ def cell(run: Path, folder: Path) -> tuple[str, dict]:
     fmt = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
     seed = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("seed")
     text = f"s{seed}: {fmt(test)} / {fmt(val)}; ASR {counts(report, 'test')}, {counts(report, 'val')}; {verdict}"
+    road = physical_asr(folder)
+    if road:
+        text += f"; on the road {road} (before {physical_asr(run) or 'n/a'})"
     return text, {"seed": seed, "test": test, "val": val, "verdict": verdict}
+
+
+def physical_asr(folder: Path) -> str | None:
+    """A physical sticker's model: its physical ASR on the default views (metrics.json's physical block), k/n."""
+    path = folder / "metrics.json"
+    block = json.loads(path.read_text(encoding="utf-8")).get("physical") if path.is_file() else None
+    entry = ((block or {}).get("summary") or {}).get("asr") or {}
+    return f"{entry['k']}/{entry['n']}" if entry.get("n") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = ["<br>".join(text for text, _ in sorted(by_attack.get(a, []), key=lambda c: c[1]["seed"])) or "-" for a in attacks]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    print("clean change test / val (points); ASR after, test and val counts; probe verdict\n")
+    print("clean change test / val (points); ASR after, test and val counts; probe verdict (physical runs: ASR on the road)\n")
     print(text)
     removed = [(m, a, c) for m, by in table.items() for a, cs in by.items() for _, c in cs
                if c["verdict"] == "removed" and all(x is not None and x >= -args.bound for x in (c["test"], c["val"]))]
