@@ -166,7 +166,7 @@ def test_persistence_table_groups_attacks_and_seeds_and_lists_removals(tmp_path,
     assert table.main([str(r) for r in runs]) == 0
     out = capsys.readouterr().out
     assert "s1: -0.50 / -0.40; ASR 23/23, 23/23; persists; on the road 35/113 (before 40/113)" in out
-    assert out.count("on the road (before") == 1  # runs without a physical block say nothing of the road
+    assert out.count("(before ") == 1  # runs without a physical block say nothing of the road
     assert "| finetune |" in out and "strip" not in out.split("removed within")[0]  # a filter changes no model: not tabled
     row = next(line for line in out.splitlines() if line.startswith("| finetune |"))
     assert row.index("s0: -0.50 / -0.40; ASR 0/23, 0/23; removed") < row.index("s1:")  # seeds in order within a cell
