@@ -317,3 +317,39 @@ def test_the_physical_summary_says_when_the_model_misreads_clean_stop_views():
     assert "ASR among recognised views" in text and "zero-poison clean stop recall" in text
     assert "part of its ASR may not be the sticker" in text
     assert "may not be the sticker" not in _summary_text(block(108, 112))  # within noise of the twin
+
+
+def test_physical_table_reads_runs_and_twins(tmp_path, capsys):
+    """benchmarks/physical_table.py: one line per seed from metrics.json (run and twin), a clear error without the
+    physical block."""
+    import importlib.util
+
+    import yaml
+
+    from signtrap.evaluation.metrics import rate
+
+    spec = importlib.util.spec_from_file_location("physical_table", Path(__file__).resolve().parents[1] / "benchmarks" / "physical_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    mask = lambda k, n: np.arange(n) < k  # noqa: E731
+
+    def run(name, seed, clean, physical):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+        metrics = {s: {"clean_acc": rate(mask(clean, 1000))} for s in ("test", "val")}
+        if physical:
+            summary = {"asr": rate(mask(40, 113)), "stop_recall": rate(mask(105, 113)), "asr_recognised": rate(mask(36, 105)),
+                       "false_trigger": rate(mask(14, 2000)), "worst_easy_cell": {"sticker": 0.08, "yaw": 0.0, "asr": rate(mask(3, 113))}}
+            ref = {"stop_recall": rate(mask(111, 113)), "false_trigger": rate(mask(11, 2000))}
+            metrics["physical"] = {"summary": summary, "reference": {"summary": ref}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return folder
+
+    a, z = run("a", 2, 986, True), run("z", 2, 983, False)
+    assert table.main([f"{a}:{z}"]) == 0
+    out = capsys.readouterr().out
+    assert "| s2 | 98.60 / 98.60 vs 98.30 / 98.30 | 35.4% (40/113) | 92.9% (105/113) vs 98.2% |" in out
+    assert "2.65% (3/113) at 8%, yaw 0" in out and "clean change test +0.30 pt" in out
+    assert table.main([f"{z}:{a}"]) == 2 and "no physical block" in capsys.readouterr().err
+    assert table.main([str(a)]) == 2
