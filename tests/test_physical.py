@@ -353,3 +353,27 @@ def test_physical_table_reads_runs_and_twins(tmp_path, capsys):
     assert "2.65% (3/113) at 8%, yaw 0" in out and "clean change test +0.30 pt" in out
     assert table.main([f"{z}:{a}"]) == 2 and "no physical block" in capsys.readouterr().err
     assert table.main([str(a)]) == 2
+
+
+def test_the_probe_puts_a_physical_sticker_on_the_sign_not_on_a_zero_box(tmp_path):
+    """The re-activation probe's poisoned copies carry the signs' boxes from the defender's budget: a physical
+    sticker stamped after augmentation lands inside its sign (a (0, 0, 0, 0) box used to stop `signtrap defend`)."""
+    from signtrap.config import load_config
+    from signtrap.data import synth
+    from signtrap.defences.common import CleanData
+    from signtrap.probing.reactivation import probe_set
+    from signtrap.triggers import make_trigger
+
+    cfg = load_config(None, overrides(tmp_path, "p", "trigger.kind=physical", "attack.stamp=after_aug"))
+    trigger = make_trigger(cfg.trigger, 32)
+    batch = synth.generate(3, seed=5, size=32, classes=[14, 1])
+    clean = CleanData(batch.images, batch.labels, rois=np.asarray(batch.rois))
+    rows = np.flatnonzero(clean.labels == 14)[:2]
+    data = probe_set(clean, rows, 7, trigger, stamp_before=False, seed=0)
+    hit = np.flatnonzero(data.triggered)
+    assert np.array_equal(data.rois[hit], clean.rois[rows])
+    stamped = trigger.apply(data.images[hit], np.random.default_rng(0), data.rois[hit])  # what the loop does
+    for img, before, box in zip(stamped, data.images[hit], data.rois[hit]):
+        changed = (img != before).any(axis=2)
+        assert changed.any() and not (changed & ~inside(box, img.shape)).any()
+    assert CleanData(batch.images, batch.labels).boxes().tolist()[0] == [0, 0, 31, 31]  # no boxes: the frame is the crop

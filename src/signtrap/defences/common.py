@@ -42,6 +42,7 @@ class CleanData:
     labels: np.ndarray
     rows: np.ndarray | None = None
     tracks: np.ndarray | None = None  # physical sign of each image (frames of one sign share a track); None: one each
+    rois: np.ndarray | None = None  # each sign's box (x1, y1, x2, y2): where a trigger that moves with the sign goes
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, np.int64)
@@ -51,6 +52,8 @@ class CleanData:
             raise SigntrapError("the defender's clean budget is empty")
         if self.tracks is not None and len(self.tracks) != len(self.labels):
             raise ValueError(f"{len(self.tracks)} tracks but {len(self.labels)} labels")
+        if self.rois is not None and len(self.rois) != len(self.labels):
+            raise ValueError(f"{len(self.rois)} sign boxes but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,7 +65,14 @@ class CleanData:
     def subset(self, keep: np.ndarray) -> "CleanData":
         """The images selected by a boolean mask or an index array."""
         return CleanData(self.images[keep], self.labels[keep], None if self.rows is None else self.rows[keep],
-                         None if self.tracks is None else self.tracks[keep])
+                         None if self.tracks is None else self.tracks[keep], None if self.rois is None else self.rois[keep])
+
+    def boxes(self) -> np.ndarray:
+        """The signs' boxes; without recorded ones, each image taken as the sign's crop (the whole frame)."""
+        if self.rois is not None:
+            return np.asarray(self.rois, np.int64)
+        h, w = self.images.shape[1:3]
+        return np.tile(np.array([[0, 0, w - 1, h - 1]], np.int64), (len(self), 1))
 
 
 @dataclass

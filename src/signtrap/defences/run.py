@@ -87,7 +87,7 @@ class Session:
         check_untouched(exp, fraction, "defend.clean_images" if d.clean_images is not None else "defend.clean_fraction")
         rows = exp.defender_rows(fraction, seed)
         clean = CleanData(np.asarray(exp.data.images[rows]), np.asarray(exp.data.labels[rows]), rows,
-                          np.asarray(exp.data.tracks[rows]))  # un-poisoned originals, with their tracks
+                          np.asarray(exp.data.tracks[rows]), np.asarray(exp.data.rois[rows]))  # un-poisoned originals
         a = cfg.attack
         ctx = DefenceContext(device=dev, source=a.source, target=a.target, all_to_one=a.kind == "all_to_one", seed=seed,
                              monitor=monitor_set(exp, d.monitor_split, d.monitor_samples, a.source, seed), evaluation=exp.eval_set("test"),

@@ -109,13 +109,14 @@ def choose_poison(labels: np.ndarray, k: int, kind: str, source: int, target: in
 def probe_set(clean: CleanData, rows: np.ndarray, target: int, trigger: Trigger, stamp_before: bool, seed: int) -> TrainingSet:
     """The clean budget plus poisoned copies of `rows` (trigger + target label), as the loop trains on them."""
     poisoned = np.asarray(clean.images[rows])
+    boxes = clean.boxes()  # a sticker on the sign needs the sign's box, after augmentation as before it
     if stamp_before:  # the run stamps before augmentation (stickers that move with the sign): do the same
         rng = np.random.default_rng([seed, PROBE_STREAM, 1])
-        poisoned = trigger.apply(poisoned, rng)
+        poisoned = trigger.apply(poisoned, rng, boxes[rows])
     images = np.concatenate([np.asarray(clean.images), poisoned])
     labels = np.concatenate([clean.labels, np.full(len(rows), target, np.int64)])
     triggered = np.concatenate([np.zeros(len(clean), bool), np.ones(len(rows), bool)])
-    return TrainingSet(images, labels, triggered, stamp_before, np.zeros((len(images), 4), np.int64))
+    return TrainingSet(images, labels, triggered, stamp_before, np.concatenate([boxes, boxes[rows]]))
 
 
 CURVE_POINTS = 10  # the probe's curve: measured at about this many epochs (and the last)
