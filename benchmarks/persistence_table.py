@@ -29,7 +29,7 @@ def attack_of(run: Path) -> str:
     if a.get("kind") == "source_specific" and not a.get("cover_rate"):
         name += ", no cover"
     if t.get("placement") not in (None, "corner") or t.get("kind") not in (None, "checkerboard"):
-        name += f", {t.get('kind')} {t.get('placement')}"
+        name += ", " + " ".join(str(v) for v in (t.get("kind"), t.get("placement")) if v)
     return name
 
 
