@@ -29,6 +29,10 @@ Metric definitions (the same as signtrap.evaluation.metrics):
   (every non-target class for an all-to-one attack);
 - stop recall: clean source-class images predicted correctly;
 - false-trigger rate: triggered images of classes other than source and target, predicted as the target.
+A physical sticker's export (trigger kind `physical`) also carries the physical evaluation's default views
+(physical_clean, physical_triggered, physical_bystanders: the sticker rendered on the sign by signtrap, fixed at
+export); every artefact is measured on them as well ("On the road" in bench.md): physical ASR, stop recall on
+the same views without the sticker, and the false-trigger rate with the sticker on other signs.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ SCHEMA = "signtrap.bench/2"
 MANIFEST = "model.json"
 EXPORT_FORMAT = "signtrap.export/2"
 EVAL_BATCH = 256  # batch size for the accuracy passes; fixed so every tool sees identical predictions
+PHYSICAL_ARRAYS = ("physical_clean", "physical_triggered", "physical_bystanders")  # a physical sticker's export: views on the road
 MAX_THREADS = 256  # sane upper bounds for the timing settings
 MAX_THREADS_PER_CPU = 8
 MAX_BATCH = 4096
@@ -167,6 +172,15 @@ def load_bundle(directory, manifest):
         if arr.shape[1:3] != (size, size):
             raise BenchError("%s: '%s' images are %dx%d but the model takes %dx%d inputs"
                              % (path, key, arr.shape[1], arr.shape[2], size, size))
+    physical = [k for k in PHYSICAL_ARRAYS if k in bundle]
+    if physical and len(physical) != len(PHYSICAL_ARRAYS):
+        raise BenchError("%s: the physical views are incomplete (has %s, needs %s)" % (path, ", ".join(physical), ", ".join(PHYSICAL_ARRAYS)))
+    for key in physical:
+        arr = bundle[key]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
+            raise BenchError("%s: '%s' must be uint8 NHWC RGB at %dx%d, got %s %s" % (path, key, size, size, arr.dtype, arr.shape))
+    if physical and len(bundle["physical_clean"]) != len(bundle["physical_triggered"]):
+        raise BenchError("%s: physical_clean and physical_triggered differ in length" % path)
     n = len(bundle["labels"])
     if any(len(bundle[k]) != n for k in ("images", "triggered", "reference_clean", "reference_triggered")):
         raise BenchError("%s: images, triggered, labels and reference predictions differ in length" % path)
@@ -214,6 +228,20 @@ def backdoor_metrics(labels, clean_preds, triggered_preds, source, target, all_t
         "false_trigger": rate(triggered_preds[bystanders] == target),
         "target_recall": rate(clean_preds[labels == target] == target),
     }
+
+
+def physical_metrics(bundle, run, source, target):
+    """On the road (a physical sticker's export only): the physical evaluation's default views of the source-class
+    signs, with the sticker (ASR) and without (stop recall), and the sticker on other signs (false-trigger)."""
+    if "physical_triggered" not in bundle:
+        return None
+    clean = predict(run, bundle["physical_clean"])
+    trig = predict(run, bundle["physical_triggered"])
+    out = {"asr": rate(trig == target), "stop_recall": rate(clean == source),
+           "asr_recognised": rate(trig[clean == source] == target)}
+    if len(bundle["physical_bystanders"]):
+        out["false_trigger"] = rate(predict(run, bundle["physical_bystanders"]) == target)
+    return out
 
 
 def flip_rate(preds, reference):
@@ -670,6 +698,9 @@ def measure(run, bundle, attack, settings):
                            "all": flip_rate(np.concatenate([clean, trig]), np.concatenate([ref_clean, ref_trig])),
                            "reference": "PyTorch FP32 predictions recorded at export"}
     row["audit"] = audit(bundle["labels"], clean, trig, ref_clean, ref_trig)
+    physical = physical_metrics(bundle, run, attack["source"], attack["target"])
+    if physical is not None:
+        row["physical"] = physical
     row["latency_ms"] = latency_ms(run, bundle["images"][0], settings["warmup"], settings["runs"])
     row["throughput"] = throughput(run, bundle["images"], settings["batch"], settings["runs"])
     return row
@@ -811,6 +842,16 @@ def markdown(result):
             r["runtime"], r["variant"], _pct(r["clean_acc"]), _pct(r["asr"]), _pct(r["stop_recall"]),
             _pct(r["false_trigger"]), flip, lat["p50"], lat["p90"], lat["p99"], r["throughput"]["images_per_s"],
             r["file_bytes"] / 1024.0))
+    on_road = [r for r in result["rows"] if "error" not in r and r.get("physical")]
+    if on_road:
+        lines += ["", "On the road: the physical evaluation's default views (the sticker rendered on the sign; "
+                  "stop recall is the same views without it).", "",
+                  "| runtime | variant | physical ASR % | stop recall % | ASR among recognised % | false-trigger % |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in on_road:
+            p = r["physical"]
+            lines.append("| %s | %s | %s | %s | %s | %s |" % (r["runtime"], r["variant"], _pct(p["asr"]), _pct(p["stop_recall"]),
+                                                           _pct(p.get("asr_recognised")), _pct(p.get("false_trigger"))))
     for sk in result.get("skipped") or ():
         lines.append("")
         lines.append("Skipped %s (%s): %s" % (sk["runtime"], ", ".join(sk["artefacts"]), sk["reason"]))
