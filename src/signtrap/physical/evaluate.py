@@ -122,11 +122,15 @@ def render_condition(sticker: Sticker, images: np.ndarray, boxes: np.ndarray, co
     return clean_out, trig_out
 
 
-def _measure(predict: Predict, sticker: Sticker, images, labels, boxes, conds, rng, source: int, target: int, face: float) -> dict:
-    clean, trig = render_condition(sticker, images, boxes, conds, rng, face)
-    pc, pt = np.asarray(predict(clean)), np.asarray(predict(trig))
+def _outcome(pc: np.ndarray, pt: np.ndarray, source: int, target: int) -> dict:
+    """ASR, stop recall and ASR among recognised views from the predictions on the clean and stickered views."""
     recognised = pc == source
     return {"asr": rate(pt == target), "stop_recall": rate(recognised), "asr_recognised": rate(pt[recognised] == target)}
+
+
+def _measure(predict: Predict, sticker: Sticker, images, labels, boxes, conds, rng, source: int, target: int, face: float) -> dict:
+    clean, trig = render_condition(sticker, images, boxes, conds, rng, face)
+    return _outcome(np.asarray(predict(clean)), np.asarray(predict(trig)), source, target)
 
 
 def _rng(grid: Grid, *stream) -> np.random.Generator:
@@ -213,16 +217,15 @@ def physical_evaluation(predict: Predict, sticker: Sticker, images: np.ndarray, 
     out["nominal"] = _measure(predict, sticker, si, sl, sb, grid.condition(), _rng(grid, 30), source, target, grid.face)
     say("physical evaluation: the default distribution and the false-trigger rate")
     views = default_views(sticker, images, boxes, src, others, grid)
-    pc, pt = np.asarray(predict(views.clean)), np.asarray(predict(views.triggered))
-    recognised = pc == source
-    default = {"asr": rate(pt == target), "stop_recall": rate(recognised), "asr_recognised": rate(pt[recognised] == target)}
+    pc = np.asarray(predict(views.clean))
+    default = _outcome(pc, np.asarray(predict(views.triggered)), source, target)
     if len(others):
         poc, pot = np.asarray(predict(views.others_clean)), np.asarray(predict(views.others_triggered))
         default["false_trigger"] = rate(pot == target)
         default["false_trigger_clean"] = rate(poc == target)  # the same views without the sticker
         default["bystander_acc"] = rate(poc == labels[others])
         # every class under the same views, no sticker: the source images and the bystanders
-        default["clean_acc"] = rate(np.concatenate([recognised, poc == labels[others]]))
+        default["clean_acc"] = rate(np.concatenate([pc == source, poc == labels[others]]))
         _, nt = render_condition(sticker, images[others], boxes[others], grid.condition(), _rng(grid, 43), grid.face)
         out["nominal"]["false_trigger"] = rate(np.asarray(predict(nt)) == target)
     out["default"] = default
