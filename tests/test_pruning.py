@@ -78,3 +78,45 @@ def test_split_and_unrepaired_score_made_once_per_call(loaded, monkeypatch):  # 
 def test_schedule_left_is_the_cosine_tail():
     assert schedule_left(0.0) == 1.0 and schedule_left(1.0) == 0.0
     assert np.isclose(schedule_left(0.5), 0.5 - 1 / np.pi) and 0.02 < schedule_left(0.75) < 0.03
+
+
+def _figures(rows):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in rows]
+
+
+def test_curves_measured_only_for_the_kept_candidate_are_the_same_figures(loaded, monkeypatch):  # noqa: F811
+    """`select` measures a candidate's per-epoch monitor curve only once it is kept (DEFER_CURVES): the curves and
+    the report (NAD's teacher figures are read off its curve) equal those of measuring every epoch as it trains,
+    with fewer monitor measurements, and no unmeasured value is left anywhere."""
+    from signtrap.defences.nad import NADSettings, nad
+    model, clean, exp = loaded
+    monitor = exp.eval_set("val")
+    calls = {"n": 0}
+    measure = DefenceContext.measure
+
+    def counted(self, m):
+        calls["n"] += 1
+        return measure(self, m)
+
+    monkeypatch.setattr(DefenceContext, "measure", counted)
+    out = {}
+    for defer in (False, True):
+        monkeypatch.setattr(common, "DEFER_CURVES", defer)
+        calls["n"] = 0
+        for name, fn, s in (("finetune", finetune, FinetuneSettings(epochs=2, grid=list(GRID), prune=False, batch_size=128)),
+                            ("nad", nad, NADSettings(epochs=2, teacher_epochs=1, grid=[1e-4, 1e-1], prune=False, batch_size=128))):
+            torch.manual_seed(0)
+            ctx = DefenceContext(show_progress=False, seed=0, monitor=monitor)
+            out[(defer, name)] = fn(copy.deepcopy(model), clean, s, ctx)
+        out[(defer, "calls")] = calls["n"]
+    for name in ("finetune", "nad"):
+        eager, deferred = out[(False, name)], out[(True, name)]
+        assert deferred.report["selection"]["tried"] == eager.report["selection"]["tried"]
+        assert len(deferred.report["selection"]["tried"]) >= 2  # a candidate was rejected: its curve never measured
+        assert set(eager.curves) == set(deferred.curves)
+        for key in eager.curves:
+            assert _figures(deferred.curves[key]) == _figures(eager.curves[key]), (name, key)
+        assert "Deferred" not in repr(deferred.report) and "Deferred" not in repr(deferred.curves)
+    assert out[(True, "nad")].report["teacher_after"] == out[(False, "nad")].report["teacher_after"]
+    assert out[(True, "nad")].report["teacher_after"]["asr"] is not None
+    assert out[(True, "calls")] < out[(False, "calls")]

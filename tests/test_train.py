@@ -149,3 +149,22 @@ def test_eval_reproduces_training_metrics(tiny_run, tmp_path):
     assert main(["--quiet", "eval", str(copy)]) == 0
     after = json.loads((copy / "metrics.json").read_text())
     assert after["test"]["asr"] == before["test"]["asr"] and after["test"]["clean_acc"] == before["test"]["clean_acc"]
+
+
+def test_cpu_inference_in_chunks_gives_the_same_logits(tiny_run, monkeypatch):
+    """Evaluation runs in CPU chunks of CPU_EVAL_CHUNK images (faster: the activations stay in cache); the logits,
+    hence every metric, are those of one batch, bit for bit."""
+    from signtrap import experiment
+    from signtrap.runs import checkpoint
+    model, _ = checkpoint.verified_load(tiny_run, "model.pt")
+    exp = experiment.Experiment.from_config(experiment.load_run_config(tiny_run), progress=False)
+    images = np.concatenate([exp.eval_set("test").images, exp.eval_set("test").triggered])
+    whole = experiment.predict_logits(model, images, batch_size=len(images))
+    seen = []
+    real_to_tensor = experiment.to_tensor
+    monkeypatch.setattr(experiment, "to_tensor", lambda x, d: seen.append(len(x)) or real_to_tensor(x, d))
+    for chunk in (experiment.CPU_EVAL_CHUNK, 7):
+        monkeypatch.setattr(experiment, "CPU_EVAL_CHUNK", chunk)
+        seen.clear()
+        assert np.array_equal(experiment.predict_logits(model, images, batch_size=len(images)), whole)
+        assert max(seen) == min(chunk, len(images)) and sum(seen) == len(images)

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 CURVE_KEYS = ("clean_acc", "asr", "stop_recall", "false_trigger")
+DEFER_CURVES = True  # `select` measures only the kept candidate's per-epoch curves (the tests compare it with False)
 
 
 @dataclass
@@ -108,6 +109,9 @@ class DefenceContext:
     precision: str = "auto"  # the run's train.precision: defences train with it
     # set by `select` while a candidate trains: called after each epoch of a `fit` (model, epoch, epochs); may raise Abandon
     guard: Callable[[nn.Module, int, int], None] | None = field(default=None, repr=False, compare=False)
+    # set by `select` while a candidate trains: a curve row's monitor metrics are measured later, on a copy of the
+    # model taken at that epoch, and only for the candidate kept (`Deferred`): the others' curves are thrown away
+    defer: bool = field(default=False, repr=False, compare=False)
     memo: dict = field(default_factory=dict, repr=False, compare=False)  # `select`'s split and scores, shared by the defences of one call
     training_data: Callable[[], SuspiciousPool] | None = None  # the run's training set, built on first call (SCAn)
     class_names: tuple[str, ...] = ()  # the dataset's classes (signtrap.datasets); empty: numbered by the model's outputs
@@ -226,6 +230,9 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
             ctx.guard(m, epoch, schedule.epochs)
         if not measured(epoch, measure_every, schedule.epochs):
             return {}
+        if ctx.defer and ctx.monitor is not None:
+            snapshot = Snapshot(copy.deepcopy(m))
+            return {**{key: Deferred(snapshot, key) for key in CURVE_KEYS}, **(probe(m) if probe is not None else {})}
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
 
     hooks.probe = columns
@@ -234,6 +241,39 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
                 aug=ctx.aug if augment else AugConfig(enabled=False), precision=ctx.precision, trigger=trigger, hooks=hooks,
                 params=params, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
+
+
+class Snapshot:
+    """A copy of a model as it was at one epoch, measured on the monitor split at most once, when asked."""
+
+    def __init__(self, model: nn.Module):
+        self.model: nn.Module | None = model
+        self.metrics: dict | None = None
+
+    def measure(self, ctx: DefenceContext) -> dict:
+        if self.metrics is None:
+            self.metrics, self.model = ctx.measure(self.model), None
+        return self.metrics
+
+
+@dataclass(frozen=True, eq=False)
+class Deferred:
+    """One monitor metric of a curve row, not measured yet (`DefenceContext.defer`); `resolve` fills it in."""
+
+    snapshot: Snapshot
+    key: str
+
+
+def resolve(value: Any, ctx: DefenceContext) -> Any:
+    """`value` (a report or curves: dicts, lists, tuples) with every `Deferred` metric measured; the same figures
+    as measuring each epoch's model at that epoch (measurement is deterministic and changes no weight)."""
+    if isinstance(value, Deferred):
+        return value.snapshot.measure(ctx)[value.key]
+    if isinstance(value, dict):
+        return {k: resolve(v, ctx) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve(v, ctx) for v in value)
+    return value
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
@@ -450,6 +490,7 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
                 raise Abandon(epoch, epochs, acc, k, limit)
 
         ctx.guard = guard if pruning and i < len(order) - 1 else None
+        ctx.defer = DEFER_CURVES
         try:
             result = repair(candidate, value)
         except Abandon as stop:
@@ -459,7 +500,7 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
                          "abandon_limit": round(stop.limit, 5), **ctx.measure(candidate)})
             continue
         finally:
-            ctx.guard = None
+            ctx.guard, ctx.defer = None, False
         acc, k = accuracy_on(result.model, scored, ctx)
         kept = base - acc <= settings.tolerance + 1e-12
         rows.append({"knob": knob, "value": value, "candidate": f"{knob}={value:g}", "heldout_clean_acc": round(acc, 5),
@@ -472,6 +513,7 @@ def select(model: nn.Module, clean: CleanData, ctx: DefenceContext, settings: Tu
         last = (value, result)
     within = chosen is not None
     value, result = chosen if within else last  # nothing kept the model: the weakest value, flagged
+    result.report, result.curves = resolve(result.report, ctx), resolve(result.curves, ctx)
     for row in rows[1:]:
         row["chosen"] = row["value"] == value
     result.curves["tradeoff"] = rows
