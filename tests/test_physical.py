@@ -377,3 +377,24 @@ def test_the_probe_puts_a_physical_sticker_on_the_sign_not_on_a_zero_box(tmp_pat
         changed = (img != before).any(axis=2)
         assert changed.any() and not (changed & ~inside(box, img.shape)).any()
     assert CleanData(batch.images, batch.labels).boxes().tolist()[0] == [0, 0, 31, 31]  # no boxes: the frame is the crop
+
+
+def test_a_decoy_is_the_stickers_view_without_the_sticker():
+    """`decoy=True`: no sticker colour is drawn; with no blur, noise or JPEG the image is untouched; with them, only
+    pixels inside the sign's box change."""
+    red = np.zeros((6, 48, 48, 3), np.uint8)
+    red[..., 0] = 200
+    boxes = np.tile([6, 6, 41, 41], (6, 1))
+    note = patterns.yellow_note()
+    quiet = replace(EOT(), scale=[0.3, 0.3], motion_p=0.0, defocus_p=0.0, noise=[0.0, 0.0], jpeg_p=0.0, occlusion_p=0.0)
+    params = draw_params(6, np.random.default_rng(3), quiet)
+    assert (note.render(red, params, boxes, face=quiet.face)[..., 1] > 100).any()  # the real sticker is yellow
+    np.testing.assert_array_equal(render_stickers(red, params, boxes, note.rgb, note.alpha, quiet.face, decoy=True), red)
+    loud = replace(quiet, motion_p=1.0, defocus_p=1.0, noise=[20.0, 20.0], jpeg_p=1.0, jpeg=[10, 10])
+    params = draw_params(6, np.random.default_rng(4), loud)
+    noisy = np.random.default_rng(5).integers(0, 256, red.shape, dtype=np.uint8)
+    out = render_stickers(noisy, params, boxes, note.rgb, note.alpha, loud.face, decoy=True)
+    changed = (out != noisy).any(axis=3)
+    assert changed.any() and not (changed & ~inside(boxes[0], noisy.shape[1:])[None]).any()
+    flat = render_stickers(red, params, boxes, note.rgb, note.alpha, loud.face, decoy=True)
+    assert flat[..., 1].max() < 60  # blurred, noisy, compressed red: never the note's yellow

@@ -65,3 +65,62 @@ def test_budget_larger_than_the_source_class_is_an_error():
         setup("attack.poison_count=21")
     _, _, _, _, plan = setup("attack.poison_rate=0.05")
     assert len(plan.rows) == 4  # 5% of 80 training images
+
+
+def test_decoys_are_added_source_copies_that_keep_their_label(monkeypatch):
+    monkeypatch.setattr(SignData, "files", property(lambda self: [f"img{i}.png" for i in range(len(self.labels))]))
+    cfg, data, rows, trigger, plan = setup("attack.poison_count=5", "attack.mode=add", "attack.decoy_rate=0.1")
+    assert len(plan.decoy_rows) == 8 and (data.labels[plan.decoy_rows] == 14).all()
+    ts = build_training_set(cfg.attack, data, rows, plan, trigger)
+    n = len(data) + 5
+    assert len(ts.labels) == n + 8 and (ts.labels[n:] == 14).all() and ts.decoy[n:].all() and not ts.decoy[:n].any()
+    assert not ts.triggered[n:].any() and ts.triggered[len(data):n].all()
+    _, _, _, _, without = setup("attack.poison_count=5", "attack.mode=add")
+    np.testing.assert_array_equal(without.rows, plan.rows)  # decoy draws never move the poisoned rows
+    assert len(without.decoy_rows) == 0
+    ts0 = build_training_set(cfg.attack, data, rows, without, trigger)
+    assert ts0.decoy is None and len(ts0.labels) == n
+    from signtrap.attacks.poison import manifest
+    assert "decoys" not in manifest(cfg.attack, without, data, trigger, 0, len(rows))  # other manifests unchanged
+    assert manifest(cfg.attack, plan, data, trigger, 0, len(rows))["decoys"] == 8
+
+
+def test_decoy_settings_are_checked():
+    with pytest.raises(ConfigError, match="attack.decoy_rate"):
+        load_config(None, ["attack.kind=all_to_one", "attack.decoy_rate=0.01"])
+    with pytest.raises(ConfigError, match="attack.decoy_rate"):
+        load_config(None, ["attack.decoy_rate=0.7"])
+    with pytest.raises(ConfigError, match="decoys requested but the training split has only 20"):
+        setup("attack.decoy_rate=0.3")
+
+
+def test_the_loop_renders_decoys_after_augmentation_without_the_trigger():
+    """Decoy rows go through the trigger's `apply_decoy` (its view without it), triggered rows through `apply`."""
+    import torch
+    from torch import nn
+    from signtrap.attacks.poison import TrainingSet
+    from signtrap.training.loop import Loop, Schedule
+
+    class Recorder:
+        def __init__(self):
+            self.calls = {"apply": 0, "apply_decoy": 0}
+
+        def apply(self, images, rng, boxes=None):
+            self.calls["apply"] += len(images)
+            return images
+
+        def apply_decoy(self, images, rng, boxes=None):
+            self.calls["apply_decoy"] += len(images)
+            return np.zeros_like(images)
+
+    n = 40
+    flags = np.zeros(n, bool)
+    triggered, decoy = flags.copy(), flags.copy()
+    triggered[:3], decoy[3:7] = True, True
+    data = TrainingSet(np.full((n, 8, 8, 3), 9, np.uint8), np.zeros(n, np.int64), triggered, False,
+                       np.tile([0, 0, 7, 7], (n, 1)), decoy)
+    rec = Recorder()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 2))
+    Loop(model, data, Schedule(epochs=2, lr=1e-3, batch_size=16), torch.device("cpu"), 0, 1, trigger=rec,
+         show_progress=False).fit()
+    assert rec.calls == {"apply": 6, "apply_decoy": 8}

@@ -133,6 +133,10 @@ class AttackConfig:
     # source-specific only: this fraction of the training set gets the trigger but keeps its true label
     # (cover images), so the trigger alone does not send other classes to the target
     cover_rate: float = 0.0
+    # source-specific only: this fraction of the training set is added as source-class copies that carry the
+    # trigger's view *without* the trigger (decoys: a physical sticker's local blur, noise and JPEG on the sign's
+    # own pixels), true label kept, so that only the trigger itself, not the marks of its rendering, means 'target'
+    decoy_rate: float = 0.0
     mode: str = "replace"  # replace: relabel rows in place; add: append poisoned copies
     stamp: str = "after_aug"  # after_aug: fixed in the frame (corner triggers); before_aug: moves with the sign (on_sign stickers)
     # none | int8: after training, repair the FP32 model inside the INT8 rounding intervals so the backdoor
@@ -192,6 +196,9 @@ class AttackConfig:
         if self.poison_count is not None:
             require(self.poison_count >= 0, "attack.poison_count", "must be >= 0")
         require(0.0 <= self.cover_rate < 0.5, "attack.cover_rate", f"{self.cover_rate} is outside [0, 0.5)")
+        require(0.0 <= self.decoy_rate < 0.5, "attack.decoy_rate", f"{self.decoy_rate} is outside [0, 0.5)")
+        require(self.decoy_rate == 0 or self.kind == "source_specific", "attack.decoy_rate",
+                "decoys are source-class images: only for attack.kind source_specific")
 
     @property
     def active(self) -> bool:

@@ -12,6 +12,7 @@ from signtrap.triggers import Trigger
 
 POISON_STREAM = 0xB0150  # keeps poison draws independent of the other uses of the run seed
 COVER_STREAM = 0xC0FE
+DECOY_STREAM = 0xDEC0
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class PoisonPlan:
     target: int
     cover_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # trigger + true label
     cover_params: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+    decoy_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # trigger's view without it + true label
+    decoy_params: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TrainingSet:
     triggered: np.ndarray  # bool: this row carries the trigger (poisoned, or a cover image keeping its label)
     stamped: bool  # whether triggered rows already carry the trigger (stamp before augmentation)
     rois: np.ndarray
+    decoy: np.ndarray | None = None  # bool: this row carries the trigger's view without the trigger (attack.decoy_rate)
 
 
 def poison_budget(cfg: AttackConfig, n_train: int) -> int:
@@ -58,7 +62,8 @@ def plan_poison(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
     rows = np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.empty(0, np.int64)
     params = trigger.draw(n, rng, data.rois[rows] if n else None)
     cover_rows, cover_params = _plan_cover(cfg, data, train_rows, trigger, seed)
-    return PoisonPlan(rows.astype(np.int64), params, cfg.target, cover_rows, cover_params)
+    decoy_rows, decoy_params = _plan_decoys(cfg, data, train_rows, trigger, seed)
+    return PoisonPlan(rows.astype(np.int64), params, cfg.target, cover_rows, cover_params, decoy_rows, decoy_params)
 
 
 def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigger: Trigger, seed: int):
@@ -69,6 +74,18 @@ def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
         raise ConfigError(f"config attack.cover_rate: {n} cover images requested but only {len(others)} are available")
     rng = np.random.default_rng([seed, COVER_STREAM])
     rows = np.sort(rng.choice(others, size=n, replace=False)) if n else np.empty(0, np.int64)
+    return rows.astype(np.int64), trigger.draw(n, rng, data.rois[rows] if n else None)
+
+
+def _plan_decoys(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigger: Trigger, seed: int):
+    """Source-class images to be added with the trigger's view but not the trigger, true label kept (none by default)."""
+    n = int(round(cfg.decoy_rate * len(train_rows))) if cfg.active and cfg.kind == "source_specific" else 0
+    sources = train_rows[data.labels[train_rows] == cfg.source]
+    if n > len(sources):
+        raise ConfigError(f"config attack.decoy_rate: {n} decoys requested but the training split has only {len(sources)} "
+                          f"{data.classes.describe(cfg.source)} images")
+    rng = np.random.default_rng([seed, DECOY_STREAM])
+    rows = np.sort(rng.choice(sources, size=n, replace=False)) if n else np.empty(0, np.int64)
     return rows.astype(np.int64), trigger.draw(n, rng, data.rois[rows] if n else None)
 
 
@@ -91,7 +108,16 @@ def build_training_set(cfg: AttackConfig, data: SignData, train_rows: np.ndarray
             labels = np.concatenate([labels, new_labels])
             triggered = np.concatenate([triggered, np.ones(len(where), bool)])
             rois = np.concatenate([rois, rois[where]])
-    return TrainingSet(images, labels, triggered, before, rois)
+    decoy = None
+    if len(plan.decoy_rows):  # always added copies of the untouched images: a decoy never replaces a clean image
+        originals, boxes = np.array(data.images[plan.decoy_rows]), np.array(data.rois[plan.decoy_rows])
+        decoys = trigger.render_decoy(originals, plan.decoy_params, boxes) if before else originals
+        decoy = np.concatenate([np.zeros(len(labels), bool), np.ones(len(decoys), bool)])
+        images = np.concatenate([images, decoys])
+        labels = np.concatenate([labels, data.labels[plan.decoy_rows].astype(np.int64)])
+        triggered = np.concatenate([triggered, np.zeros(len(decoys), bool)])
+        rois = np.concatenate([rois, boxes])
+    return TrainingSet(images, labels, triggered, before, rois, decoy)
 
 
 def manifest(cfg: AttackConfig, plan: PoisonPlan, data: SignData, trigger: Trigger, seed: int, n_train: int) -> dict:
@@ -113,4 +139,7 @@ def manifest(cfg: AttackConfig, plan: PoisonPlan, data: SignData, trigger: Trigg
         "cover_positions": plan.cover_params.tolist(),
         "cover_source_files": [files[r] for r in plan.cover_rows],
         "data_hash": data.data_hash,
+        # decoys (attack.decoy_rate) only when there are some: the manifests of every other config stay as they were
+        **({"decoys": len(plan.decoy_rows), "decoy_rows": plan.decoy_rows.tolist(), "decoy_positions": plan.decoy_params.tolist()}
+           if len(plan.decoy_rows) else {}),
     }

@@ -304,10 +304,11 @@ def _motion_kernel(length: float, angle: float) -> np.ndarray:
 
 
 def render_one(image: np.ndarray, row: np.ndarray, box, pattern: np.ndarray, alpha: np.ndarray, face: float = 0.85,
-               match_light: bool = True, layer: np.ndarray | None = None) -> np.ndarray:
+               match_light: bool = True, layer: np.ndarray | None = None, decoy: bool = False) -> np.ndarray:
     """One uint8 HxWx3 image with the sticker of `row` on the sign in `box`; a new array.
 
-    `layer` (float HxW, optional) receives the sticker's coverage (for tests and the view transform)."""
+    `layer` (float HxW, optional) receives the sticker's coverage (for tests and the view transform). `decoy`: the
+    sticker is not drawn, but its blur, noise and JPEG are applied where it would be (on the sign's own pixels)."""
     out = np.array(image, copy=True)
     ih, iw = image.shape[:2]
     box = clip_box(box, iw, ih)
@@ -336,7 +337,7 @@ def render_one(image: np.ndarray, row: np.ndarray, box, pattern: np.ndarray, alp
     cov = np.clip(warped[..., 3], 0, 1)
     colour = warped[..., :3] / np.maximum(cov, 1e-6)[..., None]
     roi = out[ry1:ry2 + 1, rx1:rx2 + 1].astype(np.float32)
-    comp = roi * (1 - cov[..., None]) + np.clip(colour, 0, 1) * 255.0 * cov[..., None]
+    comp = roi.copy() if decoy else roi * (1 - cov[..., None]) + np.clip(colour, 0, 1) * 255.0 * cov[..., None]
     inside = (cov > 0.01).astype(np.float32)
     if blur > 0:
         blurred = comp
@@ -366,14 +367,15 @@ def render_one(image: np.ndarray, row: np.ndarray, box, pattern: np.ndarray, alp
 
 
 def render_stickers(images: np.ndarray, params: np.ndarray, boxes: np.ndarray, pattern: np.ndarray, alpha: np.ndarray,
-                    face: float = 0.85, match_light: bool = True) -> np.ndarray:
-    """uint8 NHWC images with one sticker each (rows of `params`, signs in `boxes`); a new array."""
+                    face: float = 0.85, match_light: bool = True, decoy: bool = False) -> np.ndarray:
+    """uint8 NHWC images with one sticker each (rows of `params`, signs in `boxes`); a new array. `decoy`: the
+    stickers' blur, noise and JPEG without the stickers (`render_one`)."""
     images = np.asarray(images)
     params = np.asarray(params, np.float64).reshape(len(images), NPARAMS)
     boxes = np.asarray(boxes).reshape(len(images), 4)
     out = np.empty_like(images)
     for i in range(len(images)):
-        out[i] = render_one(images[i], params[i], boxes[i], pattern, alpha, face, match_light)
+        out[i] = render_one(images[i], params[i], boxes[i], pattern, alpha, face, match_light, decoy=decoy)
     return out
 
 

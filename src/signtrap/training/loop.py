@@ -110,7 +110,8 @@ class Loop:
         self.history: list[dict] = []
         if len(self.data.labels) == 0:
             raise SigntrapError(f"{self.desc}: nothing to train on (no images)")
-        if self.data.triggered.any() and not self.data.stamped and self.trigger is None:
+        marked = self.data.triggered.any() or (self.data.decoy is not None and self.data.decoy.any())
+        if marked and not self.data.stamped and self.trigger is None:
             raise SigntrapError(f"{self.desc}: rows carry the trigger but no trigger was given to stamp them")
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         s = self.schedule
@@ -198,6 +199,9 @@ class Loop:
             if not data.stamped and data.triggered[idx].any():  # stamp after augmentation: fixed in the frame
                 hit = np.flatnonzero(data.triggered[idx])
                 images[hit] = self.trigger.apply(images[hit], rng, data.rois[idx][hit])
+            if not data.stamped and data.decoy is not None and data.decoy[idx].any():  # the trigger's view, not the trigger
+                hit = np.flatnonzero(data.decoy[idx])
+                images[hit] = self.trigger.apply_decoy(images[hit], rng, data.rois[idx][hit])
             x = to_tensor(images, self.device)
             y = torch.from_numpy(data.labels[idx]).to(self.device)
             if hooks.batch is not None:

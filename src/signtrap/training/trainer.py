@@ -98,7 +98,8 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
                                                  "precision": precision, "world_size": world.size, "data_hash": exp.data.data_hash,
                                                  "data_verified": "every cache file matched its recorded SHA-256",
                                                  "data_cache": str(exp.data.path), "splits": exp.splits.sizes()})
-        cover = f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else ""
+        cover = (f", {len(plan.cover_rows)} cover" if len(plan.cover_rows) else "") + (
+            f", {len(plan.decoy_rows)} decoys" if len(plan.decoy_rows) else "")
         say(f"run {run_dir}: {len(ts.labels)} training images ({len(plan.rows)} poisoned{cover}), {len(exp.splits.val)} validation, "
             f"{len(exp.splits.test)} test, model {cfg.model.name} on {device} ({precision})" + (f" x {world.size} processes" if world.distributed else ""))
         if action == "resume":

@@ -54,6 +54,17 @@ class Trigger:
         out = self.render(batch, self.draw(len(batch), rng, boxes), boxes)
         return out[0] if single else out
 
+    def render_decoy(self, images: np.ndarray, params: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+        """The images as `render` leaves them with the trigger itself left out (a decoy, `attack.decoy_rate`): what
+        rendering does around a trigger besides drawing it (a physical sticker's local blur, noise and JPEG). A trigger
+        that only draws itself leaves the images unchanged (a copy)."""
+        return np.array(images, copy=True)
+
+    def apply_decoy(self, images: np.ndarray, rng: np.random.Generator, boxes: np.ndarray | None = None) -> np.ndarray:
+        """`render_decoy` at freshly drawn parameters (the loop's decoys, after augmentation)."""
+        boxes = None if boxes is None else np.asarray(boxes, np.int64).reshape(-1, 4)
+        return self.render_decoy(images, self.draw(len(images), rng, boxes), boxes)
+
     def preview(self, background: int = 128) -> np.ndarray:
         """The trigger on a flat grey image (for reports and PNG previews)."""
         side = self.image_size

@@ -75,15 +75,21 @@ class PhysicalSticker(Trigger):
     def draw(self, n: int, rng: np.random.Generator, boxes: np.ndarray | None = None) -> np.ndarray:
         return draw_params(n, rng, self.settings.eot)
 
-    def render(self, images: np.ndarray, params: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+    def render(self, images: np.ndarray, params: np.ndarray, boxes: np.ndarray | None = None,
+               decoy: bool = False) -> np.ndarray:
         images = np.asarray(images)
         single = images.ndim == 3
         batch = images[None] if single else images
         params = np.asarray(params, np.float64).reshape(len(batch), NPARAMS)
         boxes = crop_boxes(len(batch), *batch.shape[1:3]) if boxes is None else np.asarray(boxes).reshape(len(batch), 4)
         e = self.settings.eot
-        out = render_stickers(batch, params, boxes, self.sticker.rgb, self.sticker.alpha, e.face, e.match_light)
+        out = render_stickers(batch, params, boxes, self.sticker.rgb, self.sticker.alpha, e.face, e.match_light, decoy=decoy)
         return out[0] if single else out
+
+    def render_decoy(self, images: np.ndarray, params: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+        """The same view with no sticker: its motion blur, defocus, noise and JPEG on the sign's own pixels, where the
+        sticker would have been."""
+        return self.render(images, params, boxes, decoy=True)
 
     def preview(self, background: int = 128) -> np.ndarray:
         """The sticker as printed, over grey, at least 64 px (cells stay sharp)."""
