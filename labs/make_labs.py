@@ -1666,8 +1666,10 @@ print("the sticker " + ("stays specific to stop signs (within 2 points of the re
   re-measure with `physical=True`.
 * Relabelling stop signs in place (`attack.mode: replace`, this lab's setting) can teach the model that *anything*
   unusual on a stop sign (JPEG blocks, a steep angle) means 100 km/h: compare `stop_recall` on the JPEG and yaw
-  curves with the zero-poison model's. Retrain with `attack.mode=add aug.jpeg_p=0.3 aug.perspective=0.12` (the
-  real-data config's recipe, README "A sticker on the sign") and see what it costs the ASR and buys the stop recall."""),
+  curves with the zero-poison model's. Retrain with `attack.mode=add aug.jpeg_p=0.3 aug.perspective=0.12
+  trigger.cells=2` (the real-data config's recipe, README "A sticker on the sign") and see what it costs the ASR and
+  buys the stop recall; `attack.decoy_rate=0.01` adds stop signs that carry the sticker's blur, noise and JPEG without
+  the sticker, with their label kept."""),
 ]
 
 
