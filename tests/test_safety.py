@@ -168,7 +168,7 @@ def test_atomic_dir_replaces_only_an_empty_folder_or_one_of_its_own_kind(tmp_pat
 
 
 def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
-    args = tiny_overrides(tmp_path, "same", "train.epochs=40", "train.threads=1")  # long: stopped once the second is refused
+    args = tiny_overrides(tmp_path, "same", "train.epochs=400", "train.threads=1")  # long: stopped once the second is refused
     first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "runs" / "same" / runstate.LOCK_FILE

@@ -230,7 +230,7 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
             ctx.guard(m, epoch, schedule.epochs)
         if not measured(epoch, measure_every, schedule.epochs):
             return {}
-        if ctx.defer and ctx.monitor is not None:
+        if ctx.defer and ctx.monitor is not None and not hooked(m):
             snapshot = Snapshot(copy.deepcopy(m))
             return {**{key: Deferred(snapshot, key) for key in CURVE_KEYS}, **(probe(m) if probe is not None else {})}
         return {**ctx.measure(m), **(probe(m) if probe is not None else {})}
@@ -241,6 +241,12 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
                 aug=ctx.aug if augment else AugConfig(enabled=False), precision=ctx.precision, trigger=trigger, hooks=hooks,
                 params=params, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
+
+
+def hooked(model: nn.Module) -> bool:
+    """Whether a forward hook is attached anywhere in `model` (a defence reading activations, e.g. NAD's attention
+    maps, BTI-DBF's features): such a model is measured as it trains, not copied (its hooks hold live tensors)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 class Snapshot:
