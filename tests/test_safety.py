@@ -168,9 +168,11 @@ def test_atomic_dir_replaces_only_an_empty_folder_or_one_of_its_own_kind(tmp_pat
 
 
 def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
-    args = tiny_overrides(tmp_path, "same", "train.epochs=400", "train.threads=1")  # long: stopped once the second is refused
-    first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # long (it is stopped once the second is refused; 40 epochs could end first now that evaluation is faster), its
+    # output to a file: a pipe nobody reads until the end could fill and stall it
+    args = tiny_overrides(tmp_path, "same", "train.epochs=400", "train.threads=1")
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=log, stderr=log, text=True)
     lock = tmp_path / "runs" / "same" / runstate.LOCK_FILE
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
@@ -182,8 +184,13 @@ def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
     one_line_error(second, f"in use by process {first.pid} on host {socket.gethostname()}", "signtrap train")
     assert first.poll() is None, "the first training ended before the second was refused: the test raced"
     first.send_signal(signal.SIGINT)  # the refused second left the first alone: Ctrl-C stops it cleanly
-    first.communicate(timeout=300)
-    assert first.returncode == 130, first.returncode  # the interrupted training's own exit, not a crash
+    try:
+        first.wait(timeout=300)
+    finally:
+        if first.poll() is None:  # not stopped by Ctrl-C: no orphan left training
+            first.kill()
+        log.close()
+    assert first.returncode == 130, (first.returncode, (tmp_path / "first.log").read_text()[-2000:])  # its own exit, not a crash
     run = tmp_path / "runs" / "same"
     assert runstate.lock_holder(run) is None  # released with the process
     assert runstate.inspect(run).status in (runstate.RESUMABLE, runstate.NEW), runstate.inspect(run)  # resumable or nothing
