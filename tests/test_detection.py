@@ -52,6 +52,32 @@ def test_untangling_and_split_recover_a_planted_subgroup():
     assert robust_z(np.array([1.0, 1.1, 0.9, 1.05, 9.0]))[-1] > math.exp(2)
 
 
+def test_strip_entropy_is_the_mean_entropy_of_the_drawn_blends():
+    """STRIP's batched entropies (CPU chunks, overlays converted once) are those of each input's own blends,
+    computed one input at a time from the same draws."""
+    import torch
+    from signtrap.defences.strip import strip_entropy
+    from signtrap.experiment import to_tensor
+    from signtrap.models import create_model
+    torch.manual_seed(0)
+    model = create_model("signnet", 43).eval()
+    rng = np.random.default_rng(1)
+    images, overlays = (rng.integers(0, 256, (k, 32, 32, 3), dtype=np.uint8) for k in (9, 30))
+    n, alpha = 5, 0.4
+    got = strip_entropy(model, images, overlays, n, alpha, np.random.default_rng(7), "cpu", batch_size=12)
+    draws = np.random.default_rng(7)
+    want = []
+    with torch.no_grad():
+        for start in range(0, len(images), 2):  # the draws come per chunk of 12 // 5 = 2 inputs
+            picks = draws.integers(0, len(overlays), (len(images[start:start + 2]), n))
+            for row, image in zip(picks, images[start:start + 2]):
+                blends = (1 - alpha) * to_tensor(image[None], "cpu") + alpha * to_tensor(overlays[row], "cpu")
+                p = torch.softmax(model(blends.contiguous()), 1)
+                want.append(float(-(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()))
+    assert np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    assert got.std() > 0  # the inputs' entropies differ: the comparison has something to compare
+
+
 # ---------------------------------------------------------------- detectors on tiny models
 
 

@@ -211,7 +211,8 @@ def stream_of(method: str) -> int:
 def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str, schedule: Schedule, augment: bool = True,
         hooks: Hooks | None = None, probe: Callable[[nn.Module], dict] | None = None, frozen_bn: bool = False,
         stream: int | None = None, params: list[nn.Parameter] | None = None, measure_every: int = 1,
-        data: TrainingSet | None = None, trigger: Trigger | None = None) -> list[dict]:
+        data: TrainingSet | None = None, trigger: Trigger | None = None,
+        memory_format: torch.memory_format = torch.channels_last) -> list[dict]:
     """Train `model` in place on the clean budget through the one loop; returns one curve row per epoch (row 0: before).
 
     The run's `train.precision` and `aug:` settings reach the loop through `ctx`; `hooks.batch` may rewrite
@@ -219,7 +220,7 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
     re-applies constraints (pruning masks); `params` restricts what the optimiser updates (masks). Rows
     0, `measure_every`, 2 * `measure_every`, ... and the last carry the monitor metrics plus `probe(model)`.
     `data` replaces the clean budget by another TrainingSet (the re-activation probe's budget + k poisoned
-    rows, stamped with `trigger` after augmentation).
+    rows, stamped with `trigger` after augmentation). `memory_format`: the loop's layout (`Loop.memory_format`).
     """
     hooks = hooks or Hooks()
     calls = [0]
@@ -239,7 +240,7 @@ def fit(model: nn.Module, clean: CleanData, ctx: DefenceContext, *, method: str,
     data = clean_training_set(clean.images, clean.labels) if data is None else data
     loop = Loop(model, data, schedule, ctx.device, ctx.seed, stream_of(method) if stream is None else stream,
                 aug=ctx.aug if augment else AugConfig(enabled=False), precision=ctx.precision, trigger=trigger, hooks=hooks,
-                params=params, frozen_bn=frozen_bn, desc=method, show_progress=ctx.show_progress)
+                params=params, frozen_bn=frozen_bn, memory_format=memory_format, desc=method, show_progress=ctx.show_progress)
     return loop.fit(measure_start=True)
 
 

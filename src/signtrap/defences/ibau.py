@@ -59,7 +59,7 @@ def universal_perturbation(model: nn.Module, data: CleanData, s: IBAUSettings, s
     opt = torch.optim.SGD([delta], lr=s.search_lr)
     order = rng.permutation(len(data))
     for first in range(0, len(order), s.batch_size):
-        x = to_tensor(data.images[order[first:first + s.batch_size]], device)
+        x = to_tensor(data.images[order[first:first + s.batch_size]], device).contiguous()  # NCHW, as the model here
         with torch.no_grad():
             own = model(x).argmax(1)
         loss = -F.cross_entropy(model(x + delta * std).float(), own) + s.penalty * delta.pow(2).sum()
@@ -73,7 +73,8 @@ def universal_perturbation(model: nn.Module, data: CleanData, s: IBAUSettings, s
 @register_defence("i-bau", settings=IBAUSettings)
 def ibau(model: nn.Module, clean: CleanData, s: IBAUSettings, ctx: DefenceContext) -> DefenceResult:
     """Rounds of (universal adversarial perturbation, unlearning with the implicit hypergradient), the model
-    kept in eval mode throughout as in the paper's code; in FP32 (the hypergradient differentiates twice).
+    kept in eval mode throughout as in the paper's code; in FP32 and in NCHW memory layout (the hypergradient
+    differentiates twice: 1.4x faster than channels-last on 2 CPU cores).
 
     Selection rule (main knob: the outer learning rate, `grid` 3e-5..1e-3): the budget is split by whole
     tracks, drawn at random, into a fit part and a held-out third; I-BAU runs on the fit part at each
@@ -85,7 +86,7 @@ def ibau(model: nn.Module, clean: CleanData, s: IBAUSettings, ctx: DefenceContex
 
     def prepare(data: CleanData):
         first_rows = np.random.default_rng([ctx.seed, 0x1BA0]).permutation(len(data))[:s.batch_size]
-        x_first = to_tensor(data.images[first_rows], ctx.device)  # the inner problem's batch, as the paper's code
+        x_first = to_tensor(data.images[first_rows], ctx.device).contiguous()  # the inner problem's batch, as the paper's code
         y_first = torch.from_numpy(data.labels[first_rows]).to(ctx.device)
         steps_per_round = -(-len(data) // s.batch_size)
 
@@ -108,15 +109,17 @@ def ibau(model: nn.Module, clean: CleanData, s: IBAUSettings, ctx: DefenceContex
                     inner = -F.cross_entropy(net(x_first + delta * std).float(), y_first) + s.penalty * delta.pow(2).sum()
                     (g_inner,) = torch.autograd.grad(inner, delta, create_graph=True)
                     phi = delta - s.inner_step * g_inner  # the inner problem's fixed-point map
-                    v = torch.zeros_like(delta)
-                    for _ in range(s.fixed_point_steps):  # v = (dphi/ddelta)^T v + d outer / d delta
+                    # K iterations of v <- (dphi/ddelta)^T v + d outer / d delta from v = 0; the first gives
+                    # v = d outer / d delta exactly (the authors' code computes its zero product; skipped here)
+                    v = g_delta
+                    for _ in range(s.fixed_point_steps - 1):
                         (jv,) = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)
                         v = jv + g_delta
                     implicit = (phi * v.detach()).sum()  # its weight gradient is the hypergradient's implicit part
                     return outer + implicit - implicit.detach()
 
             curve = fit(m, data, ctx, method="i-bau", schedule=s.schedule("defend.i-bau", lr=lr), augment=s.augment,
-                        hooks=Hooks(loss=loss_fn), frozen_bn=True)
+                        hooks=Hooks(loss=loss_fn), frozen_bn=True, memory_format=torch.contiguous_format)
             delta = state["delta"]
             artefacts = {}
             if delta is not None:

@@ -17,7 +17,9 @@ size instead of stopping wherever a fixed number of steps leaves it:
 Deviations, with reasons: 256 optimisation images per step (the authors: 1,000 test images) and at most 300
 steps, and on CPU a screening pass (`screen_steps` steps for every class) before the full search of the `top_k`
 smallest and `reference` random other classes (the authors search all 43 classes; on 2 CPU cores that is
-about 20 minutes); the defender's clean budget replaces the authors' test images. The true trigger's size is
+about 20 minutes); the defender's clean budget replaces the authors' test images; the search's forward pass runs in the run's
+training precision (`train.precision`: bf16 autocast on CUDA and on CPUs with native bf16, as every defence's
+training here; the mask, pattern, loss and schedule stay in fp32), 2.5x the fp32 images per second on 2 cores. The true trigger's size is
 measured from the monitor split (pixels that differ between a clean and a triggered image) and reported beside
 the target's reversed mask norm, for measurement only.
 """
@@ -40,6 +42,7 @@ from signtrap.defences.common import (flag_outcome, CleanData, DefenceContext, D
                                       check_training, fit, robust_z, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
+from signtrap.machine.environment import autocast_dtype
 from signtrap.training.loop import Hooks
 from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, Note, P
@@ -96,9 +99,10 @@ class NeuralCleanseSettings(TrainSettings):
 class Reverse:
     """One class's trigger search: min CE(f((1-m)x + m p), t) + cost * |m|_1 with the authors' cost schedule."""
 
-    def __init__(self, target: int, shape: tuple[int, int], cfg: NeuralCleanseSettings, gen: torch.Generator, device):
+    def __init__(self, target: int, shape: tuple[int, int], cfg: NeuralCleanseSettings, gen: torch.Generator, device,
+                 amp: torch.dtype | None = None):
         h, w = shape
-        self.target, self.cfg = target, cfg
+        self.target, self.cfg, self.amp = target, cfg, amp
         eps = 1e-7
         mask0 = torch.rand(1, h, w, generator=gen)  # uniform random start, as the authors'
         pattern0 = torch.rand(3, h, w, generator=gen)
@@ -125,7 +129,8 @@ class Reverse:
         for first in range(0, len(x), cfg.batch_size):
             xb = x[order[first:first + cfg.batch_size]]
             mask, pattern = self.mask(), self.pattern()
-            logits = model(apply_mask(xb, mask, pattern)).float()
+            with torch.autocast(x.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                logits = model(apply_mask(xb, mask, pattern)).float()
             y = torch.full((len(xb),), self.target, dtype=torch.long, device=x.device)
             norm = mask.sum()
             loss = F.cross_entropy(logits, y) + self.cost * norm
@@ -215,6 +220,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)
     top_k = len(candidates) if top_k == 0 else min(top_k, len(candidates))
 
+    amp = autocast_dtype(ctx.precision, device)  # the search's forward in the run's training precision
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -226,7 +232,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
         bar = progress(len(candidates), "neural-cleanse screening", unit="class", enabled=ctx.show_progress)
         screens = {}
         for c in candidates:
-            screens[c] = Reverse(c, x.shape[-2:], cfg, gen, device)
+            screens[c] = Reverse(c, x.shape[-2:], cfg, gen, device, amp)
             screens[c].cost = cfg.init_cost
             screens[c].run(model, x, cfg.screen_steps, rng)
             bar.update(1)
@@ -241,7 +247,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     bar = progress(len(refined), "neural-cleanse reverse-engineering", unit="class", enabled=ctx.show_progress)
     searches = {}
     for c in refined:
-        searches[c] = Reverse(c, x.shape[-2:], cfg, gen, device)
+        searches[c] = Reverse(c, x.shape[-2:], cfg, gen, device, amp)
         searches[c].run(model, x, cfg.steps, rng)
         bar.update(1)
     bar.close()

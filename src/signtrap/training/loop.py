@@ -102,6 +102,10 @@ class Loop:
     hooks: Hooks = field(default_factory=Hooks)
     params: list[nn.Parameter] | None = None  # what the optimiser updates; default: every parameter requiring grad
     frozen_bn: bool = False  # keep BatchNorm statistics fixed (eval-mode BN) while training
+    # the model's and the batches' memory layout: channels-last (the fastest first-order training on CPU and GPU), or
+    # torch.contiguous_format for a loss that differentiates twice (I-BAU: 1.4x faster on 2 CPU cores, where
+    # oneDNN's channels-last double backward converts layouts at every layer)
+    memory_format: torch.memory_format = torch.channels_last
     world: distributed.World = field(default_factory=distributed.World)
     desc: str = "epoch"
     show_progress: bool = True
@@ -113,7 +117,7 @@ class Loop:
         marked = self.data.triggered.any() or (self.data.decoy is not None and self.data.decoy.any())
         if marked and not self.data.stamped and self.trigger is None:
             raise SigntrapError(f"{self.desc}: rows carry the trigger but no trigger was given to stamp them")
-        self.model = self.model.to(self.device, memory_format=torch.channels_last)
+        self.model = self.model.to(self.device, memory_format=self.memory_format)
         s = self.schedule
         params = self.params if self.params is not None else [p for p in self.model.parameters() if p.requires_grad]
         if s.optimizer == "adamw":
@@ -202,7 +206,9 @@ class Loop:
             if not data.stamped and data.decoy is not None and data.decoy[idx].any():  # the trigger's view, not the trigger
                 hit = np.flatnonzero(data.decoy[idx])
                 images[hit] = self.trigger.apply_decoy(images[hit], rng, data.rois[idx][hit])
-            x = to_tensor(images, self.device)
+            x = to_tensor(images, self.device)  # a channels-last view
+            if self.memory_format != torch.channels_last:
+                x = x.contiguous(memory_format=self.memory_format)
             y = torch.from_numpy(data.labels[idx]).to(self.device)
             if hooks.batch is not None:
                 x, y = hooks.batch(x, y, rng)
