@@ -85,6 +85,29 @@ def test_decoys_are_added_source_copies_that_keep_their_label(monkeypatch):
     assert manifest(cfg.attack, plan, data, trigger, 0, len(rows))["decoys"] == 8
 
 
+def test_scans_view_of_the_training_set_renders_decoys_as_the_loop_does(monkeypatch):
+    """SCAn inspects the training set as the model saw it: a decoy row is the sticker's rendering without the sticker
+    (blur, noise, JPEG around where it would be), not the untouched stop sign it was copied from."""
+    from types import SimpleNamespace
+    from signtrap.defences.run import training_pool
+    monkeypatch.setattr(SignData, "files", property(lambda self: [f"img{i}.png" for i in range(len(self.labels))]))
+    cfg = load_config(None, ["trigger.kind=physical", "attack.poison_count=5", "attack.mode=add", "attack.decoy_rate=0.1",
+                             "trigger.eot.noise=[4,4]", "trigger.eot.jpeg_p=1"])
+    data = fake_data()
+    rng = np.random.default_rng(0)
+    data.images[:] = rng.integers(0, 256, data.images.shape, dtype=np.uint8)  # texture: blur and JPEG show on it
+    rows = np.arange(len(data))
+    trigger = make_trigger(cfg.trigger, 32)
+    exp = SimpleNamespace(cfg=cfg, data=data, splits=SimpleNamespace(train=rows), trigger=trigger)
+    pool = training_pool(exp)
+    plan = plan_poison(cfg.attack, data, rows, trigger, cfg.seed)
+    n = len(data) + 5
+    assert len(pool.labels) == n + 8 and (pool.labels[n:] == 14).all()
+    changed = (pool.images[n:] != data.images[plan.decoy_rows]).any(axis=(1, 2, 3))
+    assert changed.all(), changed  # every decoy rendered
+    assert (pool.images[:len(data)] == data.images).all()  # the clean rows untouched
+
+
 def test_decoy_settings_are_checked():
     with pytest.raises(ConfigError, match="attack.decoy_rate"):
         load_config(None, ["attack.kind=all_to_one", "attack.decoy_rate=0.01"])

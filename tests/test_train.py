@@ -168,3 +168,32 @@ def test_cpu_inference_in_chunks_gives_the_same_logits(tiny_run, monkeypatch):
         seen.clear()
         assert np.array_equal(experiment.predict_logits(model, images, batch_size=len(images)), whole)
         assert max(seen) == min(chunk, len(images)) and sum(seen) == len(images)
+
+
+def test_loop_trains_in_the_memory_layout_asked():
+    """`Loop.memory_format`: channels-last by default; NCHW when asked (I-BAU's double backward), for the model and
+    every batch the hooks see, with the same training up to float rounding."""
+    from torch import nn
+    from signtrap.attacks.poison import TrainingSet
+    from signtrap.training.loop import Hooks, Loop, Schedule
+    rng = np.random.default_rng(0)
+    n = 48
+    data = TrainingSet(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n), np.zeros(n, bool), False,
+                       np.tile([0, 0, 7, 7], (n, 1)))
+    weights = {}
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        seen = []
+
+        def loss(m, x, y, seen=seen):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return nn.functional.cross_entropy(m(x).float(), y)
+
+        Loop(model, data, Schedule(epochs=2, lr=1e-2, batch_size=16), torch.device("cpu"), 0, 1, hooks=Hooks(loss=loss),
+             memory_format=fmt, show_progress=False).fit()
+        channels_last = fmt == torch.channels_last
+        assert seen and all(s == channels_last for s in seen)  # every batch in the layout asked
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        weights[fmt] = model[0].weight.detach().contiguous()
+    assert torch.allclose(weights[torch.channels_last], weights[torch.contiguous_format], atol=1e-5)
