@@ -10,6 +10,7 @@ from signtrap.config import load_config
 from signtrap.defences.run import run_defences
 from signtrap.defences.common import robust_z
 from signtrap.defences.scan import two_subgroups, untangle
+from signtrap.reporting.blocks import read_csv
 from signtrap.reporting.detection import attack_label, detection_cell, detection_table
 from test_defences import tree_hash
 
@@ -94,6 +95,24 @@ def test_neural_cleanse_and_strip_see_the_all_to_one_backdoor(tiny_a2o_run, tmp_
     assert strip["detection_rate"]["rate"] > strip["false_rejection_rate"]["rate"] + 0.3, strip
     roc = strip["at_measured_frr"]  # the ROC point: the threshold read off the clean test images at the 5% target
     assert 0 < roc["false_rejection_rate"]["rate"] <= 0.05 and roc["detection_rate"]["rate"] > roc["false_rejection_rate"]["rate"] + 0.3, roc
+
+
+@pytest.mark.slow
+def test_neural_cleanse_top_k_refines_the_smallest_screened_masks_and_random_others(tiny_a2o_run, tmp_path):
+    """The top-k shortcut: every candidate screened, the k smallest screened masks and `reference` random others
+    searched in full; the anomaly index over those only; the all-to-one target among the k smallest."""
+    run = copy_run(tiny_a2o_run, tmp_path)
+    settings = [s for s in NC if not s.startswith("neural-cleanse.top_k")] + ["neural-cleanse.top_k=2", "neural-cleanse.reference=3",
+                                                                               "neural-cleanse.screen_steps=4"]
+    (report,) = run_defences(run, "neural-cleanse", ["clean_fraction=0.3", *settings], "cpu", show_progress=False)
+    d = report["details"]
+    rows = {int(r["class"]): r for r in read_csv(run / "defence-neural-cleanse" / "norms.csv")}
+    assert len(rows) == 10 and all(r["screen_mask_l1"] is not None for r in rows.values())
+    refined = sorted(c for c, r in rows.items() if r["refined"] == "True")
+    assert refined == d["refined"] and len(refined) == 5 and set(d["anomaly_index"]) == {str(c) for c in refined}
+    assert 7 in refined and set(d["flagged"]) <= set(refined)
+    assert all(rows[c]["steps"] == 4 for c in rows if c not in refined)  # screened only
+    assert all(rows[c]["steps"] > 4 for c in refined)  # searched in full
 
 
 @pytest.mark.slow
