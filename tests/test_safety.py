@@ -172,7 +172,10 @@ def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
     # output to a file: a pipe nobody reads until the end could fill and stall it
     args = tiny_overrides(tmp_path, "same", "train.epochs=400", "train.threads=1")
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=log, stderr=log, text=True)
+    # Ctrl-C must reach it as it reaches a terminal's job: a test run started in the background (`make test &`, a
+    # queued script) passes SIGINT down *ignored*, and Python keeps an ignored SIGINT ignored
+    first = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "train", *args], stdout=log, stderr=log, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / "runs" / "same" / runstate.LOCK_FILE
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:

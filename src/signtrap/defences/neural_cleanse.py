@@ -18,8 +18,8 @@ Deviations, with reasons: 256 optimisation images per step (the authors: 1,000 t
 steps; the defender's clean budget replaces the authors' test images; the search's forward pass runs in the run's
 training precision (`train.precision`: bf16 autocast on CUDA and on CPUs with native bf16, as every defence's
 training here; the mask, pattern, loss and schedule stay in fp32), 2.5x the fp32 images per second on 2 cores
-(`benchmarks/defence_kernels.py`). Every class is searched, as the authors do (about 6-7 minutes on 2 CPU cores for
-43 classes). `top_k` > 0 is a shortcut, not the default: a screening pass (`screen_steps` steps for every class), then
+(`benchmarks/defence_kernels.py`). Every class is searched, as the authors do (43 classes: 375-460 s on 2 CPU
+cores on a slow day, real GTSRB). `top_k` > 0 is a shortcut, not the default: a screening pass (`screen_steps` steps for every class), then
 the full search of the `top_k` smallest screened masks and `reference` random other classes only, the anomaly index
 over those. On real GTSRB it is 2.5x faster but its verdict is an artefact of which classes it searched: with 6 + 6
 it flagged the all-to-one target on 0 of 3 seeds in fp32 and 2 of 3 in bf16, and a class of a zero-poison model

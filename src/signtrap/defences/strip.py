@@ -47,8 +47,9 @@ def strip_entropy(model: nn.Module, images: np.ndarray, overlays: np.ndarray, n:
     """Mean softmax entropy over `n` blends (1 - alpha) * input + alpha * clean overlay, per input.
 
     On a CPU the blends go through the model in chunks of at most `CPU_EVAL_CHUNK` (as every evaluation) and the
-    overlays are converted to float once per call: 1.9x the blends per second of 512-blend batches converted
-    per chunk, with the same entropies bit for bit (tests/test_strip.py)."""
+    overlays are converted to float once per call, the blends built channels-last: 1.5-1.9x the blends per second of
+    512-blend batches converted per chunk (`benchmarks/defence_kernels.py`), with the same entropies up to float
+    rounding (about 1e-7: the channels-last kernels round differently; tests/test_detection.py)."""
     model.eval()
     if torch.device(device).type == "cpu":
         batch_size = min(batch_size, CPU_EVAL_CHUNK)
