@@ -5,11 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from signtrap.config import load_config
 from signtrap.defences.run import run_defences
 from signtrap.defences.common import robust_z
 from signtrap.defences.scan import two_subgroups, untangle
+from signtrap.defences.strip import strip_entropy
+from signtrap.experiment import to_tensor
+from signtrap.models import create_model
 from signtrap.reporting.blocks import read_csv
 from signtrap.reporting.detection import attack_label, detection_cell, detection_table
 from test_defences import tree_hash
@@ -56,10 +60,6 @@ def test_untangling_and_split_recover_a_planted_subgroup():
 def test_strip_entropy_is_the_mean_entropy_of_the_drawn_blends():
     """STRIP's batched entropies (CPU chunks, overlays converted once) are those of each input's own blends,
     computed one input at a time from the same draws."""
-    import torch
-    from signtrap.defences.strip import strip_entropy
-    from signtrap.experiment import to_tensor
-    from signtrap.models import create_model
     torch.manual_seed(0)
     model = create_model("signnet", 43).eval()
     rng = np.random.default_rng(1)

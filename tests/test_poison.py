@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from signtrap.triggers import make_trigger
 from signtrap.config import load_config
 from signtrap.data.cache import SignData
 from signtrap.datasets.gtsrb import LABELS
+from signtrap.defences.run import training_pool
 from signtrap.errors import ConfigError
 
 
@@ -88,8 +90,6 @@ def test_decoys_are_added_source_copies_that_keep_their_label(monkeypatch):
 def test_scans_view_of_the_training_set_renders_decoys_as_the_loop_does(monkeypatch):
     """SCAn inspects the training set as the model saw it: a decoy row is the sticker's rendering without the sticker
     (blur, noise, JPEG around where it would be), not the untouched stop sign it was copied from."""
-    from types import SimpleNamespace
-    from signtrap.defences.run import training_pool
     monkeypatch.setattr(SignData, "files", property(lambda self: [f"img{i}.png" for i in range(len(self.labels))]))
     cfg = load_config(None, ["trigger.kind=physical", "attack.poison_count=5", "attack.mode=add", "attack.decoy_rate=0.1",
                              "trigger.eot.noise=[4,4]", "trigger.eot.jpeg_p=1"])

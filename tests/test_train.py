@@ -5,10 +5,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_overrides
 from signtrap.cli import main
+from signtrap.attacks.poison import TrainingSet
 from signtrap.config import load_config
+from signtrap.training.loop import Hooks, Loop, Schedule
 from signtrap.training.trainer import train
 
 
@@ -173,9 +176,6 @@ def test_cpu_inference_in_chunks_gives_the_same_logits(tiny_run, monkeypatch):
 def test_loop_trains_in_the_memory_layout_asked():
     """`Loop.memory_format`: channels-last by default; NCHW when asked (I-BAU's double backward), for the model and
     every batch the hooks see, with the same training up to float rounding."""
-    from torch import nn
-    from signtrap.attacks.poison import TrainingSet
-    from signtrap.training.loop import Hooks, Loop, Schedule
     rng = np.random.default_rng(0)
     n = 48
     data = TrainingSet(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n), np.zeros(n, bool), False,
