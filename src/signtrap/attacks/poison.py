@@ -37,6 +37,20 @@ class TrainingSet:
     rois: np.ndarray
     decoy: np.ndarray | None = None  # bool: this row carries the trigger's view without the trigger (attack.decoy_rate)
 
+    def render(self, images: np.ndarray, idx: np.ndarray, trigger, rng: np.random.Generator) -> np.ndarray:
+        """`images` (the rows `idx` of this set, as the model is to see them), with the trigger rendered on the
+        triggered rows and the decoys' view on the decoy rows, in place, when the set is not stamped already: the
+        training loop's batches (after augmentation) and SCAn's view of the whole set use this one rendering."""
+        if self.stamped:
+            return images
+        if self.triggered[idx].any():
+            hit = np.flatnonzero(self.triggered[idx])
+            images[hit] = trigger.apply(images[hit], rng, self.rois[idx][hit])
+        if self.decoy is not None and self.decoy[idx].any():  # the trigger's view, not the trigger
+            hit = np.flatnonzero(self.decoy[idx])
+            images[hit] = trigger.apply_decoy(images[hit], rng, self.rois[idx][hit])
+        return images
+
 
 def poison_budget(cfg: AttackConfig, n_train: int) -> int:
     if not cfg.active:

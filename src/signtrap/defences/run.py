@@ -183,16 +183,10 @@ def training_pool(exp: Experiment) -> SuspiciousPool:
     cfg = exp.cfg
     plan = plan_poison(cfg.attack, exp.data, exp.splits.train, exp.trigger, cfg.seed)
     ts = build_training_set(cfg.attack, exp.data, exp.splits.train, plan, exp.trigger)
+    marked = ts.triggered.any() or (ts.decoy is not None and ts.decoy.any())
     images = ts.images
-    rng = np.random.default_rng([cfg.seed, 0x5CA4])
-    if not ts.stamped and ts.triggered.any():  # stamped after augmentation in training: stamp them here, unaugmented
-        hit = np.flatnonzero(ts.triggered)
-        images = images.copy()
-        images[hit] = exp.trigger.apply(images[hit], rng, ts.rois[hit])
-    if not ts.stamped and ts.decoy is not None and ts.decoy.any():  # decoys, rendered as the loop renders them
-        hit = np.flatnonzero(ts.decoy)
-        images = images.copy() if images is ts.images else images
-        images[hit] = exp.trigger.apply_decoy(images[hit], rng, ts.rois[hit])
+    if not ts.stamped and marked:  # rendered after augmentation in training: rendered here, unaugmented, as the loop does
+        images = ts.render(images.copy(), np.arange(len(images)), exp.trigger, np.random.default_rng([cfg.seed, 0x5CA4]))
     return SuspiciousPool(images, ts.labels, ts.triggered & (ts.labels == plan.target) if cfg.attack.active else None)
 
 

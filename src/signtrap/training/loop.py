@@ -199,13 +199,7 @@ class Loop:
             if len(chunk) < world:  # a tail too short to give every rank an image: skipped alike on every rank
                 break
             idx = chunk[rank::world]
-            images = augment_batch(data.images[idx], augment)
-            if not data.stamped and data.triggered[idx].any():  # stamp after augmentation: fixed in the frame
-                hit = np.flatnonzero(data.triggered[idx])
-                images[hit] = self.trigger.apply(images[hit], rng, data.rois[idx][hit])
-            if not data.stamped and data.decoy is not None and data.decoy[idx].any():  # the trigger's view, not the trigger
-                hit = np.flatnonzero(data.decoy[idx])
-                images[hit] = self.trigger.apply_decoy(images[hit], rng, data.rois[idx][hit])
+            images = data.render(augment_batch(data.images[idx], augment), idx, self.trigger, rng)  # after augmentation: fixed in the frame
             x = to_tensor(images, self.device)  # a channels-last view
             if self.memory_format != torch.channels_last:
                 x = x.contiguous(memory_format=self.memory_format)
