@@ -78,3 +78,11 @@ def test_trigger_optimise_writes_a_printable_png_and_refuses_a_bad_out_in_one_li
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "must end in .png" in lines[0], bad.stderr
+
+
+def test_trigger_optimise_never_writes_over_a_users_file_and_says_so_before_training(tmp_path):
+    victim = tmp_path / "holiday.png"
+    victim.write_bytes(b"a user's picture")
+    result = run_cli("trigger", "optimise", "data.synth_per_class=12", "--out", str(victim), "--steps", "1")
+    assert result.returncode == 2 and "not written by signtrap" in result.stderr and "surrogate" not in result.stdout + result.stderr
+    assert victim.read_bytes() == b"a user's picture"

@@ -274,6 +274,21 @@ def test_trigger_print_writes_the_sticker_at_its_printed_size(runs, tmp_path, wi
     assert bad.returncode == 2 and ".png or .pdf" in bad.stderr
 
 
+@pytest.mark.parametrize("name", ["photo.png", "notes.txt", "poster.pdf"])
+def test_trigger_print_never_writes_over_a_users_file_and_replaces_its_own(runs, tmp_path, name):
+    victim = tmp_path / name
+    victim.write_bytes(b"the user's own file")
+    out = victim if victim.suffix != ".txt" else victim.with_suffix(".png")  # a PNG's instructions go to NAME.txt
+    result = run_cli("trigger", "print", str(runs["physical"]), "--width-cm", "5", "--out", str(out))
+    assert result.returncode == 2 and "not written by signtrap" in result.stderr and "Traceback" not in result.stderr
+    assert victim.read_bytes() == b"the user's own file" and (out == victim or not out.exists())
+    mine = tmp_path / "mine.png"
+    for _ in range(2):  # signtrap's own output is replaced
+        again = run_cli("trigger", "print", str(runs["physical"]), "--width-cm", "5", "--out", str(mine))
+        assert again.returncode == 0, again.stderr
+    assert mine.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_the_runtime_matrix_measures_a_physical_sticker_on_the_road(runs, tmp_path):
     """An export of a physical run carries the physical evaluation's default views, and every form of the model
     is measured on them: PyTorch's row reproduces the run's own physical block (same views, same model)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-API = ("Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
+API = ("Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "optimise_sticker", "run",
        "report", "sweep", "prepare_data", "load_data", "fetch_data")
 __all__ = [*API, "SigntrapError", "__version__"]
 

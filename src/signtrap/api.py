@@ -35,6 +35,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from torch import nn
 
 from signtrap import config as config_mod
@@ -51,19 +53,24 @@ from signtrap.deploy.bench import bench_export
 from signtrap.deploy.exporter import default_out, export_run
 from signtrap.errors import ConfigError, SigntrapError, unknown
 from signtrap.evaluation.evaluate import evaluate_run
-from signtrap.experiment import Experiment, load_run_config
-from signtrap.fileio import KINDS, check_replaceable, read_json, require_writable
+from signtrap.experiment import Experiment, load_run_config, predict_logits
+from signtrap.fileio import KINDS, check_replaceable, read_json, refuse_foreign, require_writable
 from signtrap.runs.pipeline import run_pipeline
 from signtrap.probing.probe import probe_dir, resolve_target
 from signtrap.machine import cores
 from signtrap.machine.environment import cpu_threads
+from signtrap.models import create_model
+from signtrap.physical.optimise import optimise_pattern
+from signtrap.physical.patterns import checkerboard, save_png
+from signtrap.physical.render import Sticker, plain_params
+from signtrap.training.loop import Loop, Schedule, clean_training_set
 from signtrap.reporting import build_report
 from signtrap.reporting.blocks import persistence_curve, read_csv
 from signtrap.runs.sweeps import SweepOutcome, run_sweep, yaml_value
 from signtrap.training.trainer import train as train_run
 from signtrap.runs import layout
 
-__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "run",
+__all__ = ["Run", "load_run", "load_config", "train", "evaluate", "defend", "probe", "export", "bench", "requantize", "optimise_sticker", "run",
            "report", "sweep", "prepare_data", "load_data", "fetch_data"]
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
@@ -494,6 +501,52 @@ def requantize(run: str | os.PathLike, export_dir: str | os.PathLike, out: str |
         with atomic_path(target) as tmp:
             summary = efrap(model, source, clean, tmp, settings, show_progress=not progress.QUIET)
     return {"path": str(target), "source": artefact, "clean_images": int(len(clean)), **summary}
+
+
+def optimise_sticker(config: str | os.PathLike | RunConfig | None = None, out: str | os.PathLike = "sticker.png", *,
+                     cells: int = 4, steps: int = 300, surrogate_epochs: int = 3, overrides: Overrides = None,
+                     **keywords: Any) -> Path:
+    """An RP2-style sticker pattern (`signtrap trigger optimise CONFIG --out pattern.png`; signtrap.physical.optimise):
+    a clean surrogate trained on the config's training split for `surrogate_epochs`, then `steps` EOT steps on its
+    source-class signs toward the attack's target. Writes a PNG with one pixel per printed cell (use it with
+    `trigger.kind=physical`, `design=png`, `png=PATH`) and returns its path. Every argument and `out` are checked
+    before any training; `out` is never a file signtrap did not write."""
+    out = _path(out, "out")
+    if out.suffix.lower() != ".png":
+        raise SigntrapError(f"{out}: --out must end in .png")
+    cells, steps = _int(cells, "cells", 1, 32), _int(steps, "steps", 1)
+    surrogate_epochs = _int(surrogate_epochs, "surrogate_epochs", 1)
+    cfg = load_config(config, overrides, **keywords)
+    refuse_foreign(out)
+    require_writable(out)
+    with cpu_threads(cfg.train.threads):
+        exp = Experiment.from_config(cfg)
+        train_rows = exp.splits.train
+        labels = exp.data.labels[train_rows]
+        src = train_rows[labels == cfg.attack.source]
+        if not len(src):
+            raise SigntrapError(f"the training split has no images of the source class {cfg.attack.source}")
+        progress.say(f"surrogate: a clean {cfg.model.name} on {len(train_rows)} training images, {surrogate_epochs} epoch(s)")
+        torch.manual_seed(cfg.seed)
+        space = exp.classes
+        model = create_model(cfg.model.name, num_classes=space.num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
+        schedule = Schedule(epochs=surrogate_epochs, lr=cfg.train.lr, batch_size=cfg.train.batch_size)
+        loop = Loop(model, clean_training_set(np.array(exp.data.images[train_rows]), labels), schedule, torch.device("cpu"),
+                    cfg.seed, 0x5077, aug=cfg.aug, desc="surrogate")
+        loop.fit()
+        progress.say(f"optimising a {cells}x{cells} sticker on {len(src)} source images, {steps} steps")
+        images, boxes = np.array(exp.data.images[src]), np.array(exp.data.rois[src])
+        eot = getattr(getattr(exp.trigger, "settings", None), "eot", None)
+        losses: list = []
+        pattern = optimise_pattern(loop.model, images, boxes, cfg.attack.target, cells, steps, eot=eot, seed=cfg.seed, losses=losses)
+
+        def target_prob(sticker: Sticker) -> float:
+            shown = sticker.render(images, plain_params(len(images), np.random.default_rng(1), 0.2), boxes)
+            return float(torch.softmax(torch.from_numpy(predict_logits(loop.model, shown, "cpu")), 1)[:, cfg.attack.target].mean())
+        progress.say(f"EOT loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}; the clean surrogate's mean probability "
+                     f"of the target with the sticker (20% of the sign): optimised {target_prob(Sticker('optimised', pattern)):.4f}, "
+                     f"checkerboard {target_prob(checkerboard(cells)):.4f}")
+    return save_png(Sticker("optimised", pattern), out)
 
 
 def run(config: str | os.PathLike | RunConfig | None = None, *, force: bool = False, overwrite: bool = False,

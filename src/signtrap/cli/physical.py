@@ -17,9 +17,12 @@ def cmd_print(args) -> int:
 
 
 def cmd_optimise(args) -> int:
-    from signtrap.physical.optimise import optimise_cli
+    from signtrap import api
+    from signtrap.cli.common import config_and_overrides
 
-    print(optimise_cli(args))
+    config, overrides = config_and_overrides(args)
+    print(api.optimise_sticker(config, args.out, cells=args.cells, steps=args.steps, surrogate_epochs=args.surrogate_epochs,
+                               overrides=overrides))
     return 0
 
 

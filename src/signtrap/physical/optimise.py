@@ -20,7 +20,6 @@ grid_sample (4x supersampled, then averaged), the same quad as signtrap.physical
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -100,62 +99,3 @@ def optimise_pattern(model: torch.nn.Module, images: np.ndarray, boxes: np.ndarr
         if losses is not None:
             losses.append(loss.item())
     return np.clip(np.rint(torch.sigmoid(theta).detach().permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
-
-
-def optimise_cli(args) -> Path:
-    """`signtrap trigger optimise CONFIG --out pattern.png`: a clean surrogate on the config's training split,
-    then the pattern (written as a PNG with one pixel per printed cell)."""
-    from signtrap.config import load_config
-    from signtrap.errors import SigntrapError
-    from signtrap.experiment import Experiment
-    from signtrap.training.loop import Loop, Schedule, clean_training_set
-    from signtrap.models import create_model
-    from signtrap.physical.patterns import save_png
-    from signtrap.physical.render import Sticker
-    from signtrap.machine.progress import say
-    from signtrap.machine.environment import cpu_threads
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SigntrapError(f"{out}: --out must end in .png")
-    if not 1 <= args.cells <= 32 or args.steps < 1 or args.surrogate_epochs < 1:
-        raise SigntrapError("--cells 1..32, --steps >= 1 and --surrogate-epochs >= 1")
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
-    with cpu_threads(cfg.train.threads):
-        exp = Experiment.from_config(cfg)
-        train = exp.splits.train
-        labels = exp.data.labels[train]
-        num_classes = exp.classes.num_classes
-        say(f"surrogate: a clean {cfg.model.name} on {len(train)} training images, {args.surrogate_epochs} epoch(s)")
-        torch.manual_seed(cfg.seed)
-        space = exp.classes
-        model = create_model(cfg.model.name, num_classes=num_classes, dropout=cfg.model.dropout, mean=space.mean, std=space.std)
-        sched = Schedule(epochs=args.surrogate_epochs, lr=cfg.train.lr, batch_size=cfg.train.batch_size)
-        loop = Loop(model, clean_training_set(np.array(exp.data.images[train]), labels), sched, torch.device("cpu"),
-                    cfg.seed, 0x5077, aug=cfg.aug, desc="surrogate")
-        loop.fit()
-        src = train[labels == cfg.attack.source]
-        if not len(src):
-            raise SigntrapError(f"the training split has no images of the source class {cfg.attack.source}")
-        say(f"optimising a {args.cells}x{args.cells} sticker on {len(src)} source images, {args.steps} steps")
-        images, boxes = np.array(exp.data.images[src]), np.array(exp.data.rois[src])
-        eot = getattr(exp.trigger.settings, "eot", None) if hasattr(exp.trigger, "settings") else None
-        losses: list = []
-        pattern = optimise_pattern(loop.model, images, boxes, cfg.attack.target, args.cells, args.steps, eot=eot, seed=cfg.seed,
-                                   losses=losses)
-        from signtrap.experiment import predict_logits
-        from signtrap.physical.patterns import checkerboard
-        from signtrap.physical.render import plain_params
-
-        def target_prob(sticker: Sticker) -> float:
-            shown = sticker.render(images, plain_params(len(images), np.random.default_rng(1), 0.2), boxes)
-            return float(torch.softmax(torch.from_numpy(predict_logits(loop.model, shown, "cpu")), 1)[:, cfg.attack.target].mean())
-        say(f"EOT loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}; the clean surrogate's mean probability of the "
-            f"target with the sticker (20% of the sign): optimised {target_prob(Sticker('optimised', pattern)):.4f}, "
-            f"checkerboard {target_prob(checkerboard(args.cells)):.4f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(Sticker("optimised", pattern), out)
-    return out

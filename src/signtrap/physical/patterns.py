@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from signtrap.fileio import atomic_path
 from signtrap.physical.render import Sticker
 
 YELLOW_NOTE = (250, 222, 40)  # a sticky note's yellow, inside an office printer's gamut
@@ -42,10 +43,15 @@ def load_png(path: str | Path, name: str = "png") -> Sticker:
 
 
 def save_png(sticker: Sticker, path: str | Path) -> Path:
+    """The design as a PNG, one pixel per printed cell; written to a temporary file and renamed, never over a file
+    signtrap did not write."""
     path = Path(path)
     rgba = np.dstack([sticker.pattern, np.rint(sticker.alpha * 255).astype(np.uint8)])
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)):
-        raise OSError(f"{path}: could not write the PNG")
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    if not ok:
+        raise OSError(f"{path}: could not encode the PNG")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
     return path
 
 

@@ -17,7 +17,7 @@ from signtrap.runs import checkpoint
 from signtrap.runs import state as runstate
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config, predict
-from signtrap.fileio import make_dirs, read_json, require_writable, write_json, write_text
+from signtrap.fileio import atomic_path, make_dirs, read_json, refuse_foreign, require_writable, write_json, write_text
 from signtrap.physical import photos as photos_mod
 from signtrap.physical.block import physical_block, run_sticker
 from signtrap.physical.evaluate import DEFAULT, Grid, PRINT_GAMUT, scene
@@ -199,6 +199,8 @@ def print_sticker(run_dir: str | Path, width_cm: float, out: str | Path, dpi: in
         raise SigntrapError(f"--dpi {dpi}: between 72 and 2400")
     if out.suffix.lower() not in (".png", ".pdf"):
         raise SigntrapError(f"{out}: --out must end in .png or .pdf")
+    for path in (out, out.with_suffix(".txt")) if out.suffix.lower() == ".png" else (out,):
+        refuse_foreign(path)  # checked before anything is written: a user's file of that name stays as it is
     sticker = run_sticker(make_trigger(cfg.trigger, cfg.data.size))
     px = max(1, int(round(width_cm / 2.54 * dpi)))
     rgb = np.array(Image.fromarray(sticker.pattern).resize((px, px), Image.NEAREST))
@@ -207,7 +209,8 @@ def print_sticker(run_dir: str | Path, width_cm: float, out: str | Path, dpi: in
     make_dirs(out.parent)
     lines = instructions(run_dir.name, width_cm, cfg)
     if out.suffix.lower() == ".png":
-        art.save(out, dpi=(dpi, dpi))
+        with atomic_path(out) as tmp:
+            art.save(tmp, format="PNG", dpi=(dpi, dpi))
         write_text(out.with_suffix(".txt"), "\n".join(lines) + "\n")
         return out
     page_w, page_h = (int(round(v / 2.54 * dpi)) for v in A4_CM)
@@ -228,7 +231,8 @@ def print_sticker(run_dir: str | Path, width_cm: float, out: str | Path, dpi: in
     for line in lines:
         draw.text((left, y), line, fill=(0, 0, 0), font=font)
         y += int(font_px * 1.5)
-    page.save(out, "PDF", resolution=float(dpi))
+    with atomic_path(out) as tmp:
+        page.save(tmp, "PDF", resolution=float(dpi))
     return out
 
 
