@@ -20,7 +20,6 @@ grid_sample (4x supersampled, then averaged), the same quad as signtrap.physical
 """
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import torch

@@ -206,7 +206,6 @@ def print_sticker(run_dir: str | Path, width_cm: float, out: str | Path, dpi: in
     rgb = np.array(Image.fromarray(sticker.pattern).resize((px, px), Image.NEAREST))
     alpha = np.array(Image.fromarray(np.rint(sticker.alpha * 255).astype(np.uint8)).resize((px, px), Image.NEAREST))
     art = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
-    make_dirs(out.parent)
     lines = instructions(run_dir.name, width_cm, cfg)
     if out.suffix.lower() == ".png":
         with atomic_path(out) as tmp:
