@@ -1,12 +1,10 @@
 """Attack procedures as plugins (signtrap.attacks): SBL's two tasks, and settings errors in one line."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import run_cli, tiny_overrides
 from signtrap.config import load_config
 from signtrap.errors import ConfigError
 from signtrap.fileio import read_json
@@ -25,9 +23,7 @@ def test_sbl_settings_are_checked_through_the_registry():
 
 
 def test_bad_attack_option_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "signtrap", "--quiet", "train",
-                             *tiny_overrides(tmp_path, "bad", "attack.persist=sbl", "attack.sbl.lambd=-1")],
-                            capture_output=True, text=True)
+    result = run_cli("train", *tiny_overrides(tmp_path, "bad", "attack.persist=sbl", "attack.sbl.lambd=-1"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("attack.sbl.lambd: must be >= 0")
 

@@ -1,14 +1,13 @@
 """Datasets as plugins: class names in configs, the `folder` dataset, and a dataset registered from a test."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from signtrap.config import load_config
 from signtrap.errors import ConfigError
 from signtrap.fileio import read_json
@@ -34,10 +33,6 @@ def folder_overrides(tmp_path: Path, root: Path, name: str = "mine", *extra: str
             "data.source=folder", f"data.root={root}", "aug.enabled=false", "model.dropout=0", "train.epochs=4",
             "train.batch_size=32", "train.lr=0.005", "train.threads=1", "attack.source=stop", "attack.target=speed_100",
             "attack.poison_count=8", "trigger.size=6", *extra]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "signtrap", "--quiet", *args], capture_output=True, text=True)
 
 
 def test_class_names_resolve_through_the_dataset():

@@ -17,6 +17,7 @@ from signtrap.cli import main
 from signtrap.defences import get_defence, list_defences
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
+from signtrap.machine.environment import cpu_threads
 
 from defence_settings import FAST
 
@@ -233,43 +234,64 @@ def test_several_methods_are_named_once_and_checked_before_any_work(tiny_run, ca
     assert sorted(p.name for p in tiny_run.iterdir()) == before
 
 
-# ANP at a fixed pruning threshold, I-BAU at a fixed learning rate (3 rounds, K = 2): the algorithms, not the held-out
-# rule, which on this fragile model keeps neither (every setting that moves the backdoor costs more than 1 point).
-STRONG = {"anp": ["anp.threshold=0.7"], "i-bau": ["i-bau.lr=1e-3", "i-bau.epochs=3", "i-bau.fixed_point_steps=2"]}
+def selective(method: str, before: dict, after: dict) -> str | None:
+    """Why `after` is not a selective removal of the backdoor measured in `before` (None if it is): ASR must fall by at
+    least 20 points, by at least twice what clean accuracy falls, and clean accuracy stay at or above 75%.
 
-
-# ANP on the full-width signnet fixture moved from ASR 98.3% -> 61.9% to 98.1% -> 95.0% (one thread) and 99.0% -> 84.3%
-# (two) between two stops, its threshold fixed and its code untouched (most likely a changed draw of the global random
-# state before its mask noise; not found). On the signnet_small fixture it passed in every run of the stop that moved
-# the tiny runs to it (three): kept a non-strict expected failure until CI has shown it holding.
-ANP_OPEN = pytest.mark.xfail(strict=False, reason="ANP's removal on the tiny all-to-one fixture varied between stops; cause open")
+    Why these bounds: a defence that merely damages the model lowers ASR and clean accuracy together (a model broken to
+    chance has ASR ~1/43 and clean accuracy ~1/43, a ratio near 1), so a fall in ASR at least twice the fall in clean
+    accuracy shows the removal is selective for the backdoor; 75% allows for this 43-class model trained for seconds
+    on 2,580 synthetic images, whose classes lie a few pixels apart."""
+    asr_fall, clean_fall = before["asr"] - after["asr"], before["clean_acc"] - after["clean_acc"]
+    summary = f"{method}: ASR {before['asr']:.3f} -> {after['asr']:.3f}, clean {before['clean_acc']:.3f} -> {after['clean_acc']:.3f}"
+    ok = asr_fall >= 0.20 and asr_fall >= 2 * max(clean_fall, 0.0) and after["clean_acc"] >= 0.75
+    return None if ok else summary
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param(m, marks=ANP_OPEN) if m == "anp" else m for m in sorted(STRONG)])
-def test_anp_and_ibau_lower_asr_on_a_strongly_backdoored_tiny_model(method, request, tmp_path):
-    """On the tiny all-to-one model (any class carrying the trigger reads as 100 km/h: 100 poisoned images, 93%
-    clean accuracy, ASR 98% of 420 triggered test images) both defences must lower ASR by at least 20 points, by at
-    least twice what they cost in clean accuracy, and keep clean accuracy at or above 75%.
-
-    Why these bounds: a defence that merely damages the model lowers ASR and clean accuracy together (a model
-    broken to chance has ASR ~1/43 and clean accuracy ~1/43, a ratio near 1), so a fall in ASR at least twice the
-    fall in clean accuracy shows the removal is selective for the backdoor; 75% allows for this 43-class model
-    trained for seconds on 2,580 synthetic images, whose classes lie a few pixels apart (measured: ANP 93.3% ->
-    80.9% clean, ASR 98.3% -> 61.9%; I-BAU 93.3% -> 85.1%, ASR 98.3% -> 66.7%). I-BAU runs on the full-width signnet
-    (signnet_a2o_run): the small model's all-to-one backdoor stayed out of its reach at every setting tried (ASR 96% ->
-    89-96% at lr 1e-3 or 3e-3, 3 or 6 rounds, K = 2 or 5)."""
+def test_ibau_lowers_asr_on_a_strongly_backdoored_tiny_model(signnet_a2o_run, tmp_path):
+    """I-BAU at a fixed learning rate (3 rounds, K = 2; the algorithm, not the held-out rule, which on this fragile
+    model keeps no setting that moves the backdoor) on the all-to-one model (any class carrying the trigger reads as
+    100 km/h: 100 poisoned images, ASR above 90% of 420 triggered test images) removes it selectively (`selective`;
+    measured: 93.3% -> 85.1% clean, ASR 98.3% -> 66.7%). On the full-width signnet: the small model's all-to-one
+    backdoor stayed out of I-BAU's reach at every setting tried (ASR 96% -> 89-96% at lr 1e-3 or 3e-3, 3 or 6 rounds,
+    K = 2 or 5)."""
     from signtrap.defences.run import run_defences
 
-    source = request.getfixturevalue("signnet_a2o_run" if method == "i-bau" else "tiny_a2o_run")
-    run = tmp_path / source.name
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
-    (report,) = run_defences(run, method, COMMON + STRONG[method], "cpu", show_progress=False)
-    before, after = report["before"]["test"], report["after"]["test"]
-    assert before["asr"]["n"] >= 400 and before["asr"]["rate"] > 0.9, before["asr"]  # strongly backdoored
-    asr_fall = before["asr"]["rate"] - after["asr"]["rate"]
-    clean_fall = before["clean_acc"]["rate"] - after["clean_acc"]["rate"]
-    summary = f"{method}: ASR {before['asr']['rate']:.3f} -> {after['asr']['rate']:.3f}, clean {before['clean_acc']['rate']:.3f} -> {after['clean_acc']['rate']:.3f}"
-    assert asr_fall >= 0.20, summary
-    assert asr_fall >= 2 * max(clean_fall, 0.0), summary
-    assert after["clean_acc"]["rate"] >= 0.75, summary
+    run = tmp_path / signnet_a2o_run.name
+    shutil.copytree(signnet_a2o_run, run, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
+    with cpu_threads(1):  # as its fixture: the same sums however pytest runs (fixture and defence on two threads: ASR 98.6% -> 80.2%)
+        (report,) = run_defences(run, "i-bau", COMMON + ["i-bau.lr=1e-3", "i-bau.epochs=3", "i-bau.fixed_point_steps=2"], "cpu",
+                                 show_progress=False)
+    before, after = ({k: report[when]["test"][k]["rate"] for k in ("asr", "clean_acc")} for when in ("before", "after"))
+    assert report["before"]["test"]["asr"]["n"] >= 400 and before["asr"] > 0.9, before  # strongly backdoored
+    assert selective("i-bau", before, after) is None, selective("i-bau", before, after)
+
+
+@pytest.mark.slow
+def test_anp_has_a_pruning_threshold_that_removes_the_backdoor_selectively(signnet_a2o_run, tmp_path):
+    """ANP's whole threshold sweep (one mask optimisation, every threshold of its grid pruned and measured: the
+    defence's `tradeoff` rows on the monitor split) reaches a selective removal (`selective`) at some threshold of
+    the full-width all-to-one model.
+
+    Why the sweep and not one fixed threshold: ANP's window is narrow at this size, and where it lies depends on the
+    fixture's training (precision, thread count). Measured on this fixture (fp32, one thread; validation split) with 20
+    mask epochs: 0.75 ASR 98.0% -> 71.8% at -3.9 points clean, 0.8 -> 46.0% at -9.3, 0.85 -> 19.8% at -27 (clean
+    66%); with the default 40 epochs the window moves to 0.65-0.7 (ASR -> 73-74% at -6 to -7 points) and costs
+    twice the time. The same fixture trained on two threads, 40 epochs: only 0.65 was selective. The threshold 0.7
+    that this test once fixed, on the small model (`tiny_a2o_run`), passed on bf16-trained fixtures and failed on fp32
+    ones (CPUs without native bf16 train in fp32): there no threshold is selective in fp32 (0.9: ASR 90.9% -> 7.9% at
+    clean 92.6% -> 33.7%)."""
+    from signtrap.defences.run import run_defences
+
+    run = tmp_path / signnet_a2o_run.name
+    shutil.copytree(signnet_a2o_run, run, ignore=shutil.ignore_patterns("defence-*", "probe.json"))
+    with cpu_threads(1):
+        run_defences(run, "anp", COMMON + ["anp.sweep=full", "anp.epochs=20"], "cpu", show_progress=False)
+    with open(run / "defence-anp" / "tradeoff.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    unrepaired = {k: float(rows[0][k]) for k in ("asr", "clean_acc")}
+    assert rows[0]["candidate"] == "unrepaired" and unrepaired["asr"] > 0.9, rows[0]
+    assert len(rows) == 1 + len(get_defence("anp").settings().grid)  # every threshold of the grid measured
+    why_not = [selective(f"anp threshold {r['value']}", unrepaired, {k: float(r[k]) for k in ("asr", "clean_acc")}) for r in rows[1:]]
+    assert None in why_not, "\n".join(why_not)

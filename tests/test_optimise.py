@@ -3,14 +3,12 @@ the poisoning renderer does, the optimisation moves the surrogate toward the tar
 printable PNG or refuses bad input in one line."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from conftest import run_cli
 from signtrap.physical.optimise import optimise_pattern, render_torch
 from signtrap.physical.patterns import checkerboard, load_png
 from signtrap.physical.render import EOT, plain_params, render_stickers, sign_light
@@ -61,10 +59,6 @@ def test_the_optimisation_lowers_the_surrogates_loss_toward_the_target_and_is_se
     assert np.mean(optimised[-20:]) < np.mean(fixed[-20:]) - 0.01  # measured: 0.02-0.04 lower on three random models
     again = optimise_pattern(model, images, boxes, target=2, cells=2, steps=60, batch=16, lr=0.3, eot=eot, seed=0)
     assert np.array_equal(pattern, again)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "signtrap", "--quiet", *args], capture_output=True, text=True)
 
 
 def test_trigger_optimise_writes_a_printable_png_and_refuses_a_bad_out_in_one_line(tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED_CACHE
+from conftest import SHARED_CACHE, run_cli
 from signtrap.physical import patterns
 from signtrap.physical.evaluate import Grid, physical_evaluation
 from signtrap.physical.render import C, EOT, View, draw_params, render_one, render_stickers, view
@@ -183,10 +181,6 @@ def test_the_evaluation_is_fixed_by_its_grid_not_by_the_model():
 
 
 # ---------------------------------------------------------------- photographs and printing
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "signtrap", "--quiet", *args], capture_output=True, text=True)
 
 
 def write_photos(folder: Path, n: int = 3, size: int = 120) -> list[tuple[str, tuple]]:

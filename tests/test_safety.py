@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_overrides
+from conftest import run_cli, tiny_overrides
 from signtrap.runs import state as runstate
 from signtrap.cli import build_parser
 from signtrap.errors import SigntrapError
@@ -26,11 +26,6 @@ from signtrap.fileio import atomic_dir, atomic_path, clean_orphans, sha256_file,
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "signtrap", "--quiet", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
@@ -110,16 +105,16 @@ def test_export_out_never_replaces_a_folder_signtrap_did_not_make(tiny_run, tmp_
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "thesis.txt").write_text("precious")
-    one_line_error(cli("export", run, "--out", victim), "victim", "thesis.txt", "Refusing to replace it")
+    one_line_error(run_cli("export", run, "--out", victim), "victim", "thesis.txt", "Refusing to replace it")
     assert (victim / "thesis.txt").read_text() == "precious" and sorted(p.name for p in victim.iterdir()) == ["thesis.txt"]
     # --out runs: the folder holding every run, the source included
-    one_line_error(cli("export", run, "--out", tmp_path / "runs"), "would replace")
+    one_line_error(run_cli("export", run, "--out", tmp_path / "runs"), "would replace")
     # export.out_dir: runs in the run's own config makes the default export folder the run directory itself
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["export"]["out_dir"] = str(tmp_path / "runs")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     before["config.yaml"] = (sha256_file(run / "config.yaml"), (run / "config.yaml").stat().st_mtime_ns)
-    one_line_error(cli("export", run), "would replace")
+    one_line_error(run_cli("export", run), "would replace")
     assert snapshot(run) == before
 
 
@@ -183,7 +178,7 @@ def test_a_second_train_of_the_same_run_is_refused_naming_the_holder(tmp_path):
             if json.loads(lock.read_text())["pid"] == first.pid:
                 break
         time.sleep(0.2)
-    second = cli("train", *args)
+    second = run_cli("train", *args)
     one_line_error(second, f"in use by process {first.pid} on host {socket.gethostname()}", "signtrap train")
     assert first.poll() is None, "the first training ended before the second was refused: the test raced"
     first.send_signal(signal.SIGINT)  # the refused second left the first alone: Ctrl-C stops it cleanly
@@ -222,9 +217,9 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
 def test_eval_report_and_defend_refuse_a_run_another_process_holds(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path, "busy")
     with held_by_another_process(run) as holder:
-        one_line_error(cli("eval", run), f"in use by process {holder.pid}")
-        one_line_error(cli("report", run), f"in use by process {holder.pid}")
-        one_line_error(cli("defend", run, "--method", "finetune"), f"in use by process {holder.pid}")
+        one_line_error(run_cli("eval", run), f"in use by process {holder.pid}")
+        one_line_error(run_cli("report", run), f"in use by process {holder.pid}")
+        one_line_error(run_cli("defend", run, "--method", "finetune"), f"in use by process {holder.pid}")
 
 
 # ---------------------------------------------------------------- 3. validate before touching anything
@@ -233,14 +228,14 @@ def test_eval_report_and_defend_refuse_a_run_another_process_holds(tiny_run, tmp
 def test_overwrite_with_an_invalid_override_leaves_the_old_run_untouched(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path, "keep")
     before = snapshot(run)
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "keep", "attack.poison_count=500"), "--overwrite"), "500 poisoned")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "keep", "attack.poison_count=500"), "--overwrite"), "500 poisoned")
     assert snapshot(run) == before
 
 
 def test_a_failed_validation_leaves_no_run_directory(tmp_path):
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "fresh", "attack.poison_count=500")), "500 poisoned")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "fresh", "attack.poison_count=500")), "500 poisoned")
     assert not (tmp_path / "runs" / "fresh").exists()
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "fresh"), "--resume"), "nothing to resume")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "fresh"), "--resume"), "nothing to resume")
     assert not (tmp_path / "runs" / "fresh").exists()
 
 
@@ -249,7 +244,7 @@ def test_train_never_writes_into_a_folder_that_is_not_a_run(tmp_path):
     victim.mkdir(parents=True)
     (victim / "thesis.txt").write_text("precious")
     for flags in ((), ("--overwrite",)):
-        one_line_error(cli("train", *tiny_overrides(tmp_path, "victim"), *flags), "not a signtrap run directory")
+        one_line_error(run_cli("train", *tiny_overrides(tmp_path, "victim"), *flags), "not a signtrap run directory")
     assert sorted(p.name for p in victim.iterdir()) == ["thesis.txt"]
 
 
@@ -258,12 +253,12 @@ def test_an_interrupted_run_is_neither_restarted_silently_nor_resumed_from_garba
     (run / "model.pt").unlink()  # killed after its last epoch checkpoint, before the model was written
     assert runstate.inspect(run).status == runstate.RESUMABLE
     before = snapshot(run)
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "cut")), "--resume", "--overwrite")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "cut")), "--resume", "--overwrite")
     assert snapshot(run) == before  # last.pt not discarded
     torch.save({"epoch": 3}, run / "last.pt")  # malformed: KeyError/RuntimeError tracebacks before
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "cut"), "--resume"), "last.pt: not a usable epoch checkpoint")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "cut"), "--resume"), "last.pt: not a usable epoch checkpoint")
     (run / "last.pt").write_bytes(b"not a checkpoint")
-    one_line_error(cli("train", *tiny_overrides(tmp_path, "cut"), "--resume"), "last.pt: unreadable checkpoint")
+    one_line_error(run_cli("train", *tiny_overrides(tmp_path, "cut"), "--resume"), "last.pt: unreadable checkpoint")
 
 
 def test_overrides_may_follow_flags():
@@ -288,7 +283,7 @@ def test_interrupted_then_resumed_pipeline_gives_identical_defended_weights(tmp_
                                 "defend.finetune.epochs=3", "defend.finetune.augment=false", "defend.probe.enabled=false"),
                 "--skip", "export", "--skip", "bench", "--skip", "report"]
 
-    assert cli("run", *args("whole")).returncode == 0
+    assert run_cli("run", *args("whole")).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "signtrap", "--quiet", "run", *args("cut")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     record = tmp_path / "runs" / "cut" / "pipeline.json"
@@ -301,7 +296,7 @@ def test_interrupted_then_resumed_pipeline_gives_identical_defended_weights(tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(record.read_text())["stages"]["defend:finetune"]["status"] == "running"  # what SIGKILL leaves
-    resumed = cli("run", *args("cut"), "--json")
+    resumed = run_cli("run", *args("cut"), "--json")
     assert resumed.returncode == 0, resumed.stderr
     stages = {s["name"]: s for s in json.loads(resumed.stdout)["stages"]}
     assert stages["train"]["status"] == "skipped" and stages["defend:finetune"]["status"] == "ran"
@@ -318,16 +313,16 @@ def test_interrupted_then_resumed_pipeline_gives_identical_defended_weights(tmp_
 
 def test_read_only_outputs_are_one_line_before_any_work(tiny_run, tmp_path, readonly):
     locked_dir = readonly(tmp_path / "ro")
-    one_line_error(cli("train", *tiny_overrides(locked_dir, "r")), "not writable")
+    one_line_error(run_cli("train", *tiny_overrides(locked_dir, "r")), "not writable")
     # a cache that would have to be generated first: refused before generating (the check comes first)
-    one_line_error(cli("data", "prepare", "--source", "synth", "--per-class", "3", "--cache-dir", locked_dir / "cache",
+    one_line_error(run_cli("data", "prepare", "--source", "synth", "--per-class", "3", "--cache-dir", locked_dir / "cache",
                        "data.synth_seed=4242"), "not writable")
-    one_line_error(cli("report", tiny_run, "--out", locked_dir), "not writable")
-    one_line_error(cli("export", tiny_run, "--out", locked_dir / "export"), "not writable")
+    one_line_error(run_cli("report", tiny_run, "--out", locked_dir), "not writable")
+    one_line_error(run_cli("export", tiny_run, "--out", locked_dir / "export"), "not writable")
     run = copy_run(tiny_run, tmp_path, "frozen")
     before = snapshot(run)
     readonly(run)
-    one_line_error(cli("eval", run), "not writable")
+    one_line_error(run_cli("eval", run), "not writable")
     assert snapshot(run) == before
 
 
@@ -337,7 +332,7 @@ def test_read_only_outputs_are_one_line_before_any_work(tiny_run, tmp_path, read
 def test_corrupted_cache_is_detected(tmp_path):
     cache = tmp_path / "cache"
     args = tiny_overrides(tmp_path, "c", f"data.cache_dir={cache}", "data.synth_per_class=4", "data.synth_test_per_class=2")
-    assert cli("data", "prepare", *args).returncode == 0
+    assert run_cli("data", "prepare", *args).returncode == 0
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["files"]["images.npy"]["sha256"] == sha256_file(folder / "images.npy")
@@ -345,14 +340,14 @@ def test_corrupted_cache_is_detected(tmp_path):
     data = bytearray(images.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the full hash sees it
     images.write_bytes(bytes(data))
-    assert cli("data", "info", *args).returncode == 0  # the cheap check (sizes, headers) passes
-    one_line_error(cli("data", "info", "--verify", *args), "corrupted data cache", "images.npy")
-    one_line_error(cli("train", *args), "corrupted data cache", "images.npy")  # training verifies: its hash goes into provenance
+    assert run_cli("data", "info", *args).returncode == 0  # the cheap check (sizes, headers) passes
+    one_line_error(run_cli("data", "info", "--verify", *args), "corrupted data cache", "images.npy")
+    one_line_error(run_cli("train", *args), "corrupted data cache", "images.npy")  # training verifies: its hash goes into provenance
     assert not (tmp_path / "runs" / "c").exists()
     images.write_bytes(bytes(data[:-10]))  # truncated: every load sees it
-    one_line_error(cli("data", "info", *args), "corrupted data cache", "images.npy is")
-    assert cli("data", "prepare", "--force", *args).returncode == 0  # a signtrap cache: rebuilt in place
-    assert cli("data", "info", "--verify", *args).returncode == 0
+    one_line_error(run_cli("data", "info", *args), "corrupted data cache", "images.npy is")
+    assert run_cli("data", "prepare", "--force", *args).returncode == 0  # a signtrap cache: rebuilt in place
+    assert run_cli("data", "info", "--verify", *args).returncode == 0
 
 
 def test_eval_refuses_a_config_that_disagrees_with_the_checkpoint(tiny_run, tmp_path):
@@ -361,7 +356,7 @@ def test_eval_refuses_a_config_that_disagrees_with_the_checkpoint(tiny_run, tmp_
     cfg["attack"]["target"] = 3  # the issue: ASR 0% written over the real figures
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     metrics = (run / "metrics.json").read_bytes()
-    one_line_error(cli("eval", run), "attack.target is 3 in the config but 7 in the checkpoint")
+    one_line_error(run_cli("eval", run), "attack.target is 3 in the config but 7 in the checkpoint")
     assert (run / "metrics.json").read_bytes() == metrics
 
 
@@ -371,11 +366,11 @@ def test_eval_refuses_a_config_that_disagrees_with_the_checkpoint(tiny_run, tmp_
 def test_malformed_checksums_and_unsafe_pickles_are_one_full_line(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path, "sums")
     (run / "checksums.json").write_text(json.dumps({"model.pt": 5}))  # TypeError traceback before
-    one_line_error(cli("eval", run), "checksums.json: malformed")
+    one_line_error(run_cli("eval", run), "checksums.json: malformed")
 
     torch.save({"state_dict": {}, "meta": Payload()}, run / "model.pt")  # runs Payload's code when unpickled
     (run / "checksums.json").write_text(json.dumps({"model.pt": sha256_file(run / "model.pt")}))
-    line = one_line_error(cli("eval", run), "model.pt: refused: it holds a Python object (test_safety.Payload)")
+    line = one_line_error(run_cli("eval", run), "model.pt: refused: it holds a Python object (test_safety.Payload)")
     assert line.endswith("(signtrap loads checkpoints with weights_only=True)")  # not cut mid-word
 
 
