@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from signtrap.cli import main
 from signtrap.errors import SigntrapError
+from signtrap.runs import state as runstate
 from signtrap.runs.pipeline import BLOCKED, DISABLED, FAILED, RAN, SKIPPED, Pipeline, Stage
 
 # ---------------------------------------------------------------- the engine, with stand-in stages (fast)
@@ -105,6 +106,51 @@ def test_unreadable_record_starts_afresh(toy):
     (toy.root / "pipeline.json").write_text("{not json")
     assert set(toy.run().values()) == {RAN}
 
+
+
+class MeasuredToy(Toy):
+    """The toy whose stage A also writes a measurement, metrics.json, as the train stage does."""
+
+    def make(self, name: str, deps: tuple[str, ...]):
+        inner = super().make(name, deps)
+        if name != "A":
+            return inner
+
+        def run():
+            (self.root / "metrics.json").write_text('{"acc": 1}')
+            return [*inner(), self.root / "metrics.json"]
+        return run
+
+
+def test_a_re_measurement_keeps_every_stage_and_a_tampered_measurement_does_not(tmp_path):
+    """`signtrap eval` rewrites metrics.json and records its new hash (runstate.record_remeasured): the next
+    `signtrap run` skips the stage that wrote it (it retrained the model before) and every stage after it; the same
+    edit made by anything else is still a corrupted file, re-made with its dependants."""
+    toy = MeasuredToy(tmp_path)
+    assert set(toy.run().values()) == {RAN}
+    (tmp_path / "metrics.json").write_text('{"acc": 1, "physical": {}}')
+    assert runstate.record_remeasured(tmp_path, tmp_path / "metrics.json")
+    assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": SKIPPED, "D": SKIPPED} and toy.calls == []
+    (tmp_path / "metrics.json").write_text('{"acc": 0}')  # not recorded
+    assert toy.run() == {"A": RAN, "B": RAN, "C": RAN, "D": RAN}
+    assert not runstate.record_remeasured(tmp_path, tmp_path / "A.txt.unlisted")  # a file no stage lists: nothing to do
+
+
+def test_a_record_keyed_with_its_measurements_is_skipped_and_rekeyed(tmp_path):
+    """Records written before measurements were left out of the keys (their dependants' keys hash metrics.json too)
+    are still intact: skipped, and stored under today's key, so a re-measurement then re-runs nothing."""
+    toy = MeasuredToy(tmp_path)
+    toy.run()
+    pipe = Pipeline(tmp_path, toy.stages())
+    graph = {s.name: list(s.deps) for s in toy.stages()}
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    for stage in toy.stages():
+        record["stages"][stage.name]["key"] = pipe.key(stage, graph[stage.name], measurements=True)  # the old key
+    (tmp_path / "pipeline.json").write_text(json.dumps(record))
+    assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": SKIPPED, "D": SKIPPED}
+    (tmp_path / "metrics.json").write_text('{"acc": 1, "physical": {}}')
+    runstate.record_remeasured(tmp_path, tmp_path / "metrics.json")
+    assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": SKIPPED, "D": SKIPPED}
 
 def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):
     """The pipeline hands its validated config to the defence session: no flattening to strings, no re-reading."""

@@ -23,6 +23,12 @@ RUN_NAMES = (CONFIG, MANIFEST, PROVENANCE, MODEL, CHECKSUMS, METRICS, LOG, PIPEL
              "backdoored.pt", "sleeper.json", PROBE, EXPORT, "report_files")
 
 
+def owning_run(model_dir: str | os.PathLike) -> Path:
+    """The run directory a model folder belongs to: itself, or its parent for a defence output."""
+    model_dir = Path(model_dir)
+    return model_dir if (model_dir / CONFIG).is_file() or not (model_dir.parent / CONFIG).is_file() else model_dir.parent
+
+
 def defence_dir(run_dir: str | os.PathLike, method: str) -> Path:
     """Where defence `method` of the run writes its model and report."""
     return Path(run_dir) / f"{DEFENCE_PREFIX}{method}"

@@ -44,6 +44,10 @@ PIPELINE_FILE = "pipeline.json"
 FORMAT = "signtrap.runs.pipeline/1"
 EXPORT_DIR = layout.EXPORT  # the pipeline's export folder, inside the run directory
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
+# files a stage records and checks but no later stage builds on: re-measuring a model (`signtrap eval`, digital or
+# --physical) rewrites its metrics.json and records the new hash (runs.state.record_remeasured); the stages after it
+# are not re-run for that
+MEASUREMENTS = (layout.METRICS,)
 
 # stage outcomes
 RAN, SKIPPED, FAILED, DISABLED, BLOCKED = "ran", "skipped", "failed", "disabled", "blocked"
@@ -108,12 +112,17 @@ class Pipeline:
 
     # ------------------------------------------------------------ checks
 
-    def outputs_digest(self, name: str) -> str | None:
+    def outputs_digest(self, name: str, measurements: bool = False) -> str | None:
+        """The digest of a done stage's outputs that the stages after it build on: its measurements (MEASUREMENTS)
+        left out unless `measurements` (the key of records written before they were)."""
         rec = self.record["stages"].get(name)
-        return digest(rec["outputs"]) if rec and rec.get("status") == "done" else None
+        if not rec or rec.get("status") != "done":
+            return None
+        outputs = rec["outputs"] if measurements else {k: v for k, v in rec["outputs"].items() if Path(k).name not in MEASUREMENTS}
+        return digest(outputs)
 
-    def key(self, stage: Stage, deps: list[str]) -> str:
-        return digest({"settings": stage.settings, "deps": {d: self.outputs_digest(d) for d in deps}})
+    def key(self, stage: Stage, deps: list[str], measurements: bool = False) -> str:
+        return digest({"settings": stage.settings, "deps": {d: self.outputs_digest(d, measurements) for d in deps}})
 
     def check_outputs(self, name: str) -> str | None:
         """None when every recorded output is present with its recorded hash; else what is wrong."""
@@ -139,8 +148,8 @@ class Pipeline:
         upstream = [d for d in deps if d in remade]
         if upstream:
             return f"upstream {', '.join(upstream)} re-made"
-        if rec.get("key") != self.key(stage, deps):
-            return "settings or upstream outputs changed"
+        if rec.get("key") != self.key(stage, deps) and rec.get("key") != self.key(stage, deps, measurements=True):
+            return "settings or upstream outputs changed"  # (the second key: a stage recorded before MEASUREMENTS)
         return self.check_outputs(stage.name)
 
     # ------------------------------------------------------------ run
@@ -187,6 +196,10 @@ class Pipeline:
                 say(f"{head}: {kind}: {reason}")
                 continue
             if kind == SKIPPED:
+                rec = self.record["stages"][stage.name]
+                if rec.get("key") != self.key(stage, deps):  # recorded before MEASUREMENTS: stored under today's key
+                    rec["key"] = self.key(stage, deps)
+                    self.save()
                 outcomes.append(Outcome(stage.name, SKIPPED, reason, note=self._describe(stage, "up to date")))
                 status[stage.name] = SKIPPED
                 say(f"{head}: up to date (outputs present, hashes match), skipped")

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from signtrap.config import RunConfig, load_config, read_yaml, to_dict
 from signtrap.errors import SigntrapError
 from signtrap.fileio import (CHECKSUMS, HOST_ID, KINDS, WRITTEN, clean_orphans, make_dirs, pid_alive,
-                             read_checksums, remove_written, sha256_file)
+                             read_checksums, read_json, remove_written, sha256_file, write_json)
 from signtrap.runs import layout
 
 try:
@@ -287,6 +287,34 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         return str(json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("format", "")).startswith("signtrap.runs.pipeline/")
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def record_remeasured(run_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """After signtrap re-measured a model and rewrote `path` (a metrics.json inside `run_dir`), record its new SHA-256
+    wherever the run's pipeline record (pipeline.json) lists it, so that `signtrap run` finds the stage intact
+    instead of re-making it (and retraining the model) as if the file were corrupted. A measurement is not what a later
+    stage builds on (`signtrap.runs.pipeline.MEASUREMENTS`), so no other stage is re-run for it. Call it under the
+    run's lock. Returns whether a record was updated; a run without a pipeline record, or whose record does not list
+    the file, is left alone."""
+    run_dir, path = Path(run_dir), Path(path)
+    record_path = run_dir / layout.PIPELINE
+    if not record_path.is_file():
+        return False
+    try:
+        record = read_json(record_path)
+        stages = record["stages"]
+        rel = path.resolve().relative_to(run_dir.resolve()).as_posix()
+    except (SigntrapError, KeyError, TypeError, ValueError):
+        return False  # an unreadable record: the pipeline itself starts a fresh one
+    changed = False
+    for rec in stages.values() if isinstance(stages, dict) else ():
+        outputs = rec.get("outputs") if isinstance(rec, dict) else None
+        if isinstance(outputs, dict) and rel in outputs:
+            outputs[rel] = sha256_file(path)
+            changed = True
+    if changed:
+        write_json(record_path, record)
+    return changed
 
 
 def finished(run_dir: str | os.PathLike) -> str | None:
