@@ -152,6 +152,31 @@ def test_a_record_keyed_with_its_measurements_is_skipped_and_rekeyed(tmp_path):
     runstate.record_remeasured(tmp_path, tmp_path / "metrics.json")
     assert toy.run() == {"A": SKIPPED, "B": SKIPPED, "C": SKIPPED, "D": SKIPPED}
 
+
+def test_re_measuring_the_zero_poison_twin_keeps_the_runs_reference_stage(tmp_path):
+    """The pipeline's `reference` stage records the twin's files as ../NAME-zero/...: `signtrap eval` of the twin
+    records the new hash in the run's record too (under the run's lock), so the twin is not retrained."""
+    run, twin = tmp_path / "run", tmp_path / "run-zero"
+    run.mkdir()
+    calls = []
+
+    def train_twin():
+        calls.append("reference")
+        twin.mkdir(exist_ok=True)
+        (twin / "metrics.json").write_text('{"acc": 1}')
+        return [twin / "metrics.json"]
+
+    def stages():
+        return [Stage("reference", (), 1, train_twin), Stage("B", ("reference",), 1, lambda: calls.append("B") or [])]
+
+    assert {o.name: o.status for o in Pipeline(run, stages()).run()} == {"reference": RAN, "B": RAN}
+    assert "../run-zero/metrics.json" in json.loads((run / "pipeline.json").read_text())["stages"]["reference"]["outputs"]
+    (twin / "metrics.json").write_text('{"acc": 1, "physical": {}}')
+    assert runstate.record_remeasured(twin, twin / "metrics.json")  # (the stand-in twin holds no run of its own to lock)
+    assert runstate.lock_holder(run) is None  # the run's lock, taken for its record, is let go again
+    calls.clear()
+    assert {o.name: o.status for o in Pipeline(run, stages()).run()} == {"reference": SKIPPED, "B": SKIPPED} and calls == []
+
 def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):
     """The pipeline hands its validated config to the defence session: no flattening to strings, no re-reading."""
     from signtrap import config as config_mod
@@ -274,6 +299,15 @@ def test_the_probe_and_its_reference_are_stages_that_resume(tmp_path, capsys, mo
     third = run_json([*args, "defend.probe.k=3"], capsys)  # a probe setting changed: the probe alone runs again
     assert {k for k, v in statuses(third).items() if v == RAN} == {"probe:finetune"}
     assert json.loads((run_dir / "defence-finetune" / "probe.json").read_text())["k"] == 3
+
+    # re-measuring the run (digital and on the road), its defence and its twin rewrites their metrics.json and
+    # re-makes nothing (the train and reference stages were re-made, with everything after them, before)
+    for command in (["eval", str(run_dir)], ["eval", str(run_dir), "--physical"], ["eval", str(run_dir / "defence-finetune")],
+                    ["eval", str(tmp_path / "runs" / "pipe-zero")]):
+        assert main(["--quiet", *command]) == 0, command
+    capsys.readouterr()
+    fourth = run_json([*args, "defend.probe.k=3"], capsys)
+    assert set(statuses(fourth).values()) <= {SKIPPED, DISABLED}, statuses(fourth)
 
 
 def test_unknown_defence_fails_before_training(tmp_path, capsys):

@@ -291,19 +291,35 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 def record_remeasured(run_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
     """After signtrap re-measured a model and rewrote `path` (a metrics.json inside `run_dir`), record its new SHA-256
-    wherever the run's pipeline record (pipeline.json) lists it, so that `signtrap run` finds the stage intact
-    instead of re-making it (and retraining the model) as if the file were corrupted. A measurement is not what a later
+    wherever a pipeline record lists it -- the run's own pipeline.json and, for a zero-poison twin `NAME-zero`, the
+    record of the run `NAME` whose `reference` stage trained it -- so that `signtrap run` finds those stages intact
+    instead of re-making them (retraining the model) as if the file were corrupted. A measurement is not what a later
     stage builds on (`signtrap.runs.pipeline.MEASUREMENTS`), so no other stage is re-run for it. Call it under the
-    run's lock. Returns whether a record was updated; a run without a pipeline record, or whose record does not list
-    the file, is left alone."""
+    run's lock; the twin's run is locked here (when another command holds it, its record is left as it is, with a
+    warning: its pipeline will re-make the twin). Returns whether a record was updated."""
     run_dir, path = Path(run_dir), Path(path)
+    changed = _rehash_listed(run_dir, path)
+    name, suffix = run_dir.name, layout.REFERENCE_SUFFIX
+    parent = run_dir.parent / name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+    if parent is not None and layout.reference_dir(parent) == run_dir and (parent / layout.PIPELINE).is_file():
+        try:
+            with locked(parent, "signtrap eval"):
+                changed = _rehash_listed(parent, path) or changed
+        except RunLockedError as exc:
+            print(f"signtrap: warning: {exc}; its next `signtrap run` re-makes the reference {name}", file=sys.stderr)
+    return changed
+
+
+def _rehash_listed(run_dir: Path, path: Path) -> bool:
+    """Store the current SHA-256 of `path` in every stage of run_dir/pipeline.json that lists it (paths relative to
+    the run, `../NAME-zero/...` for its twin, as the pipeline records them)."""
     record_path = run_dir / layout.PIPELINE
     if not record_path.is_file():
         return False
     try:
         record = read_json(record_path)
         stages = record["stages"]
-        rel = path.resolve().relative_to(run_dir.resolve()).as_posix()
+        rel = Path(os.path.relpath(path.resolve(), run_dir.resolve())).as_posix()
     except (SigntrapError, KeyError, TypeError, ValueError):
         return False  # an unreadable record: the pipeline itself starts a fresh one
     changed = False
@@ -315,7 +331,6 @@ def record_remeasured(run_dir: str | os.PathLike, path: str | os.PathLike) -> bo
     if changed:
         write_json(record_path, record)
     return changed
-
 
 def finished(run_dir: str | os.PathLike) -> str | None:
     """None when `run_dir` holds every file of a finished run and model.pt matches its recorded hash; else why not."""
