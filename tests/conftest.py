@@ -152,11 +152,12 @@ def tiny_zero_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_a2o_run(tmp_path_factory) -> Path:
-    """A tiny all-to-one backdoor: any class carrying the trigger reads as 100 km/h. Trained for 20 epochs (fp32: 88.6%
-    clean test accuracy, ASR 93.8%): at 6 every class is a few pixels away from every other, the clean classes' trigger
-    norms spread widely and NC's anomaly index of class 7 stays below 2. In fp32 and on one thread whatever the CPU and
-    however pytest is started (`train.precision=auto` trains in bf16 on CPUs with native bf16 only, and a thread count
-    changes the order of float sums): the defences' tests on it see the same model on every machine, as in CI."""
+    """A tiny all-to-one backdoor: any class carrying the trigger reads as 100 km/h. Trained for 20 epochs (fp32, on two
+    threads: 88.6% clean test accuracy, ASR 93.8%): at 6 every class is a few pixels away from every other, the clean
+    classes' trigger norms spread widely and NC's anomaly index of class 7 stays below 2. In fp32 and on one thread
+    whatever the CPU and however pytest is started (`train.precision=auto` trains in bf16 on CPUs with native bf16
+    only, and a thread count changes the order of float sums): the defences' tests on it see the same model on every
+    machine, as in CI."""
     from signtrap.config import load_config
     from signtrap.training.trainer import train
 
@@ -167,8 +168,8 @@ def tiny_a2o_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def signnet_a2o_run(tmp_path_factory) -> Path:
-    """The all-to-one backdoor of tiny_a2o_run on the full-width signnet (12 epochs, fp32 like it: 91.2% clean test
-    accuracy, ASR 98.6%): the small model's backdoor is out of I-BAU's and ANP's reach, the full one's is not."""
+    """The all-to-one backdoor of tiny_a2o_run on the full-width signnet (12 epochs, fp32 and one thread like it: 93.3%
+    clean test accuracy, ASR 98.6%): the small model's backdoor is out of I-BAU's and ANP's reach, the full one's is not."""
     from signtrap.config import load_config
     from signtrap.training.trainer import train
 

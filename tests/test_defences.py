@@ -253,7 +253,8 @@ def test_ibau_lowers_asr_on_a_strongly_backdoored_tiny_model(signnet_a2o_run, tm
     """I-BAU at a fixed learning rate (3 rounds, K = 2; the algorithm, not the held-out rule, which on this fragile
     model keeps no setting that moves the backdoor) on the all-to-one model (any class carrying the trigger reads as
     100 km/h: 100 poisoned images, ASR above 90% of 420 triggered test images) removes it selectively (`selective`;
-    measured: 93.3% -> 85.1% clean, ASR 98.3% -> 66.7%). On the full-width signnet: the small model's all-to-one
+    measured on an earlier, bf16-trained fixture: 93.3% -> 85.1% clean, ASR 98.3% -> 66.7%; this fp32, one-thread one
+    starts at 93.3% clean, ASR 98.6%). On the full-width signnet: the small model's all-to-one
     backdoor stayed out of I-BAU's reach at every setting tried (ASR 96% -> 89-96% at lr 1e-3 or 3e-3, 3 or 6 rounds,
     K = 2 or 5)."""
     from signtrap.defences.run import run_defences
@@ -280,8 +281,8 @@ def test_anp_has_a_pruning_threshold_that_removes_the_backdoor_selectively(signn
     66%); with the default 40 epochs the window moves to 0.65-0.7 (ASR -> 73-74% at -6 to -7 points) and costs
     twice the time. The same fixture trained on two threads, 40 epochs: only 0.65 was selective. The threshold 0.7
     that this test once fixed, on the small model (`tiny_a2o_run`), passed on bf16-trained fixtures and failed on fp32
-    ones (CPUs without native bf16 train in fp32): there no threshold is selective in fp32 (0.9: ASR 90.9% -> 7.9% at
-    clean 92.6% -> 33.7%)."""
+    ones (CPUs without native bf16 train in fp32): there no threshold is selective in fp32 (validation, two threads;
+    0.9: ASR 90.9% -> 7.9% at clean 92.6% -> 33.7%)."""
     from signtrap.defences.run import run_defences
 
     run = tmp_path / signnet_a2o_run.name

@@ -332,6 +332,7 @@ def _rehash_listed(run_dir: Path, path: Path) -> bool:
         write_json(record_path, record)
     return changed
 
+
 def finished(run_dir: str | os.PathLike) -> str | None:
     """None when `run_dir` holds every file of a finished run and model.pt matches its recorded hash; else why not."""
     run_dir = Path(run_dir)
