@@ -54,8 +54,8 @@ def evaluate_run_physical(run_dir: str | Path, device: str = "auto", reference: 
     cfg = load_run_config(run_dir)
     require_writable(run_dir)
     dev = resolve_device(device)
-    metrics_path = run_dir / "metrics.json"
-    with runstate.locked(layout.owning_run(run_dir), "signtrap eval --physical"), cpu_threads(cfg.train.threads):
+    metrics_path, owner = run_dir / layout.METRICS, layout.owning_run(run_dir)
+    with runstate.locked(owner, "signtrap eval --physical"), cpu_threads(cfg.train.threads):
         metrics = read_json(metrics_path) if metrics_path.is_file() else {}
         exp = Experiment.from_config(cfg, progress=False)
         model, _ = _model(run_dir, dev)
@@ -72,7 +72,7 @@ def evaluate_run_physical(run_dir: str | Path, device: str = "auto", reference: 
             block["reference"] = {"run": str(ref_dir), **{k: ref[k] for k in ("cells", "curves", "nominal", "default", "summary") if k in ref}}
         metrics["physical"] = block
         write_json(metrics_path, metrics)
-        runstate.record_remeasured(layout.owning_run(run_dir), metrics_path)  # `signtrap run` keeps the trained model
+        runstate.record_remeasured(owner, metrics_path)  # `signtrap run` keeps the trained model
     return block
 
 

@@ -29,6 +29,11 @@ def owning_run(model_dir: str | os.PathLike) -> Path:
     return model_dir if (model_dir / CONFIG).is_file() or not (model_dir.parent / CONFIG).is_file() else model_dir.parent
 
 
+def recorded_name(run_dir: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How a run's pipeline record names one of its files: relative to the run, `../NAME-zero/...` for its twin."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())).as_posix()
+
+
 def defence_dir(run_dir: str | os.PathLike, method: str) -> Path:
     """Where defence `method` of the run writes its model and report."""
     return Path(run_dir) / f"{DEFENCE_PREFIX}{method}"

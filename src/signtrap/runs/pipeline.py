@@ -40,7 +40,7 @@ from signtrap.reporting import REPORT_VERSION, build_report
 from signtrap.training.trainer import train
 from signtrap.runs import layout
 
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = layout.PIPELINE
 FORMAT = "signtrap.runs.pipeline/1"
 EXPORT_DIR = layout.EXPORT  # the pipeline's export folder, inside the run directory
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
@@ -196,9 +196,9 @@ class Pipeline:
                 say(f"{head}: {kind}: {reason}")
                 continue
             if kind == SKIPPED:
-                rec = self.record["stages"][stage.name]
-                if rec.get("key") != self.key(stage, deps):  # recorded before MEASUREMENTS: stored under today's key
-                    rec["key"] = self.key(stage, deps)
+                rec, key = self.record["stages"][stage.name], self.key(stage, deps)
+                if rec.get("key") != key:  # recorded before MEASUREMENTS: stored under today's key
+                    rec["key"] = key
                     self.save()
                 outcomes.append(Outcome(stage.name, SKIPPED, reason, note=self._describe(stage, "up to date")))
                 status[stage.name] = SKIPPED
@@ -257,8 +257,7 @@ class Pipeline:
         out = {}
         for path in files:
             path = Path(path)
-            rel = Path(os.path.relpath(path.resolve(), self.run_dir.resolve())).as_posix()  # ../NAME-zero: the reference
-            out[rel] = sha256_file(path)
+            out[layout.recorded_name(self.run_dir, path)] = sha256_file(path)  # ../NAME-zero/...: the reference
         return dict(sorted(out.items()))
 
     def _mark(self, name: str, status: str, reason: str, seconds: float | None = None) -> None:

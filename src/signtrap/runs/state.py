@@ -319,7 +319,7 @@ def _rehash_listed(run_dir: Path, path: Path) -> bool:
     try:
         record = read_json(record_path)
         stages = record["stages"]
-        rel = Path(os.path.relpath(path.resolve(), run_dir.resolve())).as_posix()
+        rel = layout.recorded_name(run_dir, path)
     except (SigntrapError, KeyError, TypeError, ValueError):
         return False  # an unreadable record: the pipeline itself starts a fresh one
     changed = False
