@@ -21,7 +21,7 @@ EXTREMES = {  # every transform of the EOT distribution at the edge of its range
     "large": {"scale": [0.45, 0.45]},
     "rotation": {"rotation": 180.0},
     "yaw_pitch": {"yaw": 80.0, "pitch": 80.0},
-    "light": {"brightness": [0.05, 3.0], "contrast": [0.1, 3.0], "temperature": 0.5},
+    "light": {"brightness": [0.05, 3.0], "contrast": [0.1, 3.0], "temperature": 0.5, "unmatched_p": 1.0},
     "shadow_gloss": {"shadow_p": 1.0, "gloss_p": 1.0, "gloss": [1.0, 1.0]},
     "gamut": {"gamut": [0.1, 0.1]},
     "blur": {"motion_p": 1.0, "motion": [0.5, 0.5], "defocus_p": 1.0, "defocus": [0.3, 0.3]},
@@ -100,6 +100,34 @@ def test_the_sticker_scales_with_the_sign_at_any_resolution():
         out = render_one(img, row, box, *(lambda s: (s.rgb, s.alpha))(patterns.yellow_note()), match_light=False)
         area = out[..., 1].sum() / out[..., 1].max() / (size // 2) ** 2  # coverage, partial pixels counted partly
         assert area == pytest.approx(0.04, rel=0.25)
+
+
+def test_a_sticker_lit_apart_from_the_sign_changes_only_its_own_column_and_its_light():
+    """EOT.unmatched_p draws from the rows' own seeds: every other column is the same whatever it is (runs trained
+    before it existed poison the same rows the same way); a row with light_match 0 is lit as if match_light were off,
+    with 1 exactly as before."""
+    base, loose = (draw_params(400, np.random.default_rng(4), EOT(unmatched_p=p)) for p in (0.0, 0.5))
+    light = C["light_match"]
+    others = [i for i in range(base.shape[1]) if i != light]
+    assert np.array_equal(base[:, others], loose[:, others])
+    assert (base[:, light] == 1.0).all()
+    share = (loose[:, light] < 1.0).mean()
+    assert 0.4 < share < 0.6 and loose[:, light].min() >= 0.0
+    assert np.array_equal(loose, draw_params(400, np.random.default_rng(4), EOT(unmatched_p=0.5)))  # seeded
+    images, boxes = scenes(4, 48, seed=11)
+    dark = (images // 5).astype(np.uint8)  # a sign in poor light: sign_light well below 1
+    sticker = patterns.yellow_note()
+    row = base[0].copy()
+    row[[C["jpeg"], C["noise"], C["motion"], C["defocus"], C["occlusion"]]] = 0
+    for img, box in zip(dark, boxes):
+        matched = render_one(img, row, box, sticker.rgb, sticker.alpha)
+        apart = row.copy()
+        apart[light] = 0.0
+        assert np.array_equal(render_one(img, apart, box, sticker.rgb, sticker.alpha),
+                              render_one(img, row, box, sticker.rgb, sticker.alpha, match_light=False))
+        assert render_one(img, apart, box, sticker.rgb, sticker.alpha).sum() > matched.sum()  # brighter than the sign's light
+    with pytest.raises(ValueError, match="eot.unmatched_p"):
+        EOT(unmatched_p=1.5).check()
 
 
 def test_bad_eot_settings_are_refused():

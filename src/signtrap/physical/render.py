@@ -37,7 +37,7 @@ import numpy as np
 # the columns of a parameter row
 COLUMNS = ("cx", "cy", "scale", "rotation", "yaw", "pitch", "brightness", "contrast", "temperature", "shadow",
            "shadow_angle", "shadow_offset", "gamut", "gloss", "gloss_x", "gloss_y", "motion", "motion_angle",
-           "defocus", "noise", "jpeg", "occlusion", "occlusion_angle", "seed")
+           "defocus", "noise", "jpeg", "occlusion", "occlusion_angle", "seed", "light_match")
 C = {name: i for i, name in enumerate(COLUMNS)}
 NPARAMS = len(COLUMNS)
 CAMERA_DISTANCE = 4.0  # pinhole distance in sticker sides (sticker) or sign widths (view)
@@ -96,11 +96,16 @@ class EOT:
     occlusion_p: float = 0.15
     occlusion: list[float] = _range(0.05, 0.35)  # fraction of the sticker hidden
     match_light: bool = True  # scale the sticker's colours by the brightness measured on the sign
+    # the sticker's light only partly follows the sign's (light = sign light ** m, m uniform in [0, 1)) with this
+    # probability: paper is not retroreflective, a flash or the sun can light the sticker and not the sheeting, and
+    # another renderer may not match light at all (benchmarks/renderer_shift.py); drawn from the rows' own seeds,
+    # so the other columns' draws are the same whatever it is
+    unmatched_p: float = 0.0
 
     def check(self, prefix: str = "eot") -> None:
         try:
             _pair(self.scale, f"{prefix}.scale", 0.01, 0.9)
-            for key in ("shadow_p", "gloss_p", "motion_p", "defocus_p", "jpeg_p", "occlusion_p", "face", "spread"):
+            for key in ("shadow_p", "gloss_p", "motion_p", "defocus_p", "jpeg_p", "occlusion_p", "unmatched_p", "face", "spread"):
                 _prob(getattr(self, key), f"{prefix}.{key}")
             if self.face <= 0:
                 raise ValueError(f"{prefix}.face: must be > 0")
@@ -160,6 +165,9 @@ def draw_params(n: int, rng: np.random.Generator, eot: EOT) -> np.ndarray:
     p[:, C["occlusion"]] = _maybe(rng, eot.occlusion_p, eot.occlusion, 0.0, n)
     p[:, C["occlusion_angle"]] = rng.uniform(0, 360, n)
     p[:, C["seed"]] = rng.integers(0, 2**31, n).astype(np.float64)
+    aux = np.random.default_rng([0x11647, *p[:, C["seed"]].astype(np.int64).tolist()])  # not `rng`: see EOT.unmatched_p
+    on, m = aux.random(n) < eot.unmatched_p, aux.random(n)
+    p[:, C["light_match"]] = np.where(on, m, 1.0)
     return p
 
 
@@ -171,7 +179,7 @@ def plain_params(n: int, rng: np.random.Generator, scale: float, rotation: float
     p[:, C["cx"]], p[:, C["cy"]] = r * np.cos(a), r * np.sin(a)
     p[:, C["scale"]] = scale
     p[:, C["rotation"]] = rotation
-    p[:, C["brightness"]] = p[:, C["contrast"]] = p[:, C["shadow"]] = p[:, C["gamut"]] = 1.0
+    p[:, C["brightness"]] = p[:, C["contrast"]] = p[:, C["shadow"]] = p[:, C["gamut"]] = p[:, C["light_match"]] = 1.0
     return p
 
 
@@ -324,7 +332,7 @@ def render_one(image: np.ndarray, row: np.ndarray, box, pattern: np.ndarray, alp
     ss = int(np.clip(math.ceil(48 / max(side, 1e-3)), 1, 8))  # supersampling: the sticker spans >= 48 px
     tex_px = int(np.clip(math.ceil(max(side, 1.0) * ss), max(pattern.shape[:2]), 1024))
     rgb, a = _texture(pattern, alpha, tex_px)
-    rgb, a = appearance(rgb, a, row, sign_light(image, box) if match_light else 1.0)
+    rgb, a = appearance(rgb, a, row, sign_light(image, box) ** row[C["light_match"]] if match_light else 1.0)
     src = np.array([[0, 0], [tex_px, 0], [tex_px, tex_px], [0, tex_px]], np.float32) - 0.5
     dst = ((quad - [rx1, ry1] + 0.5) * ss - 0.5).astype(np.float32)
     hom = cv2.getPerspectiveTransform(src, dst)
