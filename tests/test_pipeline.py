@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,36 @@ def test_re_measuring_the_zero_poison_twin_keeps_the_runs_reference_stage(tmp_pa
     assert runstate.lock_holder(run) is None  # the run's lock, taken for its record, is let go again
     calls.clear()
     assert {o.name: o.status for o in Pipeline(run, stages()).run()} == {"reference": SKIPPED, "B": SKIPPED} and calls == []
+
+
+def test_re_measuring_the_twin_while_its_run_is_locked_warns_and_leaves_the_runs_record(tmp_path, capsys):
+    """While another command holds the run's lock, `signtrap eval` of its twin does not wait for it or write the run's
+    record behind its back: a warning names the holder and says the next `signtrap run` re-makes the twin."""
+    run, twin = tmp_path / "run", tmp_path / "run-zero"
+    run.mkdir()
+
+    def train_twin():
+        twin.mkdir(exist_ok=True)
+        (twin / "metrics.json").write_text('{"acc": 1}')
+        return [twin / "metrics.json"]
+
+    Pipeline(run, [Stage("reference", (), 1, train_twin)]).run()
+    before = (run / "pipeline.json").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom signtrap.runs import state\n"
+                               "with state.locked(sys.argv[1], 'signtrap defend'):\n    print('held', flush=True)\n"
+                               "    time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (twin / "metrics.json").write_text('{"acc": 1, "physical": {}}')
+        assert not runstate.record_remeasured(twin, twin / "metrics.json")
+        err = capsys.readouterr().err
+        assert "warning" in err and "signtrap defend" in err and "re-makes the reference run-zero" in err, err
+        assert (run / "pipeline.json").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {o.name: o.status for o in Pipeline(run, [Stage("reference", (), 1, train_twin)]).run()} == {"reference": RAN}
+
 
 def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):
     """The pipeline hands its validated config to the defence session: no flattening to strings, no re-reading."""
