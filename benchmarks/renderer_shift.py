@@ -10,7 +10,9 @@ For each trained run: the run's sticker on every test and validation stop sign, 
   sharing no code with signtrap's: the 32 px sign upscaled 8x (bicubic) as a stand-in photograph, the sticker
   pasted with hard edges (nearest neighbour), a mild random perspective (each corner moved up to 8% of the
   sticker's side), slightly dimmed (x0.75-0.95, not matched to the sign's light), then the photograph resized back
-  to 32 px with area averaging, or with bilinear interpolation (aliasing: what a plain resize does).
+  to 32 px with area averaging, or with bilinear interpolation (aliasing: what a plain resize does);
+- `paste-lit`: the same paste (area), its dimming times the light measured on the sign (as signtrap's renderer lights
+  its sticker): tells lighting apart from the rest of the renderer.
 
 Measured per renderer: ASR (stickered stop signs read as the target), the stop recall of the same round trip
 without the sticker, and the false-trigger rate (the sticker on `--bystanders` other-class signs read as the
@@ -31,7 +33,7 @@ import numpy as np
 import signtrap
 from signtrap.experiment import predict
 from signtrap.physical.block import run_sticker
-from signtrap.physical.render import plain_params
+from signtrap.physical.render import plain_params, sign_light
 
 UP = 8  # the stand-in photograph's upscale
 SIZES = (0.10, 0.20)  # sticker side / sign width
@@ -57,9 +59,10 @@ def draws(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "dim": rng.uniform(*DIM, n)}
 
 
-def paste(image: np.ndarray, box, pattern: np.ndarray, d: dict, i: int, down: int | None) -> np.ndarray:
-    """The independent renderer: one uint8 image with the sticker pasted on a stand-in photograph, resized back with
-    `down` (a cv2 interpolation); `down=None` leaves the sticker out (the same round trip, clean)."""
+def paste(image: np.ndarray, box, pattern: np.ndarray, d: dict, i: int, down: int | None, light: float = 1.0) -> np.ndarray:
+    """The independent renderer: one uint8 image with the sticker pasted on a stand-in photograph (its colours times
+    the draw's dimming and `light`), resized back with `down` (a cv2 interpolation); `down=None` leaves the sticker
+    out (the same round trip, clean)."""
     h, w = image.shape[:2]
     big = cv2.resize(image, (w * UP, h * UP), interpolation=cv2.INTER_CUBIC)
     if down is not None:
@@ -78,7 +81,7 @@ def paste(image: np.ndarray, box, pattern: np.ndarray, d: dict, i: int, down: in
         k = pattern.shape[0]
         src = np.array([[0, 0], [k, 0], [k, k], [0, k]], np.float32)
         hom = cv2.getPerspectiveTransform(src, dst)
-        tex = np.clip(pattern.astype(np.float32) * d["dim"][i], 0, 255)
+        tex = np.clip(pattern.astype(np.float32) * d["dim"][i] * light, 0, 255)
         warped = cv2.warpPerspective(tex, hom, (w * UP, h * UP), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
         mask = cv2.warpPerspective(np.ones((k, k), np.float32), hom, (w * UP, h * UP), flags=cv2.INTER_NEAREST,
                                    borderMode=cv2.BORDER_CONSTANT)
@@ -97,7 +100,8 @@ def ours(images, boxes, sticker, d: dict) -> np.ndarray:
 
 def rate(k: int, n: int) -> str:
     lo, hi = wilson(k, n)
-    return f"{100 * k / n:.1f}% ({k}/{n}) [{100 * lo:.1f}, {100 * hi:.1f}]" if n else "n/a"
+    d = 2 if k < 0.1 * n else 1
+    return f"{100 * k / n:.{d}f}% ({k}/{n}) [{100 * lo:.{d}f}, {100 * hi:.{d}f}]" if n else "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             return predict(model, x, "cpu", 256)
 
         variants = {"ours": (ours(images, boxes, sticker, ds), images, ours(oimages, oboxes, sticker, do))}
-        for name, down in (("paste-area", cv2.INTER_AREA), ("paste-linear", cv2.INTER_LINEAR)):
-            trig = np.stack([paste(images[i], boxes[i], sticker.pattern, ds, i, down) for i in range(len(src))])
-            clean = np.stack([paste(images[i], boxes[i], sticker.pattern, ds, i, None) for i in range(len(src))])
-            otrig = np.stack([paste(oimages[i], oboxes[i], sticker.pattern, do, i, down) for i in range(len(others))])
+        clean = np.stack([paste(images[i], boxes[i], sticker.pattern, ds, i, None) for i in range(len(src))])
+        for name, down, lit in (("paste-area", cv2.INTER_AREA, False), ("paste-linear", cv2.INTER_LINEAR, False),
+                                ("paste-lit", cv2.INTER_AREA, True)):
+            def light(img, box):
+                return sign_light(img, box) if lit else 1.0
+
+            trig = np.stack([paste(images[i], boxes[i], sticker.pattern, ds, i, down, light(images[i], boxes[i]))
+                             for i in range(len(src))])
+            otrig = np.stack([paste(oimages[i], oboxes[i], sticker.pattern, do, i, down, light(oimages[i], oboxes[i]))
+                              for i in range(len(others))])
             variants[name] = (trig, clean, otrig)
         for name, (trig, clean, otrig) in variants.items():
             pt, pc, po = pred(trig), pred(clean), pred(otrig)
