@@ -392,6 +392,30 @@ def test_physical_table_reads_runs_and_twins(tmp_path, capsys):
     assert table.main([str(a)]) == 2
 
 
+def test_renderer_shift_draws_the_sticker_inside_the_sign_and_prints_every_renderer(runs, capsys):
+    """benchmarks/renderer_shift.py: its independent renderer changes only pixels of the sign's box (against the
+    same round trip without the sticker), and the table has a row per renderer with counts over every source image."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("renderer_shift", Path(__file__).resolve().parents[1] / "benchmarks" / "renderer_shift.py")
+    shift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shift)
+    images, boxes = scenes(6, 32, seed=21)
+    d = shift.draws(6, np.random.default_rng(0))
+    pattern = patterns.checkerboard(2).pattern
+    for i in range(6):
+        clean = shift.paste(images[i], boxes[i], pattern, d, i, None)
+        for down in (cv2.INTER_AREA, cv2.INTER_LINEAR):
+            changed = (shift.paste(images[i], boxes[i], pattern, d, i, down) != clean).any(axis=2)
+            if down == cv2.INTER_AREA:
+                assert changed.any() and not (changed & ~inside(boxes[i], images[i].shape)).any()
+    assert shift.main([str(runs["physical"]), "--bystanders", "40"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| physical")]
+    n = runs["trained"]["physical"]["physical"]["samples"]["source"]
+    assert [r.split(" | ")[1] for r in rows] == ["ours", "paste-area", "paste-linear", "paste-lit"]
+    assert all(f"/{n})" in r and "/40)" in r for r in rows), rows
+
+
 def test_the_probe_puts_a_physical_sticker_on_the_sign_not_on_a_zero_box(tmp_path):
     """The re-activation probe's poisoned copies carry the signs' boxes from the defender's budget: a physical
     sticker stamped after augmentation lands inside its sign (a (0, 0, 0, 0) box used to stop `signtrap defend`)."""
