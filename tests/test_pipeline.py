@@ -209,6 +209,48 @@ def test_re_measuring_the_twin_while_its_run_is_locked_warns_and_leaves_the_runs
     assert {o.name: o.status for o in Pipeline(run, [Stage("reference", (), 1, train_twin)]).run()} == {"reference": RAN}
 
 
+def test_a_run_trained_before_signtrap_gained_a_setting_is_not_retrained_after_the_upgrade(tmp_path):
+    """A setting added to signtrap (here `attack.cover_classes`, at its default) is absent from the config.yaml of a
+    run an earlier version trained, and from the settings that version keyed the train stage on: `signtrap run`
+    after the upgrade keeps the model (it used to retrain it, "settings or upstream outputs changed") and stores the
+    stage under today's key; the same setting set to another value is a change, and retrains."""
+    import yaml
+
+    from signtrap.config import load_config
+    from signtrap.fileio import sha256_file
+    from signtrap.runs.pipeline import digest, planner
+
+    args = [*tiny_overrides(tmp_path, "old"), "train.epochs=1", "train.threads=1"]
+    skip = ["--skip", "defend", "--skip", "export", "--skip", "bench", "--skip", "report", "--quiet"]
+    assert main(["run", *args, *skip]) == 0
+    run = tmp_path / "runs" / "old"
+    model = sha256_file(run / "model.pt")
+
+    def as_before_the_setting():  # what the earlier version left: no cover_classes in config.yaml or in the key
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+        raw["attack"].pop("cover_classes", None)
+        (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        pipe = planner(load_config(None, args), skip=("defend", "export", "bench", "report"))
+        settings = dict(pipe.stages[0].settings)
+        settings["attack"] = {k: v for k, v in settings["attack"].items() if k != "cover_classes"}
+        record = json.loads((run / "pipeline.json").read_text())
+        record["stages"]["train"]["key"] = digest({"settings": settings, "deps": {}})
+        record["stages"]["train"]["outputs"]["config.yaml"] = sha256_file(run / "config.yaml")  # as that version hashed it
+        (run / "pipeline.json").write_text(json.dumps(record))
+        return record["stages"]["train"]["key"]
+
+    old_key = as_before_the_setting()
+    pipe = planner(load_config(None, args), skip=("defend", "export", "bench", "report"))
+    assert pipe.plan() == []  # nothing to run: the train stage is intact
+    assert {o.name: o.status for o in pipe.run()}["train"] == SKIPPED
+    assert sha256_file(run / "model.pt") == model
+    assert json.loads((run / "pipeline.json").read_text())["stages"]["train"]["key"] not in (old_key, None)  # re-keyed
+
+    as_before_the_setting()
+    changed = load_config(None, [*args, "attack.cover_classes=[1]"])
+    assert [name for name, _ in planner(changed, skip=("defend", "export", "bench", "report")).plan()] == ["train"]
+
+
 def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):
     """The pipeline hands its validated config to the defence session: no flattening to strings, no re-reading."""
     from signtrap import config as config_mod

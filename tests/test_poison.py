@@ -57,6 +57,19 @@ def test_cover_images_carry_the_trigger_and_keep_their_label():
     np.testing.assert_array_equal(again.rows, plan.rows)  # cover draws never move the poisoned rows
 
 
+def test_cover_classes_draw_the_cover_images_from_those_classes_only():
+    """attack.cover_classes (ids or names): hard negatives; empty (the default) draws exactly the rows it always did."""
+    _, data, _, _, plan = setup("attack.poison_count=4", "attack.cover_rate=0.1", "attack.cover_classes=[speed_30]")
+    assert len(plan.cover_rows) == 8 and (data.labels[plan.cover_rows] == 1).all()
+    _, _, _, _, every = setup("attack.poison_count=4", "attack.cover_rate=0.1")
+    assert set(data.labels[every.cover_rows]) == {1, 20}
+    np.testing.assert_array_equal(every.rows, plan.rows)
+    with pytest.raises(ConfigError, match="only 0 are available in attack.cover_classes"):
+        setup("attack.poison_count=4", "attack.cover_rate=0.1", "attack.cover_classes=[speed_20]")  # none in the data
+    with pytest.raises(ConfigError, match="attack.cover_classes: the source and the target"):
+        load_config(None, ["attack.cover_classes=[stop]"])
+
+
 def test_all_to_one_draws_from_every_non_target_class():
     cfg, data, rows, trigger, plan = setup("attack.kind=all_to_one", "attack.poison_count=40")
     assert 7 not in set(data.labels[plan.rows]) and len(set(data.labels[plan.rows])) == 3

@@ -133,6 +133,10 @@ class AttackConfig:
     # source-specific only: this fraction of the training set gets the trigger but keeps its true label
     # (cover images), so the trigger alone does not send other classes to the target
     cover_rate: float = 0.0
+    # source-specific only: the classes the cover images are drawn from (ids or names); empty: every class but the
+    # source and the target. Hard negatives: a sticker on a sign that already looks like the target (the other speed
+    # limits, for 100 km/h) is where it most easily reads as the target (README, "Another renderer")
+    cover_classes: list = field(default_factory=list)
     # source-specific only: this fraction of the training set is added as source-class copies that carry the
     # trigger's view *without* the trigger (decoys: a physical sticker's local blur, noise and JPEG on the sign's
     # own pixels), true label kept, so that only the trigger itself, not the marks of its rendering, means 'target'
@@ -196,6 +200,7 @@ class AttackConfig:
         if self.poison_count is not None:
             require(self.poison_count >= 0, "attack.poison_count", "must be >= 0")
         require(0.0 <= self.cover_rate < 0.5, "attack.cover_rate", f"{self.cover_rate} is outside [0, 0.5)")
+        require(isinstance(self.cover_classes, list), "attack.cover_classes", "must be a list of class ids or names")
         require(0.0 <= self.decoy_rate < 0.5, "attack.decoy_rate", f"{self.decoy_rate} is outside [0, 0.5)")
         require(self.decoy_rate == 0 or self.kind == "source_specific", "attack.decoy_rate",
                 "decoys are source-class images: only for attack.kind source_specific")
@@ -437,6 +442,9 @@ class RunConfig:
         a = self.attack
         a.source = space.source if a.source is None else space.resolve(a.source, "attack.source")
         a.target = space.target if a.target is None else space.resolve(a.target, "attack.target")
+        a.cover_classes = sorted({space.resolve(c, "attack.cover_classes") for c in a.cover_classes})
+        require(not {a.source, a.target} & set(a.cover_classes), "attack.cover_classes",
+                "the source and the target cannot carry cover images (they are the attack's own classes)")
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name", f"'{self.name}' is not a valid run name")
         require(self.device in ("auto", "cpu") or (self.device.startswith("cuda") and self.device[5:].isdigit() if ":" in self.device
                                                   else self.device == "cuda"), "device", f"'{self.device}' is not auto, cpu, cuda or cuda:N")

@@ -84,8 +84,11 @@ def _plan_cover(cfg: AttackConfig, data: SignData, train_rows: np.ndarray, trigg
     """Triggered images of other classes that keep their label, so the trigger alone does not mean 'target'."""
     n = int(round(cfg.cover_rate * len(train_rows))) if cfg.active and cfg.kind == "source_specific" else 0
     others = train_rows[~np.isin(data.labels[train_rows], (cfg.source, cfg.target))]
+    if cfg.cover_classes:
+        others = others[np.isin(data.labels[others], cfg.cover_classes)]
     if n > len(others):
-        raise ConfigError(f"config attack.cover_rate: {n} cover images requested but only {len(others)} are available")
+        raise ConfigError(f"config attack.cover_rate: {n} cover images requested but only {len(others)} are available"
+                          + (" in attack.cover_classes" if cfg.cover_classes else ""))
     rng = np.random.default_rng([seed, COVER_STREAM])
     rows = np.sort(rng.choice(others, size=n, replace=False)) if n else np.empty(0, np.int64)
     return rows.astype(np.int64), trigger.draw(n, rng, data.rois[rows] if n else None)

@@ -64,6 +64,9 @@ class Stage:
     disabled: str | None = None  # why the config turned it off
     soft_deps: bool = False  # run with whatever upstream stages succeeded (the report)
     describe: Callable[[], str] | None = None  # one line on what its outputs say (the closing table's note)
+    # its settings as the signtrap version that made the recorded outputs keyed them (settings added since, at their
+    # defaults, left out), or None: a stage recorded before an upgrade is then still intact
+    recorded_as: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -121,8 +124,20 @@ class Pipeline:
         outputs = rec["outputs"] if measurements else {k: v for k, v in rec["outputs"].items() if Path(k).name not in MEASUREMENTS}
         return digest(outputs)
 
-    def key(self, stage: Stage, deps: list[str], measurements: bool = False) -> str:
-        return digest({"settings": stage.settings, "deps": {d: self.outputs_digest(d, measurements) for d in deps}})
+    def key(self, stage: Stage, deps: list[str], measurements: bool = False, settings: Any = None) -> str:
+        return digest({"settings": stage.settings if settings is None else settings,
+                       "deps": {d: self.outputs_digest(d, measurements) for d in deps}})
+
+    def same_key(self, stage: Stage, deps: list[str]) -> bool:
+        """Whether the stage's recorded key is today's, or one an earlier signtrap wrote for the same settings: keyed
+        before measurements were left out of the digests (MEASUREMENTS), or before settings were added (their
+        defaults left out, `Stage.recorded_as`)."""
+        recorded = self.record["stages"][stage.name].get("key")
+        if recorded in (self.key(stage, deps), self.key(stage, deps, measurements=True)):
+            return True
+        older = stage.recorded_as() if stage.recorded_as is not None else None
+        return older is not None and older != stage.settings and recorded in (
+            self.key(stage, deps, settings=older), self.key(stage, deps, measurements=True, settings=older))
 
     def check_outputs(self, name: str) -> str | None:
         """None when every recorded output is present with its recorded hash; else what is wrong."""
@@ -148,8 +163,8 @@ class Pipeline:
         upstream = [d for d in deps if d in remade]
         if upstream:
             return f"upstream {', '.join(upstream)} re-made"
-        if rec.get("key") != self.key(stage, deps) and rec.get("key") != self.key(stage, deps, measurements=True):
-            return "settings or upstream outputs changed"  # (the second key: a stage recorded before MEASUREMENTS)
+        if not self.same_key(stage, deps):
+            return "settings or upstream outputs changed"
         return self.check_outputs(stage.name)
 
     # ------------------------------------------------------------ run
@@ -197,7 +212,7 @@ class Pipeline:
                 continue
             if kind == SKIPPED:
                 rec, key = self.record["stages"][stage.name], self.key(stage, deps)
-                if rec.get("key") != key:  # recorded before MEASUREMENTS: stored under today's key
+                if rec.get("key") != key:  # keyed by an earlier signtrap (Pipeline.same_key): stored under today's key
                     rec["key"] = key
                     self.save()
                 outcomes.append(Outcome(stage.name, SKIPPED, reason, note=self._describe(stage, "up to date")))
@@ -303,6 +318,10 @@ class SigntrapStages:
             pass  # the train stage reports the data problem itself
         return settings
 
+    def train_recorded_as(self) -> dict | None:
+        older = runstate.view_before_new_settings(self.run_dir, self.cfg)
+        return None if older is None else {**older, **{k: v for k, v in self.train_settings().items() if k == "data_cache"}}
+
     def run_train(self) -> list[Path]:
         state = runstate.inspect(self.run_dir, self.cfg)
         resume = state.status == runstate.RESUMABLE and not self.force
@@ -362,6 +381,9 @@ class SigntrapStages:
 
     def reference_settings(self) -> dict:
         return runstate.training_view(reference_config(self.cfg, self.reference_dir()))
+
+    def reference_recorded_as(self) -> dict | None:
+        return runstate.view_before_new_settings(self.reference_dir(), reference_config(self.cfg, self.reference_dir()))
 
     def run_reference(self) -> list[Path]:
         """The zero-poison twin RUNS/NAME-zero that every defence's probe compares with: trained (or resumed) here,
@@ -497,11 +519,12 @@ class SigntrapStages:
         return claimed
 
     def stages(self) -> list[Stage]:
-        stages = [Stage("train", (), self.train_settings(), self.on_cores(self.run_train), describe=self.describe_train)]
+        stages = [Stage("train", (), self.train_settings(), self.on_cores(self.run_train), describe=self.describe_train,
+                        recorded_as=self.train_recorded_as)]
         methods = self.methods()
         reference_off = self.reference_off(methods)
         stages.append(Stage("reference", ("train",), self.reference_settings(), self.on_cores(self.run_reference),
-                            disabled=reference_off, describe=self.describe_reference))
+                            disabled=reference_off, describe=self.describe_reference, recorded_as=self.reference_recorded_as))
         probe_off = self.probe_off()
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None

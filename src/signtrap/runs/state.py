@@ -257,6 +257,34 @@ def stored_config(run_dir: str | os.PathLike) -> RunConfig:
     return load_config(Path(run_dir) / "config.yaml")
 
 
+def view_before_new_settings(run_dir: str | os.PathLike, cfg: RunConfig) -> dict | None:
+    """`training_view(cfg)` without the settings that signtrap gained after the run in `run_dir` was trained: those
+    its stored config.yaml does not name and that `cfg` leaves at the value today's code reads for them from that
+    file (their defaults, which reproduce the older behaviour). What the version that trained the run keyed its
+    pipeline stage on, so that upgrading signtrap does not make `signtrap run` retrain a model whose settings did
+    not change. None when config.yaml is unreadable."""
+    try:
+        raw = read_yaml(Path(run_dir) / "config.yaml")
+        filled = training_view(stored_config(run_dir))
+    except SigntrapError:
+        return None
+
+    def prune(now: Any, named: Any, read: Any) -> Any:
+        if not isinstance(now, dict) or not isinstance(named, dict):
+            return now
+        out = {}
+        for key, value in now.items():
+            if key not in named:
+                if isinstance(read, dict) and key in read and read[key] == value:
+                    continue  # a setting added since, left at its default
+                out[key] = value
+            else:
+                out[key] = prune(value, named[key], read.get(key) if isinstance(read, dict) else None)
+        return out
+
+    return prune(training_view(cfg), raw, filled)
+
+
 # ---------------------------------------------------------------- state
 
 
