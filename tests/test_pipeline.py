@@ -210,45 +210,61 @@ def test_re_measuring_the_twin_while_its_run_is_locked_warns_and_leaves_the_runs
 
 
 def test_a_run_trained_before_signtrap_gained_a_setting_is_not_retrained_after_the_upgrade(tmp_path):
-    """A setting added to signtrap (here `attack.cover_classes`, at its default) is absent from the config.yaml of a
-    run an earlier version trained, and from the settings that version keyed the train stage on: `signtrap run`
-    after the upgrade keeps the model (it used to retrain it, "settings or upstream outputs changed") and stores the
-    stage under today's key; the same setting set to another value is a change, and retrains."""
+    """A setting added to signtrap (here `attack.cover_classes`, and `weight_decay` of a defence, at their defaults)
+    is absent from what an earlier version recorded (the run's config.yaml, the defence's report.json) and from the
+    settings it keyed the stages on: `signtrap run` after the upgrade keeps the model and the repaired model (it used
+    to re-make both, "settings or upstream outputs changed") and stores the stages under today's keys; the same
+    setting set to another value is a change, and re-makes them."""
     import yaml
 
     from signtrap.config import load_config
     from signtrap.fileio import sha256_file
     from signtrap.runs.pipeline import digest, planner
 
-    args = [*tiny_overrides(tmp_path, "old"), "train.epochs=1", "train.threads=1"]
-    skip = ["--skip", "defend", "--skip", "export", "--skip", "bench", "--skip", "report", "--quiet"]
-    assert main(["run", *args, *skip]) == 0
+    args = [*tiny_overrides(tmp_path, "old"), "train.epochs=1", "train.threads=1", "defend.methods=[finetune]",
+            "defend.finetune.epochs=1", "defend.finetune.grid=[1e-3]", "defend.clean_fraction=0.2", "defend.probe.enabled=false"]
+    skip = ("export", "bench", "report")
+    assert main(["run", *args, *[f for s in skip for f in ("--skip", s)], "--quiet"]) == 0
     run = tmp_path / "runs" / "old"
-    model = sha256_file(run / "model.pt")
+    models = {f: sha256_file(run / f) for f in ("model.pt", "defence-finetune/model.pt")}
 
-    def as_before_the_setting():  # what the earlier version left: no cover_classes in config.yaml or in the key
+    def as_before_the_settings():  # what the earlier version left: no such settings in its files or in its keys
         raw = yaml.safe_load((run / "config.yaml").read_text())
         raw["attack"].pop("cover_classes", None)
         (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        pipe = planner(load_config(None, args), skip=("defend", "export", "bench", "report"))
-        settings = dict(pipe.stages[0].settings)
-        settings["attack"] = {k: v for k, v in settings["attack"].items() if k != "cover_classes"}
+        report = json.loads((run / "defence-finetune" / "report.json").read_text())
+        report["settings"].pop("weight_decay", None)
+        (run / "defence-finetune" / "report.json").write_text(json.dumps(report))
         record = json.loads((run / "pipeline.json").read_text())
-        record["stages"]["train"]["key"] = digest({"settings": settings, "deps": {}})
-        record["stages"]["train"]["outputs"]["config.yaml"] = sha256_file(run / "config.yaml")  # as that version hashed it
+        stages = record["stages"]
+        stages["train"]["outputs"]["config.yaml"] = sha256_file(run / "config.yaml")  # as that version hashed them
+        stages["defend:finetune"]["outputs"]["defence-finetune/report.json"] = sha256_file(run / "defence-finetune" / "report.json")
         (run / "pipeline.json").write_text(json.dumps(record))
-        return record["stages"]["train"]["key"]
+        pipe = planner(load_config(None, args), skip=skip)
+        train, defend = pipe.stages[0], next(s for s in pipe.stages if s.name == "defend:finetune")
+        old_train = {**train.settings, "attack": {k: v for k, v in train.settings["attack"].items() if k != "cover_classes"}}
+        old_defend = {**defend.settings, "settings": {k: v for k, v in defend.settings["settings"].items() if k != "weight_decay"}}
+        stages["train"]["key"] = digest({"settings": old_train, "deps": {}})
+        stages["defend:finetune"]["key"] = digest({"settings": old_defend, "deps": {"train": pipe.outputs_digest("train")}})
+        (run / "pipeline.json").write_text(json.dumps(record))
+        return stages["train"]["key"], stages["defend:finetune"]["key"]
 
-    old_key = as_before_the_setting()
-    pipe = planner(load_config(None, args), skip=("defend", "export", "bench", "report"))
-    assert pipe.plan() == []  # nothing to run: the train stage is intact
-    assert {o.name: o.status for o in pipe.run()}["train"] == SKIPPED
-    assert sha256_file(run / "model.pt") == model
-    assert json.loads((run / "pipeline.json").read_text())["stages"]["train"]["key"] not in (old_key, None)  # re-keyed
+    old_keys = as_before_the_settings()
+    pipe = planner(load_config(None, args), skip=skip)
+    assert pipe.plan() == []  # nothing to run: both stages are intact
+    assert {o.name: o.status for o in pipe.run()} == {"train": SKIPPED, "reference": DISABLED, "defend:finetune": SKIPPED,
+                                                      "probe:finetune": DISABLED, "export": DISABLED, "bench": DISABLED,
+                                                      "report": DISABLED}
+    assert {f: sha256_file(run / f) for f in models} == models
+    stages = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert stages["train"]["key"] != old_keys[0] and stages["defend:finetune"]["key"] != old_keys[1]  # re-keyed
 
-    as_before_the_setting()
+    as_before_the_settings()
     changed = load_config(None, [*args, "attack.cover_classes=[1]"])
-    assert [name for name, _ in planner(changed, skip=("defend", "export", "bench", "report")).plan()] == ["train"]
+    assert [name for name, _ in planner(changed, skip=skip).plan()] == ["train", "defend:finetune"]
+    as_before_the_settings()
+    changed = load_config(None, [*args, "defend.finetune.weight_decay=0.01"])
+    assert [name for name, _ in planner(changed, skip=skip).plan()] == ["defend:finetune"]
 
 
 def test_a_session_takes_the_config_object_it_is_handed(tiny_run, monkeypatch):

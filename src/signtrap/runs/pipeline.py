@@ -352,6 +352,19 @@ class SigntrapStages:
         common = {k: v for k, v in to_dict(d).items() if k in DEFEND_COMMON and k not in ("methods", "probe")}  # probe: its stage
         return {"common": common, "method": method, "settings": dataclasses.asdict(d.method(method))}
 
+    def defend_recorded_as(self, method: str) -> dict | None:
+        """The defence's settings without those added to it since its folder was made (absent from the settings its
+        report.json recorded, at their defaults): what the earlier version keyed the stage on."""
+        try:
+            stored = read_json(layout.defence_dir(self.run_dir, method) / "report.json")["settings"]
+        except (SigntrapError, KeyError, TypeError):
+            return None
+        now = self.defend_settings(method)
+        defaults = dataclasses.asdict(type(self.cfg.defend.method(method))())
+        if not isinstance(stored, dict):
+            return None
+        return {**now, "settings": {k: v for k, v in now["settings"].items() if k in stored or defaults.get(k, v) != v}}
+
     def session(self) -> Session:
         if self._session is None:
             self._session = Session.open(self.run_dir, device=None, show_progress=not progress_mod.QUIET, cfg=self.cfg)
@@ -529,7 +542,8 @@ class SigntrapStages:
         for m in methods:
             off = "skipped with --skip defend" if "defend" in self.skip else None
             stages.append(Stage(f"defend:{m}", ("train",), self.defend_settings(m), self.on_cores(lambda m=m: self.run_defence(m)),
-                                disabled=off, describe=lambda m=m: self.describe_defence(m)))
+                                disabled=off, describe=lambda m=m: self.describe_defence(m),
+                                recorded_as=lambda m=m: self.defend_recorded_as(m)))
             stages.append(Stage(f"probe:{m}", (f"defend:{m}",) if reference_off else (f"defend:{m}", "reference"),
                                 self.probe_settings(m), self.on_cores(lambda m=m: self.run_probe(m)), disabled=probe_off,
                                 describe=lambda m=m: self.describe_probe(m)))
