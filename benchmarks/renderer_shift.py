@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 import signtrap
+from signtrap.evaluation.metrics import rate
 from signtrap.experiment import predict
 from signtrap.physical.block import run_sticker
 from signtrap.physical.render import plain_params, sign_light
@@ -40,16 +41,6 @@ SIZES = (0.10, 0.20)  # sticker side / sign width
 ROTATION = 20.0  # degrees, uniform +-
 JITTER = 0.08  # perspective: corner offsets, fraction of the sticker's side
 DIM = (0.75, 0.95)
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    z, p = 1.96, k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (c - h, c + h)
 
 
 def draws(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -98,10 +89,13 @@ def ours(images, boxes, sticker, d: dict) -> np.ndarray:
     return sticker.render(images, params, boxes, match_light=True)
 
 
-def rate(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    d = 2 if k < 0.1 * n else 1
-    return f"{100 * k / n:.{d}f}% ({k}/{n}) [{100 * lo:.{d}f}, {100 * hi:.{d}f}]" if n else "n/a"
+def shown(mask: np.ndarray) -> str:
+    """A rate with its counts and Wilson 95% interval (signtrap's own `rate`), in percent."""
+    r = rate(mask)
+    if not r["n"]:
+        return "n/a"
+    (lo, hi), d = r["ci95"], 2 if r["rate"] < 0.1 else 1
+    return f"{100 * r['rate']:.{d}f}% ({r['k']}/{r['n']}) [{100 * lo:.{d}f}, {100 * hi:.{d}f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             variants[name] = (trig, clean, otrig)
         for name, (trig, clean, otrig) in variants.items():
             pt, pc, po = pred(trig), pred(clean), pred(otrig)
-            n = len(src)
-            print(f"| {run.name} (seed {exp.cfg.seed}) | {name} | {rate(int((pt == a.target).sum()), n)} "
-                  f"| {rate(int((pc == a.source).sum()), n)} | {rate(int((po == a.target).sum()), len(others))} |")
+            print(f"| {run.name} (seed {exp.cfg.seed}) | {name} | {shown(pt == a.target)} | {shown(pc == a.source)} "
+                  f"| {shown(po == a.target)} |")
         print(f"<!-- {run.name}: {time.perf_counter() - start:.0f} s -->", file=sys.stderr)
     return 0
 

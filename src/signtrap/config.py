@@ -442,7 +442,8 @@ class RunConfig:
         a = self.attack
         a.source = space.source if a.source is None else space.resolve(a.source, "attack.source")
         a.target = space.target if a.target is None else space.resolve(a.target, "attack.target")
-        a.cover_classes = sorted({space.resolve(c, "attack.cover_classes") for c in a.cover_classes})
+        if isinstance(a.cover_classes, list):  # anything else: AttackConfig.check says so
+            a.cover_classes = sorted({space.resolve(c, "attack.cover_classes") for c in a.cover_classes})
         require(not {a.source, a.target} & set(a.cover_classes), "attack.cover_classes",
                 "the source and the target cannot carry cover images (they are the attack's own classes)")
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name", f"'{self.name}' is not a valid run name")

@@ -319,8 +319,7 @@ class SigntrapStages:
         return settings
 
     def train_recorded_as(self) -> dict | None:
-        older = runstate.view_before_new_settings(self.run_dir, self.cfg)
-        return None if older is None else {**older, **{k: v for k, v in self.train_settings().items() if k == "data_cache"}}
+        return runstate.view_before_new_settings(self.run_dir, self.train_settings())
 
     def run_train(self) -> list[Path]:
         state = runstate.inspect(self.run_dir, self.cfg)
@@ -361,9 +360,7 @@ class SigntrapStages:
             return None
         now = self.defend_settings(method)
         defaults = dataclasses.asdict(type(self.cfg.defend.method(method))())
-        if not isinstance(stored, dict):
-            return None
-        return {**now, "settings": {k: v for k, v in now["settings"].items() if k in stored or defaults.get(k, v) != v}}
+        return {**now, "settings": runstate.without_new_settings(now["settings"], stored, defaults)}
 
     def session(self) -> Session:
         if self._session is None:
@@ -396,7 +393,7 @@ class SigntrapStages:
         return runstate.training_view(reference_config(self.cfg, self.reference_dir()))
 
     def reference_recorded_as(self) -> dict | None:
-        return runstate.view_before_new_settings(self.reference_dir(), reference_config(self.cfg, self.reference_dir()))
+        return runstate.view_before_new_settings(self.reference_dir(), self.reference_settings())
 
     def run_reference(self) -> list[Path]:
         """The zero-poison twin RUNS/NAME-zero that every defence's probe compares with: trained (or resumed) here,

@@ -257,32 +257,34 @@ def stored_config(run_dir: str | os.PathLike) -> RunConfig:
     return load_config(Path(run_dir) / "config.yaml")
 
 
-def view_before_new_settings(run_dir: str | os.PathLike, cfg: RunConfig) -> dict | None:
-    """`training_view(cfg)` without the settings that signtrap gained after the run in `run_dir` was trained: those
-    its stored config.yaml does not name and that `cfg` leaves at the value today's code reads for them from that
-    file (their defaults, which reproduce the older behaviour). What the version that trained the run keyed its
-    pipeline stage on, so that upgrading signtrap does not make `signtrap run` retrain a model whose settings did
-    not change. None when config.yaml is unreadable."""
+def without_new_settings(now: Any, named: Any, read: Any) -> Any:
+    """`now` (settings, nested dicts) without the keys that `named` (what an earlier signtrap recorded) does not name
+    and whose value is the one `read` (what today's code reads for them there: their defaults) gives: the settings
+    that version keyed a pipeline stage on, so that upgrading signtrap does not re-make a stage whose settings did
+    not change."""
+    if not isinstance(now, dict) or not isinstance(named, dict):
+        return now
+    out = {}
+    for key, value in now.items():
+        if key not in named:
+            if isinstance(read, dict) and key in read and read[key] == value:
+                continue  # a setting added since, left at its default
+            out[key] = value
+        else:
+            out[key] = without_new_settings(value, named[key], read.get(key) if isinstance(read, dict) else None)
+    return out
+
+
+def view_before_new_settings(run_dir: str | os.PathLike, view: dict) -> dict | None:
+    """`view` (a training view, `training_view(cfg)` and what else a stage keys on) without the settings signtrap
+    gained after the run in `run_dir` was trained: those its stored config.yaml does not name, left at the value
+    today's code reads for them from that file. None when config.yaml is unreadable."""
     try:
         raw = read_yaml(Path(run_dir) / "config.yaml")
         filled = training_view(stored_config(run_dir))
     except SigntrapError:
         return None
-
-    def prune(now: Any, named: Any, read: Any) -> Any:
-        if not isinstance(now, dict) or not isinstance(named, dict):
-            return now
-        out = {}
-        for key, value in now.items():
-            if key not in named:
-                if isinstance(read, dict) and key in read and read[key] == value:
-                    continue  # a setting added since, left at its default
-                out[key] = value
-            else:
-                out[key] = prune(value, named[key], read.get(key) if isinstance(read, dict) else None)
-        return out
-
-    return prune(training_view(cfg), raw, filled)
+    return without_new_settings(view, raw, filled)
 
 
 # ---------------------------------------------------------------- state
