@@ -63,8 +63,7 @@ def adv_pgd(model: nn.Module, clean: CleanData, cfg: AdvPGDSettings, ctx: Defenc
     gen = torch.Generator().manual_seed(ctx.seed)
 
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            x_adv = pgd(m, x, y, eps, step, cfg.steps, gen)
+        x_adv = pgd(m, x, y, eps, step, cfg.steps, gen)  # in the run's training precision, as the loss
         adv = F.cross_entropy(m(x_adv).float(), y)
         if cfg.clean_weight == 0:
             return adv
