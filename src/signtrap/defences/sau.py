@@ -95,8 +95,8 @@ def shared_perturbation(model: nn.Module, reference: nn.Module, x: torch.Tensor,
 
 def sau_loss(net: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor, s: SAUSettings, stats: dict) -> torch.Tensor:
     """Clean cross-entropy + unlearning of the shared adversarial examples (the authors' outer step)."""
+    delta = shared_perturbation(net, reference, x, y, s)  # the search in the run's training precision
     with torch.autocast(x.device.type, enabled=False):
-        delta = shared_perturbation(net, reference, x, y, s)
         logits, per_logits = net(torch.cat([x, x + delta])).float().split(len(x))
         with torch.no_grad():
             clean_ref, per_ref = reference(x).argmax(1), reference(x + delta).argmax(1)
