@@ -182,6 +182,37 @@ def test_cpu_inference_in_chunks_gives_the_same_logits(tiny_run, monkeypatch):
         assert np.array_equal(experiment.predict_logits(model, images, batch_size=len(images)), one)
 
 
+def test_a_defences_own_predictions_follow_the_run_precision_and_metrics_stay_fp32(tiny_run, monkeypatch):
+    """`DefenceContext.predict` (the held-out rule, pruning sweeps, curves) runs in the run's training precision;
+    `predict` without `amp` (every figure in metrics.json) in fp32. bf16 logits differ from fp32's in the low bits
+    (a bf16 mantissa has 8 bits) and their predictions agree on this test set."""
+    import torch.nn.functional as F
+
+    from signtrap import experiment
+    from signtrap.defences.common import DefenceContext
+    from signtrap.runs import checkpoint
+    model, _ = checkpoint.verified_load(tiny_run, "model.pt")
+    exp = experiment.Experiment.from_config(experiment.load_run_config(tiny_run), progress=False)
+    images = np.concatenate([exp.eval_set("test").images, exp.eval_set("test").triggered])
+    fp32 = experiment.predict_logits(model, images)
+    bf16 = experiment.predict_logits(model, images, amp=torch.bfloat16)
+    assert not np.array_equal(bf16, fp32)  # the autocast ran: some logit rounded to bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1, atol=0.1)
+    assert (bf16.argmax(1) == fp32.argmax(1)).mean() >= 0.99
+    seen = []
+    real_conv = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real_conv(*a, **k))
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        ctx = DefenceContext(precision=precision, show_progress=False)
+        seen.clear()
+        predicted = ctx.predict(model, images[:8])
+        assert seen and set(seen) == {autocast}
+        assert np.array_equal(predicted, experiment.predict(model, images[:8], amp=ctx.amp))
+    seen.clear()
+    experiment.predict(model, images[:8])
+    assert seen and not any(seen)  # evaluation: fp32
+
+
 def test_loop_trains_in_the_memory_layout_asked():
     """`Loop.memory_format`: channels-last by default; NCHW when asked (I-BAU's double backward), for the model and
     every batch the hooks see, with the same training up to float rounding."""

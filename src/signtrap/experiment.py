@@ -97,20 +97,27 @@ CPU_EVAL_CHUNK = 128
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 512) -> np.ndarray:
+def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 512,
+                   amp: torch.dtype | None = None) -> np.ndarray:
+    """The model's logits (float32) for uint8 NHWC `images`; in fp32 unless `amp` names an autocast dtype (a
+    defence's own forward passes in the run's training precision: `DefenceContext.predict`)."""
     was_training = model.training
     model.eval()
     out = []
-    if torch.device(device).type == "cpu":
+    kind = torch.device(device).type
+    if kind == "cpu":
         batch_size = min(batch_size, CPU_EVAL_CHUNK)
     for start in range(0, len(images), batch_size):
-        out.append(model(to_tensor(images[start:start + batch_size], device)).float().cpu())
+        x = to_tensor(images[start:start + batch_size], device)
+        with torch.autocast(kind, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def predict(model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 512) -> np.ndarray:
-    logits = predict_logits(model, images, device, batch_size)
+def predict(model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 512,
+            amp: torch.dtype | None = None) -> np.ndarray:
+    logits = predict_logits(model, images, device, batch_size, amp)
     return logits.argmax(axis=1) if len(logits) else np.zeros(0, np.int64)
 
 

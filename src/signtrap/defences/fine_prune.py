@@ -14,7 +14,7 @@ from signtrap.config import require
 from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult, TunedSettings, fit, held_out_views, select
 from signtrap.errors import SigntrapError
-from signtrap.experiment import predict, to_tensor
+from signtrap.experiment import to_tensor
 from signtrap.training.loop import Hooks
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, read_csv, safe
@@ -115,12 +115,12 @@ def fine_prune(model: nn.Module, clean: CleanData, cfg: FinePruneSettings, ctx: 
         original = {k: v.clone() for k, v in work.state_dict().items()}
 
         def data_acc() -> float:
-            return float((predict(work, data.images, ctx.device, ctx.eval_batch_size) == data.labels).mean())
+            return float((ctx.predict(work, data.images) == data.labels).mean())
 
         scored = held_out_views(data, ctx.aug, cfg.views, ctx.seed + 1)  # augmented views: see the docstring
 
         def scored_acc() -> float:
-            return float((predict(work, scored.images, ctx.device, ctx.eval_batch_size) == scored.labels).mean())
+            return float((ctx.predict(work, scored.images) == scored.labels).mean())
 
         base_acc, base_scored = data_acc(), scored_acc()
         curve, liu, stopped = [], 0, False

@@ -43,13 +43,14 @@ class StripSettings:
 
 @torch.no_grad()
 def strip_entropy(model: nn.Module, images: np.ndarray, overlays: np.ndarray, n: int, alpha: float,
-                  rng: np.random.Generator, device, batch_size: int = 512, bar=None) -> np.ndarray:
+                  rng: np.random.Generator, device, batch_size: int = 512, bar=None, amp: torch.dtype | None = None) -> np.ndarray:
     """Mean softmax entropy over `n` blends (1 - alpha) * input + alpha * clean overlay, per input.
 
     On a CPU the blends go through the model in chunks of at most `CPU_EVAL_CHUNK` (as every evaluation) and the
     overlays are converted to float once per call, the blends built channels-last: 1.5-1.9x the blends per second of
     512-blend batches converted per chunk (`benchmarks/defence_kernels.py`), with the same entropies up to float
-    rounding (about 1e-7: the channels-last kernels round differently; tests/test_detection.py)."""
+    rounding (about 1e-7: the channels-last kernels round differently; tests/test_detection.py). `amp`: the
+    forward's autocast dtype (the defence passes the run's training precision; None: fp32)."""
     model.eval()
     if torch.device(device).type == "cpu":
         batch_size = min(batch_size, CPU_EVAL_CHUNK)
@@ -60,7 +61,9 @@ def strip_entropy(model: nn.Module, images: np.ndarray, overlays: np.ndarray, n:
         x = to_tensor(images[start:start + per_chunk], device)
         picks = torch.from_numpy(rng.integers(0, len(overlays), (len(x), n)).reshape(-1)).to(device)
         blended = weighted[picks].add_(((1 - alpha) * x).repeat_interleave(n, dim=0))  # channels-last, as the model runs fastest
-        p = torch.softmax(model(blended).float(), dim=1)
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            logits = model(blended)
+        p = torch.softmax(logits.float(), dim=1)
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).view(len(x), n).mean(1)
         out[start:start + len(x)] = entropy.cpu().numpy()
         if bar is not None:
@@ -76,7 +79,8 @@ def strip(model: nn.Module, clean: CleanData, cfg: StripSettings, ctx: DefenceCo
     bar = progress(total, "strip", enabled=ctx.show_progress)
 
     def entropy(images: np.ndarray) -> np.ndarray:
-        return strip_entropy(model, images, clean.images, cfg.overlays, cfg.alpha, rng, ctx.device, ctx.eval_batch_size, bar)
+        return strip_entropy(model, images, clean.images, cfg.overlays, cfg.alpha, rng, ctx.device, ctx.eval_batch_size, bar,
+                             ctx.amp)  # the detection statistic in the run's precision; the figures below in fp32
 
     fit_entropy = entropy(clean.images)
     threshold = float(np.quantile(fit_entropy, cfg.frr))  # reject below: the lowest-entropy frr share of clean data

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import platform
@@ -78,6 +79,7 @@ def cpu_threads(threads: int, *, key: str = "train.threads", stored: bool = Fals
                 torch.set_num_threads(before)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: there a signnet training step runs about 1.5x faster in bf16; emulated bf16 would be slower."""
     try:
@@ -92,7 +94,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training on `device`, or None for plain fp32. Evaluation always runs in fp32."""
+    """The autocast dtype for training on `device`, or None for plain fp32. Evaluation (every metric) runs in fp32;
+    a defence's own searches and predictions in this dtype."""
     if precision == "fp32":
         return None
     if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
