@@ -226,7 +226,8 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     top_k = len(candidates) if top_k == 0 else min(top_k, len(candidates))
 
     amp = autocast_dtype(ctx.precision, device)  # the search's forward in the run's training precision
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)  # this defence's own copy, laid out as training leaves it
+    # (a model read back from model.pt is NCHW: 108 -> 93 ms per search step on the default model, 2 cores)
     for p in model.parameters():
         p.requires_grad_(False)
     screened = None
