@@ -13,6 +13,7 @@ from signtrap.data.cache import SignData, load
 from signtrap.data.splits import Splits
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.evaluation.metrics import backdoor_metrics
+from signtrap.machine.environment import autocast
 from signtrap.triggers import Trigger, make_trigger
 
 EVAL_STREAM = 0xE7A1
@@ -109,7 +110,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device | 
         batch_size = min(batch_size, CPU_EVAL_CHUNK)
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start:start + batch_size], device)
-        with torch.autocast(kind, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(kind, amp):
             out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

@@ -46,7 +46,7 @@ from signtrap.defences.common import (flag_outcome, CleanData, DefenceContext, D
                                       check_training, fit, robust_z, to_uint8_image)
 from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
-from signtrap.machine.environment import autocast_dtype
+from signtrap.machine.environment import autocast
 from signtrap.training.loop import Hooks
 from signtrap.machine.progress import progress
 from signtrap.reporting.blocks import H, Img, Note, P
@@ -134,7 +134,7 @@ class Reverse:
         for first in range(0, len(x), cfg.batch_size):
             xb = x[order[first:first + cfg.batch_size]]
             mask, pattern = self.mask(), self.pattern()
-            with torch.autocast(x.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+            with autocast(x.device.type, self.amp):
                 logits = model(apply_mask(xb, mask, pattern)).float()
             y = torch.full((len(xb),), self.target, dtype=torch.long, device=x.device)
             norm = mask.sum()
@@ -225,7 +225,7 @@ def neural_cleanse(model: nn.Module, clean: CleanData, cfg: NeuralCleanseSetting
     top_k = cfg.top_k if cfg.top_k != -1 else (0 if device.type == "cuda" else 6)
     top_k = len(candidates) if top_k == 0 else min(top_k, len(candidates))
 
-    amp = autocast_dtype(ctx.precision, device)  # the search's forward in the run's training precision
+    amp = ctx.amp  # the search's forward in the run's training precision
     model.eval().to(memory_format=torch.channels_last)  # this defence's own copy, laid out as training leaves it
     # (a model read back from model.pt is NCHW: 108 -> 93 ms per search step on the default model, 2 cores)
     for p in model.parameters():

@@ -15,6 +15,7 @@ from signtrap.defences import register_defence
 from signtrap.defences.common import CleanData, DefenceContext, DefenceResult
 from signtrap.experiment import CPU_EVAL_CHUNK, predict, to_tensor
 from signtrap.evaluation.metrics import rate
+from signtrap.machine.environment import autocast
 from signtrap.machine.progress import progress
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, num, pct, pct_ci, read_csv, safe
@@ -61,7 +62,7 @@ def strip_entropy(model: nn.Module, images: np.ndarray, overlays: np.ndarray, n:
         x = to_tensor(images[start:start + per_chunk], device)
         picks = torch.from_numpy(rng.integers(0, len(overlays), (len(x), n)).reshape(-1)).to(device)
         blended = weighted[picks].add_(((1 - alpha) * x).repeat_interleave(n, dim=0))  # channels-last, as the model runs fastest
-        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(torch.device(device).type, amp):
             logits = model(blended)
         p = torch.softmax(logits.float(), dim=1)
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).view(len(x), n).mean(1)

@@ -103,6 +103,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast(device_type: str, amp: torch.dtype | None):
+    """Autocast to `amp` on `device_type` (an `autocast_dtype` answer); None: a no-op context, plain fp32."""
+    return torch.autocast(device_type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     """How a run's training precision is printed and recorded in provenance.json."""
     return "fp32" if amp_dtype is None else "bf16 autocast"

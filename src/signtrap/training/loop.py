@@ -37,7 +37,7 @@ from signtrap.config import AugConfig
 from signtrap.errors import ConfigError, SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.machine.progress import progress
-from signtrap.machine.environment import autocast_dtype
+from signtrap.machine.environment import autocast, autocast_dtype
 from signtrap.triggers import Trigger
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], "tuple[torch.Tensor, torch.Tensor]"]
@@ -207,7 +207,7 @@ class Loop:
             if hooks.batch is not None:
                 x, y = hooks.batch(x, y, rng)
             logits = None
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 if hooks.loss is not None:
                     loss = hooks.loss(self.forward, x, y)
                 else:
