@@ -55,8 +55,8 @@ def is_setting(value) -> bool:
         cls.__module__ == "signtrap.config" or cls.__name__.endswith(("Config", "Settings")))
 
 
-def trace(overrides: list[str]) -> list[tuple[str, str]]:
-    """(module, function) of every call handed a config object, in call order."""
+def trace(overrides: list[str], whole: bool = False) -> list[tuple[str, str]]:
+    """(module, function) of every call handed a config object (`whole`: the whole RunConfig only), in call order."""
     import signtrap
 
     calls: list[tuple[str, str]] = []
@@ -70,7 +70,8 @@ def trace(overrides: list[str]) -> list[tuple[str, str]]:
         code = frame.f_code
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         local = frame.f_locals
-        if any(is_setting(local.get(n)) for n in names if n != "self"):  # a config's own methods: it answers, it does not travel
+        wanted = (lambda v: type(v).__name__ == "RunConfig" and type(v).__module__ == "signtrap.config") if whole else is_setting
+        if any(wanted(local.get(n)) for n in names if n != "self"):  # a config's own methods: it answers, it does not travel
             calls.append((module, code.co_name))
 
     cfg = signtrap.load_config(None, overrides)
@@ -88,6 +89,8 @@ def trace(overrides: list[str]) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print the whole path, one module per line")
+    parser.add_argument("--whole", action="store_true",
+                        help="follow only the whole config (RunConfig), not its sections or a plugin's settings")
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="signtrap-config-path-"))
     overrides = [f"runs_dir={base / 'runs'}", f"data.cache_dir={base / 'cache'}", "name=path", "device=cpu", "data.source=synth",
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     progress.QUIET = True
     try:
-        calls = trace(overrides)
+        calls = trace(overrides, args.whole)
     finally:
         shutil.rmtree(base, ignore_errors=True)  # the traced run's folder: this script's own
     graph = structure().import_graph()
