@@ -29,7 +29,6 @@ the target's reversed mask norm, for measurement only.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from signtrap.experiment import to_tensor
 from signtrap.machine.environment import autocast
 from signtrap.training.loop import Hooks
 from signtrap.machine.progress import progress
+from signtrap.reporting import figures
 from signtrap.reporting.blocks import H, Img, Note, P
 
 matplotlib.use("Agg")
@@ -361,10 +361,7 @@ def norms_png(rows: list[dict], target: int) -> bytes:
     ax.set_xlabel("class (red: flagged, orange: attack target, grey: screened only)")
     ax.set_ylabel("recovered mask L1")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.to_png(fig)
 
 
 @neural_cleanse.detection

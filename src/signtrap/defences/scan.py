@@ -19,7 +19,6 @@ attacker relabelled) is read only to report how well the flagged class's smaller
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from signtrap.errors import SigntrapError
 from signtrap.experiment import to_tensor
 from signtrap.evaluation.metrics import rate
 from signtrap.machine.progress import progress
+from signtrap.reporting import figures
 from signtrap.reporting.blocks import H, Img, Note, P, Table, read_csv
 
 matplotlib.use("Agg")
@@ -271,10 +271,7 @@ def jstar_png(rows: list[dict], threshold: float, target: int) -> bytes:
     ax.set_xlabel("class (red: flagged, orange: attack target)")
     ax.set_ylabel("J*")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.to_png(fig)
 
 
 @scan.detection

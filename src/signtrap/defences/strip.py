@@ -1,7 +1,6 @@
 """STRIP: reject inputs whose superimpositions keep a low-entropy prediction (Gao et al. 2019, ACSAC)."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,18 +157,15 @@ def auc(low: np.ndarray, high: np.ndarray) -> float | None:
 
 
 def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float, what: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    figure, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     bins = np.linspace(0, max(clean.max(initial=0), triggered.max(initial=0)) + 1e-6, 40)
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean test images")
     ax.hist(triggered, bins=bins, alpha=0.6, density=True, label=what)
     ax.axvline(threshold, color="k", linestyle="--", label="threshold")
     ax.set_xlabel("STRIP entropy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    figure.tight_layout()
+    return fig.to_png(figure)
 
 
 @strip.summary
