@@ -60,6 +60,7 @@ def trace(overrides: list[str], whole: bool = False) -> list[tuple[str, str]]:
     import signtrap
 
     calls: list[tuple[str, str]] = []
+    wanted = (lambda v: type(v).__name__ == "RunConfig" and type(v).__module__ == "signtrap.config") if whole else is_setting
 
     def hook(frame, event, arg):
         if event != "call":
@@ -70,7 +71,6 @@ def trace(overrides: list[str], whole: bool = False) -> list[tuple[str, str]]:
         code = frame.f_code
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         local = frame.f_locals
-        wanted = (lambda v: type(v).__name__ == "RunConfig" and type(v).__module__ == "signtrap.config") if whole else is_setting
         if any(wanted(local.get(n)) for n in names if n != "self"):  # a config's own methods: it answers, it does not travel
             calls.append((module, code.co_name))
 
