@@ -58,9 +58,10 @@ def is_setting(value) -> bool:
 def trace(overrides: list[str], whole: bool = False) -> list[tuple[str, str]]:
     """(module, function) of every call handed a config object (`whole`: the whole RunConfig only), in call order."""
     import signtrap
+    from signtrap.config import RunConfig
 
     calls: list[tuple[str, str]] = []
-    wanted = (lambda v: type(v).__name__ == "RunConfig" and type(v).__module__ == "signtrap.config") if whole else is_setting
+    wanted = (lambda v: isinstance(v, RunConfig)) if whole else is_setting
 
     def hook(frame, event, arg):
         if event != "call":

@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,9 +49,6 @@ from signtrap.training.loop import Hooks
 from signtrap.machine.progress import progress
 from signtrap.reporting import figures
 from signtrap.reporting.blocks import H, Img, Note, P
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 
 @dataclass
@@ -354,7 +350,7 @@ def _report(report: dict, folder: Path) -> list:
 
 def norms_png(rows: list[dict], target: int) -> bytes:
     """Bar chart of the recovered mask norms (the attack's target is coloured for the reader, never used to decide)."""
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    fig, ax = figures.plt().subplots(figsize=(8, 3.2), dpi=100)
     colours = ["tab:red" if r["flagged"] else ("tab:orange" if r["class"] == target else
                ("tab:blue" if r["refined"] else "tab:gray")) for r in rows]
     ax.bar([r["class"] for r in rows], [r["mask_l1"] for r in rows], color=colours)

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from torch import nn
@@ -37,9 +36,6 @@ from signtrap.evaluation.metrics import rate
 from signtrap.machine.progress import progress
 from signtrap.reporting import figures
 from signtrap.reporting.blocks import H, Img, Note, P, Table, read_csv
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 
 @dataclass
@@ -264,7 +260,7 @@ def _report(report: dict, folder: Path) -> list:
 
 
 def jstar_png(rows: list[dict], threshold: float, target: int) -> bytes:
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    fig, ax = figures.plt().subplots(figsize=(8, 3.2), dpi=100)
     colours = ["tab:red" if r["flagged"] else ("tab:orange" if r["class"] == target else "tab:blue") for r in rows]
     ax.bar([r["class"] for r in rows], [r["J_star"] for r in rows], color=colours)
     ax.axhline(threshold, color="k", linestyle="--", linewidth=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from torch import nn
@@ -19,8 +18,6 @@ from signtrap.machine.progress import progress
 from signtrap.reporting import figures as fig
 from signtrap.reporting.blocks import H, Img, Note, P, num, pct, pct_ci, read_csv, safe
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 FRR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -157,7 +154,7 @@ def auc(low: np.ndarray, high: np.ndarray) -> float | None:
 
 
 def _histogram(clean: np.ndarray, triggered: np.ndarray, threshold: float, what: str) -> bytes:
-    figure, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    figure, ax = fig.plt().subplots(figsize=(6, 3.6), dpi=100)
     bins = np.linspace(0, max(clean.max(initial=0), triggered.max(initial=0)) + 1e-6, 40)
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean test images")
     ax.hist(triggered, bins=bins, alpha=0.6, density=True, label=what)
