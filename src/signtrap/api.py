@@ -216,7 +216,7 @@ def load_config(config: str | os.PathLike | RunConfig | None = None, overrides: 
     texts = override_strings(overrides, **keywords)
     if not isinstance(config, RunConfig):
         return config_mod.load_config(config, texts)
-    raw = config_mod.to_dict(config)
+    raw = config.to_dict()
     for text in texts:
         config_mod.apply_override(raw, *config_mod.parse_override(text))
     cfg = config_mod.build(RunConfig, raw)

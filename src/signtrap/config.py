@@ -458,6 +458,51 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    # ------------------------------------------ what of it shapes a model: the one place that says so (the run state,
+    # the checkpoint's provenance rule and the probe's zero-poison reference ask the config; none keeps its own list)
+
+    def to_dict(self) -> dict:
+        """The config as plain data, in the layout its YAML file uses."""
+        return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def training_view(self) -> dict:
+        """The settings that shape the trained model (all but NOT_TRAINING): two configs with the same view train
+        the same model, so a run directory's state and the pipeline's train stage key on it."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_TRAINING}
+
+    def provenance_view(self) -> dict:
+        """The settings a checkpoint must agree with to be used under this config: seed, data and split, attack,
+        trigger, augmentation, model and training schedule (not paths, devices or thread counts; NOT_PROVENANCE).
+        Stored in every new checkpoint's meta as "provenance"."""
+        view = {k: v for k, v in self.to_dict().items() if k not in NOT_PROVENANCE[""]}
+        for section, keys in NOT_PROVENANCE.items():
+            if section and isinstance(view.get(section), dict):
+                view[section] = {k: v for k, v in view[section].items() if k not in keys}
+        return view
+
+    def reference_view(self) -> dict:
+        """What a zero-poison reference must share with this run (SAME_AS_REFERENCE; the attack aside): a whole
+        section, or the keys named; the data section without where its files live."""
+        raw = self.to_dict()
+        for key in ("cache_dir", "root"):
+            raw["data"].pop(key, None)
+        return {s: raw[s] if keys is None else {k: raw[s].get(k) for k in keys} for s, keys in SAME_AS_REFERENCE.items()}
+
+
+# settings that do not shape the trained model
+NOT_TRAINING = ("runs_dir", "name", "defend", "export")
+# settings that do not shape the trained model or the data it saw: where things are, how fast they are computed
+NOT_PROVENANCE = {"": ("name", "runs_dir", "device", "defend", "export"), "data": ("cache_dir", "root"),
+                  "train": ("threads", "eval_batch_size")}
+# what must agree between a run and its zero-poison reference (the attack aside). None: the whole section; a tuple:
+# those keys (the data section minus where its files live: its own settings are the dataset plugin's, whatever they are)
+SAME_AS_REFERENCE = {"seed": None, "data": None, "model": None, "aug": None,
+                     "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs",
+                               "label_smoothing")}
+
 
 # ---------------------------------------------------------------- loading
 
@@ -592,4 +637,5 @@ def to_dict(config: Any) -> dict:
 
 
 def dump_yaml(config: Any) -> str:
+    """A config or one of its sections as YAML (a whole RunConfig: `cfg.to_yaml()`)."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -58,7 +58,7 @@ from torch import nn
 from signtrap.runs import checkpoint
 from signtrap.runs import state as runstate
 from signtrap.attacks.poison import TrainingSet
-from signtrap.config import ProbeConfig, RunConfig, to_dict
+from signtrap.config import SAME_AS_REFERENCE, ProbeConfig, RunConfig
 from signtrap.defences.common import CleanData, DefenceContext, TrainSettings, fit
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment, load_run_config
@@ -215,21 +215,12 @@ RULE = ("verdict (95% Newcombe intervals of ASR differences on test+val counts, 
 # ---------------------------------------------------------------- the zero-poison reference
 
 
-# what must agree between a run and its zero-poison reference (the attack aside)
-# None: the whole section; a tuple: those keys; the data section minus where its files live (its own settings are
-# the dataset plugin's, whatever they are)
-SAME = {"seed": None, "data": None, "model": None, "aug": None,
-        "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing")}
-
-
 def config_differences(cfg: RunConfig, ref: RunConfig) -> list[str]:
-    """Keys (outside the attack) whose values differ between a run's config and a candidate reference's."""
-    a, b = to_dict(cfg), to_dict(ref)
-    for side in (a, b):
-        for key in ("cache_dir", "root"):
-            side["data"].pop(key, None)
+    """Keys (outside the attack) whose values differ between a run's config and a candidate reference's: the
+    config's `reference_view` (a whole section: its first differing key; a section's named keys: each differing one)."""
+    a, b = cfg.reference_view(), ref.reference_view()
     diffs = []
-    for section, keys in SAME.items():
+    for section, keys in SAME_AS_REFERENCE.items():
         if keys is None:
             if a[section] != b[section]:
                 diffs.append(section if not isinstance(a[section], dict) else

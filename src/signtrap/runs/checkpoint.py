@@ -105,25 +105,6 @@ def require_same_attack(meta: dict, cfg, trigger_spec: dict, where: Path) -> Non
 
 # ---------------------------------------------------------------- the provenance rule
 
-# settings that do not shape the trained model or the data it saw: where things are, how fast they are computed
-NOT_PROVENANCE = {"": ("name", "runs_dir", "device", "defend", "export"), "data": ("cache_dir", "root"),
-                  "train": ("threads", "eval_batch_size")}
-
-
-def provenance_view(cfg) -> dict:
-    """The settings a checkpoint must agree with to be used under `cfg`: seed, data and split, attack, trigger,
-    augmentation, model and training schedule (not paths, devices or thread counts). Stored in every new
-    checkpoint's meta as "provenance"."""
-    from signtrap.config import to_dict
-
-    raw = to_dict(cfg)
-    view = {k: v for k, v in raw.items() if k not in NOT_PROVENANCE[""]}
-    for section, keys in NOT_PROVENANCE.items():
-        if section and isinstance(view.get(section), dict):
-            view[section] = {k: v for k, v in view[section].items() if k not in keys}
-    return view
-
-
 def _flat(d, prefix: str = "") -> dict:
     if not isinstance(d, dict):
         return {prefix[:-1]: d}
@@ -166,7 +147,7 @@ def verify_provenance(model_dir: Path, meta: dict, cfg, exp, what: str = "checkp
                             f"{cfg.train.epochs}; the config was edited or the checkpoint swapped, refusing to use it")
     stored = meta.get("provenance")
     if isinstance(stored, dict):
-        now, then = _flat(provenance_view(cfg)), _flat(stored)
+        now, then = _flat(cfg.provenance_view()), _flat(stored)
         diffs = [f"{k} is {now.get(k)!r} in the config but {then.get(k)!r} in the checkpoint"
                  for k in sorted(set(now) & set(then)) if now[k] != then[k]]
         if diffs:

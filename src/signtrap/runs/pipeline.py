@@ -305,13 +305,13 @@ class SigntrapStages:
         self.run_dir = Path(cfg.run_dir)
         self.skip = set(skip)
         self.force = force
-        self.raw = to_dict(cfg)
+        self.raw = cfg.to_dict()
         self._session = None
 
     # -------------------------------------------------- train
 
     def train_settings(self) -> dict:
-        settings = runstate.training_view(self.cfg)  # the one notion of "the same training config"
+        settings = self.cfg.training_view()  # the one notion of "the same training config"
         try:
             settings["data_cache"] = cache_path(self.cfg.data).name  # changes with the data and the generator code
         except SigntrapError:
@@ -390,7 +390,7 @@ class SigntrapStages:
         return layout.reference_dir(self.run_dir)
 
     def reference_settings(self) -> dict:
-        return runstate.training_view(reference_config(self.cfg, self.reference_dir()))
+        return reference_config(self.cfg, self.reference_dir()).training_view()
 
     def reference_recorded_as(self) -> dict | None:
         return runstate.view_before_new_settings(self.reference_dir(), self.reference_settings())
@@ -564,7 +564,7 @@ def planner(cfg, skip: tuple[str, ...] = (), force: bool = False) -> Pipeline:
     """The pipeline of `cfg` against its run directory's record (a finished `signtrap train` run of the same
     training config adopted as the train stage); `.plan()` says what would run, `.run()` runs it."""
     builder = SigntrapStages(cfg, skip, force=force)
-    pipe = Pipeline(builder.run_dir, builder.stages(), config=to_dict(cfg), force=force)
+    pipe = Pipeline(builder.run_dir, builder.stages(), config=cfg.to_dict(), force=force)
     if not force:
         builder.adopt(pipe, pipe.stages[0])
     return pipe

@@ -11,7 +11,7 @@ A run directory is in one of these states, as seen by a config that wants to use
 - `foreign`: a folder that is not a signtrap run directory (signtrap writes nothing into it).
 
 "The same training config" means the parsed configs agree on everything that shapes the trained model:
-every setting except `runs_dir`, `name`, `defend` and `export` (`training_view`). A stored config.yaml is
+every setting except `runs_dir`, `name`, `defend` and `export` (`RunConfig.training_view`). A stored config.yaml is
 read as the current code reads it, so a setting added since keeps its default and does not count.
 
 The lock is an exclusive `flock` on `RUN/.signtrap.lock` (O_EXCL where flock is missing), holding the
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from signtrap.config import RunConfig, load_config, read_yaml, to_dict
+from signtrap.config import RunConfig, load_config, read_yaml
 from signtrap.errors import SigntrapError
 from signtrap.fileio import (CHECKSUMS, HOST_ID, KINDS, WRITTEN, clean_orphans, make_dirs, pid_alive,
                              read_checksums, read_json, remove_written, sha256_file, write_json)
@@ -52,7 +52,6 @@ DERIVED_FILES = ("pipeline.json", "report.html", "report.md", "probe.json", EPOC
 DORMANT_FILES = ("backdoored.pt", "sleeper.json")
 ATTACK_REPORT = "attack.json"  # what an `attack.persist` procedure (signtrap.attacks) reports about itself
 DERIVED_DIRS = {"export": "export", "report_files": "report-files"}  # folder -> kind; plus defence-* folders
-NOT_TRAINING = ("runs_dir", "name", "defend", "export")  # settings that do not shape the trained model
 
 NEW, RESUMABLE, DONE, INCOMPLETE, STALE, LOCKED, FOREIGN = "new", "resumable", "done", "incomplete", "stale", "locked", "foreign"
 
@@ -228,11 +227,6 @@ def lock_holder(run_dir: str | os.PathLike) -> Holder | None:
 # ---------------------------------------------------------------- configs
 
 
-def training_view(cfg: RunConfig) -> dict:
-    """The settings that shape the trained model (everything but runs_dir, name, defend, export)."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_TRAINING}
-
-
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix.rstrip("."): d}
@@ -244,12 +238,12 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
     """'key: old -> new' for every training setting on which two configs disagree."""
-    fa, fb = _flat(training_view(a)), _flat(training_view(b))
+    fa, fb = _flat(a.training_view()), _flat(b.training_view())
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
 def same_training(a: RunConfig, b: RunConfig) -> bool:
-    return training_view(a) == training_view(b)
+    return a.training_view() == b.training_view()
 
 
 def stored_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -276,12 +270,12 @@ def without_new_settings(now: Any, named: Any, read: Any) -> Any:
 
 
 def view_before_new_settings(run_dir: str | os.PathLike, view: dict) -> dict | None:
-    """`view` (a training view, `training_view(cfg)` and what else a stage keys on) without the settings signtrap
+    """`view` (a training view, `cfg.training_view()` and what else a stage keys on) without the settings signtrap
     gained after the run in `run_dir` was trained: those its stored config.yaml does not name, left at the value
     today's code reads for them from that file. None when config.yaml is unreadable."""
     try:
         raw = read_yaml(Path(run_dir) / "config.yaml")
-        filled = training_view(stored_config(run_dir))
+        filled = stored_config(run_dir).training_view()
     except SigntrapError:
         return None
     return without_new_settings(view, raw, filled)

@@ -13,7 +13,7 @@ from signtrap.training import distributed
 from signtrap.runs import state as runstate
 from signtrap.attacks import procedure_for
 from signtrap.attacks.poison import build_training_set, manifest, plan_poison
-from signtrap.config import RunConfig, dump_yaml
+from signtrap.config import RunConfig
 from signtrap.data.cache import verify_cache
 from signtrap.errors import SigntrapError
 from signtrap.experiment import Experiment
@@ -92,7 +92,7 @@ def _train(cfg: RunConfig, world: distributed.World, device: torch.device, resum
     if main:  # everything is validated: only now is the run directory written
         if overwrite:
             runstate.clear_run(run_dir)
-        write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
         write_json(run_dir / "manifest.json", manifest(cfg.attack, plan, exp.data, exp.trigger, cfg.seed, len(exp.splits.train)))
         write_json(run_dir / "provenance.json", {"versions": package_versions(), "machine": machine(), "device": str(device),
                                                  "precision": precision, "world_size": world.size, "data_hash": exp.data.data_hash,
@@ -193,7 +193,7 @@ def model_meta(cfg: RunConfig, exp: Experiment, epoch: int) -> dict:
             "normalisation": {"mean": list(space.mean), "std": list(space.std), "inside_model": True},
             "trigger": exp.trigger.spec, "attack": {"kind": cfg.attack.kind, "source": cfg.attack.source, "target": cfg.attack.target},
             "run": cfg.name, "epoch": epoch, "data_hash": exp.data.data_hash,
-            "provenance": checkpoint.provenance_view(cfg)}  # what verify_provenance holds a config to
+            "provenance": cfg.provenance_view()}  # what verify_provenance holds a config to
 
 
 def write_metrics(exp: Experiment, model: nn.Module, out_dir: Path, device: torch.device | str) -> dict:
