@@ -21,6 +21,7 @@ from signtrap.defences.run import Session, run_defences
 from signtrap.errors import SigntrapError
 from signtrap.training.loop import Loop, Schedule
 from signtrap.probing import reactivation
+from signtrap.probing.probe import probe_variant
 from signtrap.probing.reactivation import (VERDICTS, choose_poison, config_differences, defence_lr, format_table, newcombe,
                                            probe_schedule, probe_set, verdict)
 from signtrap.runs.state import LOCK_FILE, WRITTEN
@@ -247,16 +248,29 @@ def test_a_budget_too_small_for_the_probe_skips_it_and_keeps_the_defence(run_cop
 def test_cli_probe_on_a_run_and_a_defence_folder(run_copy, tiny_zero_run, capsys):
     assert main(["--quiet", "probe", str(run_copy), "steps=20", "clean_fraction=0.3", "--reference", str(tiny_zero_run)]) == 0
     out = capsys.readouterr().out
-    assert "backdoored (no defence)" in out and "persists" in out and f"{run_copy}/probe.json" in out
-    record = json.loads((run_copy / "probe.json").read_text())
+    written = run_copy / "probe-steps20-clean_fraction0.3.json"  # not the run's probe settings: named by them
+    assert "backdoored (no defence)" in out and "persists" in out and str(written) in out
+    record = json.loads(written.read_text())
     assert record["verdict"]["verdict"] == "persists" and record["model"]["steps"] >= 20
-    run_defences(run_copy, "finetune", ["finetune.epochs=1", "probe.enabled=false", "clean_fraction=0.3"], "cpu", show_progress=False)
-    assert not (run_copy / "defence-finetune" / "probe.json").exists()  # probe.enabled=false
+    assert not (run_copy / "probe.json").exists()
+    # the defence's own probe (the stage's record, probe.json), then a stronger probe beside it, not over it
+    run_defences(run_copy, "finetune", ["finetune.epochs=1", "probe.steps=20", "clean_fraction=0.3", f"probe.reference={tiny_zero_run}"],
+                 "cpu", show_progress=False)
+    stage_record = (run_copy / "defence-finetune" / "probe.json").read_bytes()
     assert main(["--quiet", "probe", str(run_copy / "defence-finetune"), "k=3", "steps=20", "clean_fraction=0.3",
                  "--reference", str(tiny_zero_run), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    stored = json.loads((run_copy / "defence-finetune" / "probe.json").read_text())
+    stored = json.loads((run_copy / "defence-finetune" / "probe-k3-steps20-clean_fraction0.3.json").read_text())
     assert printed["verdict"] == stored["verdict"] and stored["k"] == 3 and stored["label"] == "finetune"
+    assert (run_copy / "defence-finetune" / "probe.json").read_bytes() == stage_record
+
+
+def test_probe_variant_names_only_what_changes_the_measurement():
+    assert probe_variant([]) == ""
+    assert probe_variant(["reference=/x/runs/a-zero", "probe.always=true", "train_reference=false"]) == ""
+    assert probe_variant(["k=20", "probe.steps=500"]) == "k20-steps500"
+    assert probe_variant(["clean_fraction=0.1", "lr=1e-4"]) == "clean_fraction0.1-lr1e-4"
+    assert probe_variant(["k=../../etc"]) == "k....etc"  # a file name, never a path
 
 
 @pytest.mark.slow

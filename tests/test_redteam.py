@@ -170,19 +170,23 @@ def test_train_overwrite_keeps_user_files(world, tmp_path, where):
     (run / "probe.json").write_text("{}")  # a probe of the old model (signtrap's own: recorded below)
     from signtrap.fileio import record_written
     record_written(run, "probe.json")
+    (run / "probe-k20.json").write_text("{}")  # a stronger probe of the old model, signtrap's too
+    record_written(run, "probe-k20.json")
+    mine = user_file(run / "probe-mine.json")  # named like one, but the user's
     signtrap.train(None, overrides=rt_overrides(tmp_path, "bd"), overwrite=True)
-    assert notes.read_text() == "precious"
+    assert notes.read_text() == "precious" and mine.read_text() == "precious"
     assert not (run / "probe.json").exists(), "a stale probe.json of the old model survived --overwrite"
+    assert not (run / "probe-k20.json").exists(), "a stale probe-k20.json of the old model survived --overwrite"
     if where == "defence":
         assert not (folder / "model.pt").exists() and not (folder / "report.json").exists()
 
 
 def test_train_overwrite_removes_a_stale_probe_json(world, tmp_path):
     run = copy_run(world.bd, tmp_path, "bd")
-    signtrap.probe(run, reference=world.zero, k=2, steps=2)
-    assert (run / "probe.json").is_file()
+    written = Path(signtrap.probe(run, reference=world.zero, k=2, steps=2)["file"])
+    assert written == run / "probe-k2-steps2.json" and written.is_file()  # the run's own settings: probe.json
     signtrap.train(None, overrides=rt_overrides(tmp_path, "bd"), overwrite=True)
-    assert not (run / "probe.json").exists()
+    assert not written.exists()
 
 
 def test_defend_rerun_keeps_user_files_in_its_folder(world, tmp_path):

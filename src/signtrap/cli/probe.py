@@ -15,7 +15,7 @@ def cmd_probe(args) -> int:
     else:
         print(format_table([record]))
         print(f"{record['label']}: {record['verdict']['verdict']}: {record['verdict']['reason']}")
-        print(f"{args.target}/probe.json")
+        print(record["file"])
     return 0
 
 

@@ -145,9 +145,9 @@ class Session:
             report["probe_seconds"] = record["seconds"]
         return report
 
-    def probe(self, folder: Path, label: str | None = None) -> dict | None:
+    def probe(self, folder: Path, label: str | None = None, file: str = layout.PROBE) -> dict | None:
         """The re-activation probe (removed, or only hidden?) of the repaired model in defence `folder`, read back
-        verified, at the defence's learning rate; writes folder/probe.json and returns its record. None, with
+        verified, at the defence's learning rate; writes folder/probe.json (or `file`) and returns its record. None, with
         nothing written, when there is nothing to probe: the defence changed no model, or the budget cannot feed
         the probe (the defence's report says so under "probe_skipped")."""
         report = read_json(folder / layout.REPORT_JSON)
@@ -156,7 +156,7 @@ class Session:
         model, _ = checkpoint.verified_load(folder, "model.pt", self.context.device)
         record = self.prober.compare(model, label or report.get("method", folder.name),
                                      defence_lr(report.get("settings") or {}, report.get("details")))
-        return write_probe(folder / layout.PROBE, record)
+        return write_probe(folder / file, record)
 
     @property
     def monitor_note(self) -> str:

@@ -1,5 +1,7 @@
 """`signtrap probe RUN_OR_DEFENCE_DIR`: the re-activation probe (`signtrap.probing.reactivation`) on a run's own model or on
-a defence's repaired model, against the zero-poison model of the same config; writes probe.json beside the model.
+a defence's repaired model, against the zero-poison model of the same config; writes probe.json beside the model, or,
+at settings other than the run's (`k=20`), probe-k20.json beside it: a stronger probe never replaces the record of
+`signtrap defend` or of the pipeline's probe stage (which would probe again over it).
 
     signtrap probe runs/NAME                          # the undefended model: where the table's top end lies
     signtrap probe runs/NAME/defence-finetune         # removed or only hidden?
@@ -11,6 +13,7 @@ Bare keys of the probe's settings (`k=10`) stand for `probe.k=10`; other overrid
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from signtrap.config import ProbeConfig, parse_override
@@ -21,6 +24,20 @@ from signtrap.probing.reactivation import write_probe
 from signtrap.runs import layout
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
+NOT_MEASUREMENT = ("reference", "train_reference", "always", "enabled")  # where the twin is, whether to train: same probe
+
+
+def probe_variant(overrides=()) -> str:
+    """The name of a probe at settings other than the run's, from the overrides that change what it measures
+    (`k=20 steps=500` -> `k20-steps500`; `clean_fraction=0.1` -> `clean_fraction0.1`); "" when none does."""
+    parts = []
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[-1] in NOT_MEASUREMENT:
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(re.sub(r"[^A-Za-z0-9._,+-]", "", f"{path[-1]}{shown}"))
+    return "-".join(parts)[:120]
 
 
 def probe_overrides(overrides=(), reference: str | Path | None = None) -> list[str]:
@@ -56,12 +73,13 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     probe.json's record. Everything is validated before anything trains."""
     target = Path(target)
     run_dir, folder, _ = resolve_target(target)
-    refuse_foreign(target / layout.PROBE)  # the write rule, before minutes of probing
+    file = layout.probe_file(probe_variant(overrides))
+    refuse_foreign(target / file)  # the write rule, before minutes of probing
     # asked for by name, the probe trains even where the verdict is decided before it (always=false turns that off)
     session = Session.open(run_dir, ["probe.always=true", *probe_overrides(overrides, reference)], device, show_progress)
     prober = session.prober  # checks k against the budget
     prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
     if folder is not None:
-        return session.probe(folder)  # what `signtrap defend` and the pipeline's probe stage run
+        return {**session.probe(folder, file=file), "file": str(folder / file)}  # what `signtrap defend` and the probe stage run
     record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
-    return write_probe(target / layout.PROBE, record)
+    return {**write_probe(target / file, record), "file": str(target / file)}

@@ -1,7 +1,8 @@
 """The layout of a run folder, in one place: every module that reads or writes a run asks here.
 
     runs/NAME/                      a run (its config, checkpoint, metrics, log, pipeline record, report)
-    runs/NAME/defence-METHOD/       one defence's model, report.json and, when probed, probe.json
+    runs/NAME/defence-METHOD/       one defence's model, report.json and, when probed, probe.json (probe-k20.json:
+                                    `signtrap probe` at other settings than the run's, beside it, not over it)
     runs/NAME/export/               the default export folder (model.json, artefacts, bench.json)
     runs/NAME-zero/                 the zero-poison reference the probe compares with (a run of its own)
 
@@ -21,6 +22,12 @@ REFERENCE_SUFFIX = "-zero"
 # the files of a run directory, trusted in one written before folders carried a write record (fileio's write rule)
 RUN_NAMES = (CONFIG, MANIFEST, PROVENANCE, MODEL, CHECKSUMS, METRICS, LOG, PIPELINE, "report.html", "report.md", LAST,
              "backdoored.pt", "sleeper.json", PROBE, EXPORT, "report_files")
+
+
+def probe_file(variant: str = "") -> str:
+    """The probe record's file name: probe.json at the run's own probe settings (what `signtrap defend` and the
+    pipeline's probe stage write), probe-VARIANT.json for a probe at other settings (`k20-steps500`)."""
+    return f"probe-{variant}.json" if variant else PROBE
 
 
 def owning_run(model_dir: str | os.PathLike) -> Path:

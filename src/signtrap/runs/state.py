@@ -459,5 +459,6 @@ def clear_run(run_dir: str | os.PathLike) -> list[Path]:
     does the folder holding it. The caller holds the lock."""
     run_dir = Path(run_dir)
     names = [n for n in (*FINISHED_FILES, *DERIVED_FILES, *DORMANT_FILES, ATTACK_REPORT) if (run_dir / n).is_file()]
+    names += sorted(p.name for p in run_dir.glob(layout.probe_file("*")) if p.is_file())  # probes at other settings
     names += [p.name for p in derived_folders(run_dir)]
     return remove_written(run_dir, names)
