@@ -291,7 +291,7 @@ def test_bench_never_replaces_a_user_file_in_the_export(world, tmp_path):
 
 def test_probe_never_replaces_a_user_probe_json(world, tmp_path):
     run = copy_run(world.bd, tmp_path)
-    victim = user_file(run / "probe.json", "mine")
+    victim = user_file(run / "probe-k2-steps2.json", "mine")  # where a probe at these settings writes
     with pytest.raises(SigntrapError, match="not written by signtrap"):
         signtrap.probe(run, reference=world.zero, k=2, steps=2)
     assert victim.read_text() == "mine"
@@ -574,7 +574,7 @@ def test_probe_reference_with_a_swapped_checkpoint_is_refused(world, tmp_path):
 def test_probe_with_a_true_reference_writes_probe_json(world, tmp_path):
     run = copy_run(world.bd, tmp_path)
     record = signtrap.probe(run, reference=world.zero, k=2, steps=2)
-    assert record["verdict"] and (run / "probe.json").is_file()
+    assert record["verdict"] and record["file"] == str(run / "probe-k2-steps2.json") and Path(record["file"]).is_file()
 
 
 # ================================================================ 3. the input rule
