@@ -184,7 +184,7 @@ def test_train_overwrite_keeps_user_files(world, tmp_path, where):
 def test_train_overwrite_removes_a_stale_probe_json(world, tmp_path):
     run = copy_run(world.bd, tmp_path, "bd")
     written = Path(signtrap.probe(run, reference=world.zero, k=2, steps=2)["file"])
-    assert written == run / "probe-k2-steps2.json" and written.is_file()  # the run's own settings: probe.json
+    assert written == run / "probe-k2-steps2.json" and written.is_file()  # at the run's own settings: probe.json
     signtrap.train(None, overrides=rt_overrides(tmp_path, "bd"), overwrite=True)
     assert not written.exists()
 
