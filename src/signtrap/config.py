@@ -487,21 +487,32 @@ class RunConfig:
         """What a zero-poison reference must share with this run (SAME_AS_REFERENCE; the attack aside): a whole
         section, or the keys named; the data section without where its files live."""
         raw = self.to_dict()
-        for key in ("cache_dir", "root"):
+        for key in WHERE_FILES_LIVE:
             raw["data"].pop(key, None)
         return {s: raw[s] if keys is None else {k: raw[s].get(k) for k in keys} for s, keys in SAME_AS_REFERENCE.items()}
 
 
 # settings that do not shape the trained model
 NOT_TRAINING = ("runs_dir", "name", "defend", "export")
+WHERE_FILES_LIVE = ("cache_dir", "root")  # of the data section: where its files are, not what they hold
 # settings that do not shape the trained model or the data it saw: where things are, how fast they are computed
-NOT_PROVENANCE = {"": ("name", "runs_dir", "device", "defend", "export"), "data": ("cache_dir", "root"),
+NOT_PROVENANCE = {"": ("name", "runs_dir", "device", "defend", "export"), "data": WHERE_FILES_LIVE,
                   "train": ("threads", "eval_batch_size")}
 # what must agree between a run and its zero-poison reference (the attack aside). None: the whole section; a tuple:
 # those keys (the data section minus where its files live: its own settings are the dataset plugin's, whatever they are)
 SAME_AS_REFERENCE = {"seed": None, "data": None, "model": None, "aug": None,
                      "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs",
                                "label_smoothing")}
+
+
+def flat(view: Any, prefix: str = "") -> dict[str, Any]:
+    """A view (nested dicts) as {"section.key": value}, for saying which settings two views disagree on."""
+    if not isinstance(view, dict):
+        return {prefix.rstrip("."): view}
+    out = {}
+    for k, v in view.items():
+        out.update(flat(v, f"{prefix}{k}."))
+    return out
 
 
 # ---------------------------------------------------------------- loading

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from signtrap.config import flat
 from signtrap.errors import SigntrapError
 from signtrap.fileio import CHECKSUMS, atomic_path, one_line, read_checksums, sha256_file, verify_sha256, write_json
 from signtrap.models import create_model
@@ -105,14 +106,6 @@ def require_same_attack(meta: dict, cfg, trigger_spec: dict, where: Path) -> Non
 
 # ---------------------------------------------------------------- the provenance rule
 
-def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
 
 def verify_provenance(model_dir: Path, meta: dict, cfg, exp, what: str = "checkpoint") -> None:
     """The one provenance rule, checked before any command uses a model (eval, defend, probe and its reference,
@@ -147,7 +140,7 @@ def verify_provenance(model_dir: Path, meta: dict, cfg, exp, what: str = "checkp
                             f"{cfg.train.epochs}; the config was edited or the checkpoint swapped, refusing to use it")
     stored = meta.get("provenance")
     if isinstance(stored, dict):
-        now, then = _flat(cfg.provenance_view()), _flat(stored)
+        now, then = flat(cfg.provenance_view()), flat(stored)
         diffs = [f"{k} is {now.get(k)!r} in the config but {then.get(k)!r} in the checkpoint"
                  for k in sorted(set(now) & set(then)) if now[k] != then[k]]
         if diffs:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from signtrap.config import RunConfig, load_config, read_yaml
+from signtrap.config import RunConfig, flat, load_config, read_yaml
 from signtrap.errors import SigntrapError
 from signtrap.fileio import (CHECKSUMS, HOST_ID, KINDS, WRITTEN, clean_orphans, make_dirs, pid_alive,
                              read_checksums, read_json, remove_written, sha256_file, write_json)
@@ -227,18 +227,9 @@ def lock_holder(run_dir: str | os.PathLike) -> Holder | None:
 # ---------------------------------------------------------------- configs
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
     """'key: old -> new' for every training setting on which two configs disagree."""
-    fa, fb = _flat(a.training_view()), _flat(b.training_view())
+    fa, fb = flat(a.training_view()), flat(b.training_view())
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
