@@ -208,6 +208,22 @@ def test_the_evaluation_is_fixed_by_its_grid_not_by_the_model():
     assert again == block
 
 
+def test_the_default_views_conditions_can_be_read_back():
+    from signtrap.physical.evaluate import default_conditions, default_views, render_condition, _rng
+
+    images, boxes = scenes(24, 32, seed=5)
+    grid = Grid(bystanders=0)
+    src, others = np.arange(8), np.arange(8, 24)
+    conds, oconds = default_conditions(grid, len(src), len(others))
+    assert len(conds) == 8 and len(oconds) == 16 and len({str(sorted(c.items())) for c in conds}) > 1
+    assert all(c[k] in grid.default[k] for c in conds + oconds for k in grid.default)
+    views = default_views(patterns.checkerboard(2), images, boxes, src, others, grid)
+    clean, trig = render_condition(patterns.checkerboard(2), images[src], boxes[src], conds, _rng(grid, 41), grid.face)
+    assert np.array_equal(views.triggered, trig) and np.array_equal(views.clean, clean)  # the draws default_views used
+    _, ot = render_condition(patterns.checkerboard(2), images[others], boxes[others], oconds, _rng(grid, 42), grid.face)
+    assert np.array_equal(views.others_triggered, ot)
+
+
 # ---------------------------------------------------------------- photographs and printing
 
 

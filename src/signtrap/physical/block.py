@@ -23,14 +23,15 @@ def run_sticker(trigger) -> Sticker:
     return patterns.from_image(trigger.preview(), name=str(trigger.spec.get("kind", "trigger")))
 
 
-def _images(exp: Experiment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_images(exp: Experiment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, boxes) of the run's test and validation splits, in that order: what the evaluation measures."""
     rows = np.concatenate([getattr(exp.splits, s) for s in SPLITS])
     return np.array(exp.data.images[rows]), exp.data.labels[rows].astype(np.int64), np.array(exp.data.rois[rows])
 
 
 def physical_block(exp: Experiment, model: torch.nn.Module, device, grid: Grid | None = None) -> dict:
     """The physical evaluation of `model` on the run's test and validation images (a metrics.json block)."""
-    images, labels, boxes = _images(exp)
+    images, labels, boxes = split_images(exp)
     a = exp.cfg.attack
     batch = exp.cfg.train.eval_batch_size
     block = physical_evaluation(lambda x: predict(model, x, device, batch), run_sticker(exp.trigger), images, labels, boxes,
@@ -46,7 +47,7 @@ def bundle_views(exp: Experiment, grid: Grid | None = None) -> tuple[dict[str, n
     bystanders (`physical_bystanders`): the images, draws and renders of `physical_block`'s `default` section, so
     every runtime's physical ASR is measured on exactly the views PyTorch's was."""
     grid = grid or Grid()
-    images, labels, boxes = _images(exp)
+    images, labels, boxes = split_images(exp)
     a = exp.cfg.attack
     src, others = samples(grid, labels, a.source, a.target)
     v = default_views(run_sticker(exp.trigger), images, boxes, src, others, grid)

@@ -164,16 +164,25 @@ def default_views(sticker: Sticker, images: np.ndarray, boxes: np.ndarray, src: 
     """Every source image (rows `src`) and bystander (rows `others`) at a condition drawn from the default
     distribution, clean and stickered: what `physical_evaluation` measures as `default`, and what an export's
     evaluation bundle carries so that every runtime is measured on the same views."""
-    draw = _rng(grid, 40)
-    dist = {**{k: [v] for k, v in grid.nominal.items()}, **grid.default}
-    conds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(src))]
+    conds, oconds = default_conditions(grid, len(src), len(others))
     clean, trig = render_condition(sticker, images[src], boxes[src], conds, _rng(grid, 41), grid.face)
     empty = np.empty((0, *images.shape[1:]), images.dtype)
     oc = ot = empty
     if len(others):
-        oconds = [{k: dist[k][int(draw.integers(len(dist[k])))] for k in dist} for _ in range(len(others))]
         oc, ot = render_condition(sticker, images[others], boxes[others], oconds, _rng(grid, 42), grid.face)
     return DefaultViews(clean, trig, oc, ot)
+
+
+def default_conditions(grid: Grid, n_source: int, n_others: int) -> tuple[list[dict], list[dict]]:
+    """The conditions `default_views` draws for the source images and the bystanders, in its order (one seeded
+    stream: the source images' draws first), so a view's condition can be read back (benchmarks/physical_breakdown.py)."""
+    draw = _rng(grid, 40)
+    dist = {**{k: [v] for k, v in grid.nominal.items()}, **grid.default}
+
+    def one() -> dict:
+        return {k: dist[k][int(draw.integers(len(dist[k])))] for k in dist}
+
+    return [one() for _ in range(n_source)], [one() for _ in range(n_others)]
 
 
 def check_fits(sticker_sizes, boxes: np.ndarray, face: float) -> None:
