@@ -265,6 +265,27 @@ def test_cli_probe_on_a_run_and_a_defence_folder(run_copy, tiny_zero_run, capsys
     assert (run_copy / "defence-finetune" / "probe.json").read_bytes() == stage_record
 
 
+def test_a_trained_probe_never_replaces_the_stages_untrained_record(tmp_path):
+    from signtrap.fileio import write_json
+    from signtrap.probing.probe import record_file
+
+    folder = tmp_path / "defence-finetune"
+    folder.mkdir()
+    trained, untrained = {"trained": True, "verdict": {}}, {"trained": False, "verdict": {}}
+    assert record_file(folder, "probe.json", trained) == "probe.json"  # nothing there yet
+    write_json(folder / "probe.json", untrained)  # the stage decided the verdict without training the probe
+    assert record_file(folder, "probe.json", trained) == "probe-trained.json"
+    assert record_file(folder, "probe.json", untrained) == "probe.json"  # the same measurement as the stage's
+    assert record_file(folder, "probe-k20.json", trained) == "probe-k20.json"
+    write_json(folder / "probe.json", trained)
+    assert record_file(folder, "probe.json", trained) == "probe.json"  # the stage trained it too
+    write_json(folder / "probe.json", untrained)
+    (folder / "probe-trained.json").write_text("mine")  # not signtrap's: refused before anything is written
+    with pytest.raises(SigntrapError, match="not written by signtrap"):
+        record_file(folder, "probe.json", trained)
+    assert (folder / "probe-trained.json").read_text() == "mine"
+
+
 def test_probe_variant_names_only_what_changes_the_measurement():
     assert probe_variant([]) == ""
     assert probe_variant(["reference=/x/runs/a-zero", "probe.always=true", "train_reference=false"]) == ""

@@ -401,7 +401,8 @@ def probe(run: str | os.PathLike, defence: str | None = None, *, reference: str 
     run trained with attack.kind=none and the same seed; default RUNS/NAME-zero, trained once on demand).
     Keywords are the probe's settings (`k=10`, `steps=500`) or the defend section's (`clean_fraction=0.1`).
     Writes probe.json beside the probed model (probe-k20.json at settings other than the run's, such as k=20: a
-    stronger probe never replaces the defence stage's record) and returns its record ("file": where): "verdict"
+    stronger probe never replaces the defence stage's record; nor does probe-trained.json, a trained probe where the stage's
+    was decided untrained) and returns its record ("file": where): "verdict"
     (removed / hidden / persists / inconclusive, with its reason), "model" and "reference" (held-out ASR and
     clean accuracy before and after the probe), "ends" (the undefended and zero-poison models, probed at the same settings). `signtrap.defend`'s
     probe of a defence that never suppressed the backdoor is not trained (its "after" is None, "trained" false:

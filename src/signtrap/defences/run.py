@@ -150,13 +150,17 @@ class Session:
         verified, at the defence's learning rate; writes folder/probe.json (or `file`) and returns its record. None, with
         nothing written, when there is nothing to probe: the defence changed no model, or the budget cannot feed
         the probe (the defence's report says so under "probe_skipped")."""
+        record = self.probe_record(folder, label)
+        return None if record is None else write_probe(folder / file, record)
+
+    def probe_record(self, folder: Path, label: str | None = None) -> dict | None:
+        """`probe`'s record, not written."""
         report = read_json(folder / layout.REPORT_JSON)
         if not report.get("repaired_model") or self.probe_unavailable:
             return None
         model, _ = checkpoint.verified_load(folder, "model.pt", self.context.device)
-        record = self.prober.compare(model, label or report.get("method", folder.name),
-                                     defence_lr(report.get("settings") or {}, report.get("details")))
-        return write_probe(folder / file, record)
+        return self.prober.compare(model, label or report.get("method", folder.name),
+                                   defence_lr(report.get("settings") or {}, report.get("details")))
 
     @property
     def monitor_note(self) -> str:

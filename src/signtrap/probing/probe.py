@@ -1,7 +1,8 @@
 """`signtrap probe RUN_OR_DEFENCE_DIR`: the re-activation probe (`signtrap.probing.reactivation`) on a run's own model or on
 a defence's repaired model, against the zero-poison model of the same config; writes probe.json beside the model, or,
 at settings other than the run's (`k=20`), probe-k20.json beside it: a stronger probe never replaces the record of
-`signtrap defend` or of the pipeline's probe stage (which would probe again over it).
+`signtrap defend` or of the pipeline's probe stage (which would probe again over it). Asked for by name, the probe
+trains even where that stage decided the verdict without training it; such a record goes to probe-trained.json.
 
     signtrap probe runs/NAME                          # the undefended model: where the table's top end lies
     signtrap probe runs/NAME/defence-finetune         # removed or only hidden?
@@ -25,6 +26,7 @@ from signtrap.runs import layout
 
 PROBE_KEYS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
 NOT_MEASUREMENT = ("reference", "train_reference", "always", "enabled")  # where the twin is, whether to train: same probe
+TRAINED = "trained"  # probe-trained.json: a probe trained where the stage's record was decided without training
 
 
 def probe_variant(overrides=()) -> str:
@@ -80,6 +82,28 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     prober = session.prober  # checks k against the budget
     prober.check_reference()  # a reference (checked: zero-poison, same config and seed, another run), or a way to train one
     if folder is not None:
-        return {**session.probe(folder, file=file), "file": str(folder / file)}  # what `signtrap defend` and the probe stage run
-    record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
+        record = session.probe_record(folder)  # what `signtrap defend` and the probe stage run
+        if record is None:
+            raise SigntrapError(f"{folder}: nothing to probe (the defence changed no model, or the clean budget cannot feed the probe)")
+    else:
+        record = prober.compare(None, "zero-poison model" if prober.reference_plan()[0] == run_dir else "backdoored (no defence)")
+    file = record_file(target, file, record)
     return {**write_probe(target / file, record), "file": str(target / file)}
+
+
+def record_file(target: Path, file: str, record: dict) -> str:
+    """Where a probe asked for by name writes: `file`, except where that is the stage's probe.json and holds a
+    probe that was not trained (the stage decided the verdict before it: `defend.probe.always` false) while this
+    one was: a trained probe is another measurement, written to probe-trained.json beside it. Otherwise the
+    stage's record would be replaced, and the next `signtrap run` would find its probe stage changed and probe
+    again over what the user asked for."""
+    if file != layout.PROBE or not record.get("trained", True) or not (target / file).is_file():
+        return file
+    try:
+        held = read_json(target / file)
+    except SigntrapError:
+        return file  # a broken record of signtrap's (the write rule checked it): replaced
+    if isinstance(held, dict) and held.get("trained") is False:
+        refuse_foreign(target / layout.probe_file(TRAINED))
+        return layout.probe_file(TRAINED)
+    return file
