@@ -77,6 +77,7 @@ def probe_dir(target: str | Path, reference: str | Path | None = None, overrides
     run_dir, folder, _ = resolve_target(target)
     file = layout.probe_file(probe_variant(overrides))
     refuse_foreign(target / file)  # the write rule, before minutes of probing
+    record_file(target, file, {"trained": True})  # and for probe-trained.json, where a trained probe would go
     # asked for by name, the probe trains even where the verdict is decided before it (always=false turns that off)
     session = Session.open(run_dir, ["probe.always=true", *probe_overrides(overrides, reference)], device, show_progress)
     prober = session.prober  # checks k against the budget
