@@ -184,7 +184,7 @@ def test_train_overwrite_keeps_user_files(world, tmp_path, where):
 def test_train_overwrite_removes_a_stale_probe_json(world, tmp_path):
     run = copy_run(world.bd, tmp_path, "bd")
     written = Path(signtrap.probe(run, reference=world.zero, k=2, steps=2)["file"])
-    assert written == run / "probe-k2-steps2.json" and written.is_file()  # at the run's own settings: probe.json
+    assert written == run / "probe-k2-steps2.json" and written.is_file()  # not the run's probe settings: named by them
     signtrap.train(None, overrides=rt_overrides(tmp_path, "bd"), overwrite=True)
     assert not written.exists()
 
@@ -571,7 +571,7 @@ def test_probe_reference_with_a_swapped_checkpoint_is_refused(world, tmp_path):
         signtrap.probe(run, reference=ref, k=2, steps=2)
 
 
-def test_probe_with_a_true_reference_writes_probe_json(world, tmp_path):
+def test_probe_with_a_true_reference_writes_its_record(world, tmp_path):
     run = copy_run(world.bd, tmp_path)
     record = signtrap.probe(run, reference=world.zero, k=2, steps=2)
     assert record["verdict"] and record["file"] == str(run / "probe-k2-steps2.json") and Path(record["file"]).is_file()
