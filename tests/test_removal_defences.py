@@ -112,6 +112,17 @@ def test_new_defences_are_registered_one_file_each():
         assert json.dumps(spec.doc)  # a docstring that states the rule
 
 
+def test_sau_searches_the_weak_end_of_the_common_learning_rate_grid():
+    """With the authors' 1e-4 as its weakest value, SAU's held-out rule kept nothing on two of three real-GTSRB seeds
+    and fell back to 1e-4, outside the bound; its grid is now every learning-rate-tuned defence's (README, "SAU's
+    trade-off")."""
+    from signtrap.defences import get_defence
+    from signtrap.defences.common import LrTunedSettings
+
+    grid = get_defence("sau").settings().grid
+    assert grid == LrTunedSettings().grid and min(grid) <= 3e-5 and max(grid) >= 1e-3
+
+
 def test_budget_bench_keeps_finished_budgets_and_resumes(tmp_path, capsys):
     """The budget sweep's CSV reads back as it was written, and a (run, budget) already in it is not run again."""
     import importlib.util
