@@ -114,7 +114,7 @@ def test_new_defences_are_registered_one_file_each():
 
 def test_sau_searches_the_weak_end_of_the_common_learning_rate_grid():
     """With the authors' 1e-4 as its weakest value, SAU's held-out rule kept nothing on two of three real-GTSRB seeds
-    and fell back to 1e-4, outside the bound; its grid is now every learning-rate-tuned defence's (README, "SAU's
+    and fell back to 1e-4 anyway; its grid is now every learning-rate-tuned defence's (README, "SAU's
     trade-off")."""
     from signtrap.defences import get_defence
     from signtrap.defences.common import LrTunedSettings

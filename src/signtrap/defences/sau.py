@@ -18,8 +18,8 @@ Deviations from the authors' code, with reasons:
 - AdamW with weight decay 5e-4 and a cosine schedule at a learning rate chosen by the held-out rule from
   3e-5..1e-3, the grid of every learning-rate-tuned defence here (theirs: Adam, cosine, fixed 1e-4), through
   signtrap's one loop with the run's augmentation. The grid used to stop at the authors' 1e-4: on two of three
-  real-GTSRB seeds no value of it kept the model within the tolerance, and the rule fell back to 1e-4, outside
-  the bound (README, "SAU's trade-off").
+  real-GTSRB seeds no value of it kept the model within the tolerance, and the rule fell back to 1e-4 anyway
+  (README, "SAU's trade-off").
 - Inputs are 32 x 32 GTSRB images in [0, 1] on `signnet` (theirs: PreAct-ResNet-18); the perturbation is in pixel
   units as theirs (added before the model's normalisation) and, as theirs, not clipped to [0, 1].
 """
